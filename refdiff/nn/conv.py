@@ -1,0 +1,2 @@
+"""Convolutions and pooling as forward/backward pairs (reference). To be written."""
+__all__ = []

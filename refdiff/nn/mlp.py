@@ -1,0 +1,82 @@
+"""Time-conditioned MLP noise-prediction network for low-dimensional data (reference).
+
+    e    = time_embedding(t * time_scale, E)                     (B, E)
+    temb = SiLU(W_t e + b_t)                                     (B, Ht)
+    h_0  = x                                                     (B, D)
+    h_k  = SiLU(W_k h_{k-1} + b_k + U_k temb + c_k),  k = 1..L   (B, H_k)
+    y    = W_out h_L + b_out                                     (B, D)
+
+The output is a noise prediction eps_theta(x, t); the score is -eps_theta / std_t
+(report §3.2.2). `time_scale` maps the SDE's t in [0, T] onto the range where the
+sinusoids vary (1000 / T by default, the DDPM index range).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Model
+
+
+class ScoreMLP(Model):
+    kind = "eps"
+
+    def __init__(self, dim=2, widths=(128, 128), emb_dim=64, temb_dim=128, time_scale=1000.0,
+                 dtype=np.float32, seed=0, backend=None):
+        widths = tuple(int(w) for w in widths)
+        if int(dim) < 1 or not widths or min(widths) < 1 or int(emb_dim) < 2 or int(temb_dim) < 1:
+            raise ValueError(f"mlp needs dim >= 1, at least one width >= 1, emb_dim >= 2, temb_dim >= 1; "
+                             f"got dim={dim}, widths={widths}, emb_dim={emb_dim}, temb_dim={temb_dim}")
+        cfg = dict(dim=int(dim), widths=list(widths), emb_dim=int(emb_dim), temb_dim=int(temb_dim),
+                   time_scale=float(time_scale))
+        super().__init__("mlp", cfg, dtype, seed, backend)
+        self.add_linear("time", emb_dim, temb_dim)
+        d_in = dim
+        for k, w in enumerate(widths):
+            self.add_linear(f"layers.{k}", d_in, w)
+            self.add_linear(f"layers.{k}.temb", temb_dim, w)
+            d_in = w
+        self.add_linear("out", d_in, dim)
+        self._caches = None
+
+    def forward(self, x, t):
+        """x (B, D), t (B,) -> eps_theta (B, D)."""
+        F, p, c = self.ops, self.params, self.config
+        self.check_input(x, (c["dim"],), t)
+        e = F.time_embedding(F.to_numpy(t) * c["time_scale"], c["emb_dim"], dtype=self.dtype)
+        a, lin_t = F.linear_forward(e, p["time.weight"], p["time.bias"])
+        temb, act_t = F.silu_forward(a)
+        h, layers = x, []
+        for k in range(len(c["widths"])):
+            z, lin = F.linear_forward(h, p[f"layers.{k}.weight"], p[f"layers.{k}.bias"])
+            zt, lin_tk = F.linear_forward(temb, p[f"layers.{k}.temb.weight"], p[f"layers.{k}.temb.bias"])
+            h, act = F.silu_forward(z + zt)
+            layers.append((lin, lin_tk, act))
+        y, lin_out = F.linear_forward(h, p["out.weight"], p["out.bias"])
+        self._caches = (lin_t, act_t, layers, lin_out)
+        return y
+
+    def backward(self, dy):
+        """dy (B, D) -> dx (B, D); parameter gradients accumulate into self.grads."""
+        if self._caches is None:
+            raise RuntimeError("backward called before forward")
+        F, acc = self.ops, self.accumulate
+        lin_t, act_t, layers, lin_out = self._caches
+        dh, dw, db = F.linear_backward(dy, lin_out)
+        acc("out.weight", dw), acc("out.bias", db)
+        dtemb = 0
+        for k in reversed(range(len(layers))):
+            lin, lin_tk, act = layers[k]
+            dz = F.silu_backward(dh, act)
+            dtk, dw, db = F.linear_backward(dz, lin_tk)
+            acc(f"layers.{k}.temb.weight", dw), acc(f"layers.{k}.temb.bias", db)
+            dtemb = dtemb + dtk
+            dh, dw, db = F.linear_backward(dz, lin)
+            acc(f"layers.{k}.weight", dw), acc(f"layers.{k}.bias", db)
+        da = F.silu_backward(dtemb, act_t)
+        _, dw, db = F.linear_backward(da, lin_t)
+        acc("time.weight", dw), acc("time.bias", db)
+        self._caches = None
+        return dh
+
+    def __call__(self, x, t):
+        return self.forward(x, t)

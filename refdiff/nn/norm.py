@@ -1,0 +1,2 @@
+"""Normalisation ops as forward/backward pairs (reference). To be written."""
+__all__ = []
