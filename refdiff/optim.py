@@ -54,24 +54,35 @@ class Adam:
 
 
 class EMA:
-    """Exponential moving average of parameters: e <- decay e + (1 - decay) p."""
+    """Exponential moving average of parameters: e <- d e + (1 - d) p.
 
-    def __init__(self, model, decay=0.999):
+    With warm-up (as tf.train.ExponentialMovingAverage's num_updates): d = min(decay,
+    (1 + n) / (10 + n)) at update n, so that a short run is not dominated by the
+    initial weights.
+    """
+
+    def __init__(self, model, decay=0.999, warmup=True):
         _check("ema decay", decay, 0, 1)
-        self.model, self.decay = model, float(decay)
+        self.model, self.decay, self.warmup = model, float(decay), bool(warmup)
         self.shadow = {k: p.copy() for k, p in model.params.items()}
+        self.num_updates = 0
 
     def update(self):
-        d = self.decay
+        n = self.num_updates
+        self.num_updates += 1
+        d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         for k, p in self.model.params.items():
             e = self.shadow[k]
             e *= d
             e += (1 - d) * p
 
     def state(self):
-        return {k: self.model.ops.to_numpy(v) for k, v in self.shadow.items()}
+        out = {k: self.model.ops.to_numpy(v) for k, v in self.shadow.items()}
+        out["__num_updates__"] = np.array(self.num_updates)
+        return out
 
     def load_state(self, state):
+        self.num_updates = int(state.get("__num_updates__", 0))
         for k in self.shadow:
             self.shadow[k][...] = self.model.ops.asarray(state[k])
 

@@ -43,9 +43,8 @@ def linear_backward(dy, cache):
 
 # --- activations --------------------------------------------------------------------------
 def _sigmoid(x):
-    # Two branches so that neither exp overflows: for x < 0 use e^x / (1 + e^x).
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    # sigmoid(x) = (1 + tanh(x/2)) / 2: one transcendental, no overflow for any x.
+    return 0.5 * (1 + np.tanh(0.5 * x))
 
 
 def sigmoid_forward(x):
@@ -133,11 +132,13 @@ def time_embedding(t, dim, base=10000.0, dtype=np.float32):
     The forward has no backward: t is an input, never a trained quantity.
     """
     t = np.asarray(t, dtype=np.float64).reshape(-1)
+    # Samplers call this with one t for the whole batch: embed each distinct t once.
+    tu, inv = np.unique(t, return_inverse=True)
     k = np.arange(dim)
     freq = base ** (-(k - k % 2) / dim)          # 1 / base^(2i/d) for columns 2i and 2i+1
-    angle = t[:, None] * freq[None, :]
+    angle = tu[:, None] * freq[None, :]
     emb = np.where(k % 2 == 0, np.sin(angle), np.cos(angle))
-    return emb.astype(dtype)
+    return emb.astype(dtype)[inv.reshape(-1)]
 
 
 # --- losses ---------------------------------------------------------------------------------
