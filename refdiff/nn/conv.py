@@ -1,2 +1,302 @@
-"""Convolutions and pooling as forward/backward pairs (reference). To be written."""
-__all__ = []
+"""Convolutions and pooling as forward/backward pairs (reference, float32 or float64).
+
+PyTorch layouts and semantics (cross-correlation, no kernel flip):
+
+    conv2d            x (B, Cin, H, W), w (Cout, Cin, kH, kW), b (Cout,) -> (B, Cout, Ho, Wo)
+                      Ho = (H + 2 pad - kH) // stride + 1            (floor mode)
+    conv_transpose2d  x (B, Cin, H, W), w (Cin, Cout, kH, kW), b (Cout,) -> (B, Cout, Ho, Wo)
+                      Ho = (H - 1) stride - 2 pad + kH               (output_padding = 0)
+    max_pool2d        x (B, C, H, W) -> (B, C, Ho, Wo), Ho = (H - k) // stride + 1
+
+The fast path is im2col + one GEMM per op (no Python loop over batch or pixels):
+
+    _im2col    padded, flattened x -> cols (C kH kW, B n): one strided view, copied once
+    _col2im    its adjoint: scatter-add cols back, one strided add per kernel tap
+    y = w cols,   dw = dy cols^T,   dcols = w^T dy         (w as a (Cout, Cin kH kW) matrix)
+
+conv2d is  y = w cols(x);  its input gradient is  col2im(w^T dy).  A transposed convolution
+*is* that input-gradient map (conv2d's adjoint, with w read as (Cout', Cin') = (Cin, Cout)),
+so conv_transpose2d_forward is col2im(w^T x), its input gradient is conv2d(dy, w), and both
+ops share the two kernels. The layout notes above _frame say what keeps them fast; for
+stride 1, conv2d_backward gets dx as a convolution of dy instead (cheaper than col2im).
+
+`conv2d_naive_forward` and `conv_transpose2d_naive_forward` are the literal definitions
+(a loop over output positions, resp. a scatter loop over input positions); tests check the
+fast ops against them, the backwards against finite differences.
+
+Weights and biases are cast to the dtype of x, so outputs and gradients keep x's dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+__all__ = [
+    "conv2d_forward", "conv2d_backward", "conv2d_naive_forward",
+    "conv_transpose2d_forward", "conv_transpose2d_backward", "conv_transpose2d_naive_forward",
+    "max_pool2d_forward", "max_pool2d_backward",
+]
+
+
+# --- argument checks --------------------------------------------------------------------------
+def _check_int(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+    return int(value)
+
+
+def _check_conv(op, x, w, b, stride, padding, cin_axis):
+    """Shapes and hyper-parameters of conv2d (cin_axis=1) / conv_transpose2d (cin_axis=0)."""
+    stride, padding = _check_int("stride", stride, 1), _check_int("padding", padding, 0)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"{op}: x must be (B, C, H, W) and w 4-D; got x {x.shape}, w {w.shape}")
+    if w.shape[cin_axis] != x.shape[1]:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels but w {w.shape} expects "
+                         f"{w.shape[cin_axis]} (axis {cin_axis})")
+    c_out = w.shape[1 - cin_axis]
+    if b is not None and tuple(b.shape) != (c_out,):
+        raise ValueError(f"{op}: bias must have shape ({c_out},); got {tuple(b.shape)}")
+    if min(w.shape) < 1 or min(x.shape) < 1:
+        raise ValueError(f"{op}: empty x {x.shape} or w {w.shape}")
+    return stride, padding
+
+
+def _conv_out(op, n, k, stride, padding):
+    n_out = (n + 2 * padding - k) // stride + 1
+    if n + 2 * padding < k:
+        raise ValueError(f"{op}: kernel {k} larger than the padded input {n} + 2*{padding}")
+    return n_out
+
+
+# --- shared kernels -----------------------------------------------------------------------------
+# Two layout choices make these fast; both are internal, the ops take and return NCHW.
+# 1. Channel-major: inside the kernels an image batch is (C, B, ...), so cols is one 2-D
+#    (C kH kW, B n) matrix and each product is a single large GEMM (a good BLAS shape even
+#    at 3 x 3 or 1 x 1 pixels, where per-sample GEMMs would be tiny), and dw = dy cols^T too.
+# 2. Wide rows: the padded input (C, B, Hp, Wp) is flattened to (C, B, L) and the output
+#    is computed on a grid of Ho rows of Wp entries (not Wo): output (r, c), at flat index
+#    m = r Wp + c, reads xf[..., i Wp + j + stride m] for tap (i, j). One stride over m
+#    instead of two over (r, c) makes each im2col row one long strided run (Ho Wp entries)
+#    rather than Ho runs of Wo, which is what makes the copy fast. The Wp - Wo extra
+#    columns per row are garbage: cropped from y, and zero in the gradients fed back.
+def _frame(H, W, kH, kW, stride, padding, Ho):
+    """Padded width Wp and the flat length L that the wide grid of Ho rows reads: (Wp, L)."""
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    return Wp, max(Hp * Wp, (kH - 1) * Wp + kW + stride * (Ho * Wp - 1))
+
+
+def _flat_pad(x, padding, L):
+    """x (B, C, H, W) -> zero-padded, channel-major, flattened (C, B, L) (zero tail)."""
+    B, C, H, W = x.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    xf = np.zeros((C, B, L), dtype=x.dtype)
+    grid = xf[:, :, :Hp * Wp].reshape(C, B, Hp, Wp)
+    grid[:, :, padding:padding + H, padding:padding + W] = x.transpose(1, 0, 2, 3)
+    return xf
+
+
+def _unflat_crop(xf, Wp, padding, H, W):
+    """Inverse of _flat_pad on the gradient side: (C, B, L) -> the interior (B, C, H, W)."""
+    C, B = xf.shape[:2]
+    grid = xf[:, :, :(H + 2 * padding) * Wp].reshape(C, B, H + 2 * padding, Wp)
+    return np.ascontiguousarray(grid[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3))
+
+
+def _widen(y, Wp):
+    """(B, C, Ho, Wo) -> (C, B Ho Wp), zero in the garbage columns Wo..Wp-1."""
+    B, C, Ho, Wo = y.shape
+    out = np.zeros((C, B, Ho, Wp), dtype=y.dtype)
+    out[:, :, :, :Wo] = y.transpose(1, 0, 2, 3)
+    return out.reshape(C, B * Ho * Wp)
+
+
+def _narrow(yw, B, Ho, Wp, Wo):
+    """(C, B Ho Wp) -> (B, C, Ho, Wo): drop the garbage columns."""
+    C = yw.shape[0]
+    return np.ascontiguousarray(yw.reshape(C, B, Ho, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3))
+
+
+def _im2col(xf, Wp, kH, kW, stride, n):
+    """xf (C, B, L) -> cols (C kH kW, B n), cols[(c,i,j), (b,m)] = xf[c, b, i Wp + j + stride m].
+
+    Rows are ordered (c, i, j) like w.reshape(Cout, -1); a strided view, copied once."""
+    C, B = xf.shape[:2]
+    sC, sB, sL = xf.strides
+    win = as_strided(xf, (C, kH, kW, B, n), (sC, Wp * sL, sL, sB, stride * sL), writeable=False)
+    return np.ascontiguousarray(win).reshape(C * kH * kW, B * n)
+
+
+def _col2im(cols, B, L, Wp, kH, kW, stride):
+    """Adjoint of _im2col: cols (C kH kW, B n) summed onto zeros (C, B, L), one add per tap."""
+    K, Bn = cols.shape
+    C, n = K // (kH * kW), Bn // B
+    out = np.zeros((C, B, L), dtype=cols.dtype)
+    c5 = cols.reshape(C, kH, kW, B, n)
+    for i in range(kH):
+        for j in range(kW):
+            o = i * Wp + j
+            out[:, :, o:o + stride * (n - 1) + 1:stride] += c5[:, i, j]
+    return out
+
+
+def _bias(b, dtype):
+    return None if b is None else np.asarray(b).astype(dtype, copy=False)
+
+
+# --- conv2d -------------------------------------------------------------------------------------
+def conv2d_forward(x, w, b, stride=1, padding=0):
+    """PyTorch Conv2d. x (B, Cin, H, W), w (Cout, Cin, kH, kW), b (Cout,) or None -> y (B, Cout, Ho, Wo)."""
+    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    B, Cin, H, W = x.shape
+    Cout, _, kH, kW = w.shape
+    Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
+    w, b = w.astype(x.dtype, copy=False), _bias(b, x.dtype)
+    Wp, L = _frame(H, W, kH, kW, stride, padding, Ho)
+    cols = _im2col(_flat_pad(x, padding, L), Wp, kH, kW, stride, Ho * Wp)   # (Cin kH kW, B Ho Wp)
+    y = _narrow(w.reshape(Cout, -1) @ cols, B, Ho, Wp, Wo)                  # (B, Cout, Ho, Wo)
+    if b is not None:
+        y += b[:, None, None]
+    return y, (cols, w, x.shape, stride, padding, b is not None)
+
+
+def conv2d_backward(dy, cache):
+    """dy (B, Cout, Ho, Wo) -> dx (B, Cin, H, W), dw (Cout, Cin, kH, kW), db (Cout,) or None."""
+    cols, w, (B, Cin, H, W), stride, padding, has_b = cache
+    Cout, _, kH, kW = w.shape
+    Ho = dy.shape[2]
+    dy = np.asarray(dy, dtype=w.dtype)
+    Wp, L = _frame(H, W, kH, kW, stride, padding, Ho)
+    dyw = _widen(dy, Wp)                                                     # (Cout, B Ho Wp)
+    dw = (dyw @ cols.T).reshape(w.shape)
+    if stride == 1 and kH == kW and padding <= kH - 1:
+        # Stride 1: the input gradient is itself a convolution, dx = conv2d(dy, w flipped in
+        # space with Cin, Cout swapped, padding k-1-p). One im2col of dy moves far less memory
+        # than kH kW scatter-adds; tests check both branches against finite differences.
+        w_adj = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]                   # (Cin, Cout, kH, kW)
+        dx, _ = conv2d_forward(dy, w_adj, None, 1, kH - 1 - padding)
+    else:
+        dcols = w.reshape(Cout, -1).T @ dyw                                  # (Cin kH kW, B Ho Wp)
+        dx = _unflat_crop(_col2im(dcols, B, L, Wp, kH, kW, stride), Wp, padding, H, W)
+    db = dy.sum(axis=(0, 2, 3)) if has_b else None
+    return dx, dw, db
+
+
+def conv2d_naive_forward(x, w, b, stride=1, padding=0):
+    """Literal definition, one output pixel at a time: y[:, o, r, c] = sum x_window * w[o] + b[o].
+
+    The test oracle for conv2d_forward. Returns (y, None): there is no naive backward.
+    """
+    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    B, _, H, W = x.shape
+    Cout, _, kH, kW = w.shape
+    Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    w = w.astype(x.dtype, copy=False)
+    y = np.zeros((B, Cout, Ho, Wo), dtype=x.dtype)
+    for r in range(Ho):
+        for c in range(Wo):
+            patch = xp[:, :, r * stride:r * stride + kH, c * stride:c * stride + kW]   # (B, Cin, kH, kW)
+            y[:, :, r, c] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
+    if b is not None:
+        y += _bias(b, x.dtype)[:, None, None]
+    return y, None
+
+
+# --- conv_transpose2d ---------------------------------------------------------------------------
+def _convt_out(H, kH, stride, padding):
+    n_out = (H - 1) * stride - 2 * padding + kH
+    if n_out < 1:
+        raise ValueError(f"conv_transpose2d: output size (H-1)*stride - 2*padding + k = "
+                         f"({H}-1)*{stride} - 2*{padding} + {kH} = {n_out} < 1")
+    return n_out
+
+
+def conv_transpose2d_forward(x, w, b, stride=1, padding=0):
+    """PyTorch ConvTranspose2d (output_padding=0): the adjoint of conv2d with the same w.
+
+    x (B, Cin, H, W), w (Cin, Cout, kH, kW), b (Cout,) or None -> y (B, Cout, Ho, Wo) with
+    Ho = (H-1) stride - 2 pad + kH. Each input pixel scatters x[b, :, r, c] . w into the
+    kH x kW patch at (stride r, stride c) of the full output ((H-1) stride + kH rows), and
+    `padding` crops that on each side. Computed as col2im(w^T x): conv2d's input-gradient map
+    for a conv2d from the full output down to x.
+    """
+    stride, padding = _check_conv("conv_transpose2d", x, w, b, stride, padding, cin_axis=0)
+    B, Cin, H, W = x.shape
+    _, Cout, kH, kW = w.shape
+    Ho, Wo = _convt_out(H, kH, stride, padding), _convt_out(W, kW, stride, padding)
+    w, b = w.astype(x.dtype, copy=False), _bias(b, x.dtype)
+    Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)                      # Wf: full output width
+    xw = _widen(np.asarray(x), Wf)                                           # (Cin, B H Wf)
+    cols = w.reshape(Cin, -1).T @ xw                                         # (Cout kH kW, B H Wf)
+    y = _unflat_crop(_col2im(cols, B, L, Wf, kH, kW, stride), Wf, padding, Ho, Wo)
+    if b is not None:
+        y += b[:, None, None]
+    return y, (xw, w, (H, W), stride, padding, b is not None)
+
+
+def conv_transpose2d_backward(dy, cache):
+    """dy (B, Cout, Ho, Wo) -> dx (B, Cin, H, W), dw (Cin, Cout, kH, kW), db (Cout,) or None.
+
+    dx is conv2d(dy, w) with the same stride and padding (the adjoint of the adjoint).
+    """
+    xw, w, (H, W), stride, padding, has_b = cache
+    Cin, _, kH, kW = w.shape
+    dy = np.asarray(dy, dtype=w.dtype)
+    B, _, Ho, Wo = dy.shape
+    Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)
+    dcols = _im2col(_flat_pad(dy, padding, L), Wf, kH, kW, stride, H * Wf)   # (Cout kH kW, B H Wf)
+    dx = _narrow(w.reshape(Cin, -1) @ dcols, B, H, Wf, W)
+    dw = (xw @ dcols.T).reshape(w.shape)
+    db = dy.sum(axis=(0, 2, 3)) if has_b else None
+    return dx, dw, db
+
+
+def conv_transpose2d_naive_forward(x, w, b, stride=1, padding=0):
+    """Literal definition, one input pixel at a time: scatter x[:, :, r, c] . w into the
+    output patch at (stride r, stride c), then crop `padding`. Returns (y, None)."""
+    stride, padding = _check_conv("conv_transpose2d", x, w, b, stride, padding, cin_axis=0)
+    B, _, H, W = x.shape
+    _, Cout, kH, kW = w.shape
+    Ho, Wo = _convt_out(H, kH, stride, padding), _convt_out(W, kW, stride, padding)
+    w = w.astype(x.dtype, copy=False)
+    full = np.zeros((B, Cout, (H - 1) * stride + kH, (W - 1) * stride + kW), dtype=x.dtype)
+    for r in range(H):
+        for c in range(W):
+            full[:, :, r * stride:r * stride + kH, c * stride:c * stride + kW] += \
+                np.tensordot(x[:, :, r, c], w, axes=([1], [0]))           # (B, Cout, kH, kW)
+    y = full[:, :, padding:padding + Ho, padding:padding + Wo].copy()
+    if b is not None:
+        y += _bias(b, x.dtype)[:, None, None]
+    return y, None
+
+
+# --- max_pool2d ---------------------------------------------------------------------------------
+def max_pool2d_forward(x, kernel_size, stride=None):
+    """PyTorch MaxPool2d(kernel_size, stride), no padding, floor mode.
+
+    x (B, C, H, W) -> y (B, C, Ho, Wo), Ho = (H - k) // stride + 1; stride defaults to k.
+    Ties: the gradient goes to one position, the first maximum in row-major window order.
+    """
+    k = _check_int("kernel_size", kernel_size, 1)
+    s = k if stride is None else _check_int("stride", stride, 1)
+    if x.ndim != 4 or x.shape[2] < k or x.shape[3] < k:
+        raise ValueError(f"max_pool2d: x must be (B, C, H, W) with H, W >= kernel_size {k}; got {x.shape}")
+    B, C, H, W = x.shape
+    Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    sB, sC, sH, sW = x.strides
+    win = as_strided(x, (B, C, Ho, Wo, k, k), (sB, sC, s * sH, s * sW, sH, sW), writeable=False)
+    win = win.reshape(B, C, Ho, Wo, k * k)                             # a copy
+    arg = win.argmax(axis=-1)                                           # first max wins ties
+    y = np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+    return y, (arg, x.shape, k, s)
+
+
+def max_pool2d_backward(dy, cache):
+    """dy (B, C, Ho, Wo) -> dx (B, C, H, W): dy routed to the arg-max of each window."""
+    arg, shape, k, s = cache
+    Ho, Wo = arg.shape[2:]
+    dx = np.zeros(shape, dtype=dy.dtype)
+    for t in range(k * k):                                              # overlapping windows add up
+        i, j = divmod(t, k)
+        dx[:, :, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s] += np.where(arg == t, dy, 0)
+    return dx
