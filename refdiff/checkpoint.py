@@ -113,6 +113,7 @@ def load_model(path, backend=None, expect=None, use_ema=False):
     model = model_from_spec(spec, backend=backend)
     sections = {s: _section(arrays, s + "/") for s in ("params", "ema", "optim", "extra")}
     state = sections["ema"] if use_ema and sections["ema"] else sections["params"]
+    state = {k: v for k, v in state.items() if not k.startswith("__")}   # EMA bookkeeping
     try:
         model.load_state(state)
     except ValueError as exc:

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -35,10 +37,12 @@ def frechet_from_moments(mu1, s1, mu2, s2):
     are rounding noise; a large one is an error).
     """
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)):
-        off = 1e-6 * np.eye(s1.shape[0])
-        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    with warnings.catch_warnings():       # singular products are expected and handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.all(np.isfinite(covmean)):
+            off = 1e-6 * np.eye(s1.shape[0])
+            covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
     if np.iscomplexobj(covmean):
         if np.max(np.abs(covmean.imag)) > 1e-3 * max(1.0, np.max(np.abs(covmean.real))):
             raise ValueError(f"sqrtm gave a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")

@@ -64,8 +64,9 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
     """Euler-Maruyama predictor + Langevin corrector (Song et al. 2021, Alg. 2-3).
 
     The corrector runs `n_corrector` Langevin steps x <- x + e s + sqrt(2e) z at each t,
-    with the step e = 2 (snr ||z|| / ||s||)^2 chosen per sample from the signal-to-noise
-    ratio `snr`.
+    with one step size for the batch, e = 2 (snr mean||z|| / mean||s||)^2, from the
+    signal-to-noise ratio `snr` (score_sde's LangevinCorrector: norms per sample, averaged
+    over the batch; a per-sample ratio explodes in low dimension where ||s|| can be ~0).
     """
     ts = _grid(sde, steps, eps, spacing)
     x = sde.prior_sample(shape, rng)
@@ -75,8 +76,9 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
         for _ in range(n_corrector):
             s = _score(score_fn, x, t)
             z = rng.standard_normal(shape)
-            ratio = np.sqrt(np.sum(z * z, axis=axes)) / np.maximum(np.sqrt(np.sum(s * s, axis=axes)), 1e-12)
-            e = bcast(2 * (snr * ratio) ** 2, x)
+            z_norm = np.mean(np.sqrt(np.sum(z * z, axis=axes)))
+            s_norm = max(np.mean(np.sqrt(np.sum(s * s, axis=axes))), 1e-12)
+            e = 2 * (snr * z_norm / s_norm) ** 2
             x = x + e * s + np.sqrt(2 * e) * z
         dt = t - ts[k + 1]
         x = x - sde.reverse_drift(x, t, _score(score_fn, x, t)) * dt

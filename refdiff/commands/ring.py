@@ -5,6 +5,8 @@ import dataclasses
 import os
 import time
 
+import numpy as np
+
 from ..ring import SDE_DEFAULTS, RingConfig, evaluate, save_checkpoint, train
 from .common import Progress, positive_float, positive_int, write_json
 
@@ -40,6 +42,7 @@ def run(args):
     m.update(n=cfg.n, train_seconds=train_s, sample_seconds=sample_s, seed=cfg.seed,
              config=dataclasses.asdict(cfg), final_loss=float(sum(history[-100:]) / min(100, len(history))))
     write_json(os.path.join(args.out, "metrics.json"), m)
+    np.save(os.path.join(args.out, "samples.npy"), x)
     if not args.no_plot:
         from ..plots import ring_figure
         ring_figure(os.path.join(args.out, "ring.png"), cfg, model, ema, sde, x, real)

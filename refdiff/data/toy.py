@@ -64,6 +64,7 @@ class GaussianMixture:
         if self.covs.shape != (K, D, D):
             raise ValueError(f"covs must have shape ({K}, {D}, {D}); got {self.covs.shape}")
         self.chols = np.linalg.cholesky(self.covs)               # raises if not SPD
+        self.eigvals, self.eigvecs = np.linalg.eigh(self.covs)   # C_k = U_k diag(l_k) U_k^T
         self.dim = D
 
     @classmethod
@@ -86,13 +87,14 @@ class GaussianMixture:
         """Exact grad_x log p_t(x) under `sde`; x (N, D), t scalar or (N,) -> (N, D)."""
         x = np.asarray(x, dtype=np.float64)
         gamma, std = sde.marginal_coeffs(np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],)))
-        eye = np.eye(self.dim)
-        # Sigma_nk = gamma_n^2 C_k + std_n^2 I : (N, K, D, D)
-        cov = gamma[:, None, None, None] ** 2 * self.covs[None] + std[:, None, None, None] ** 2 * eye
-        diff = x[:, None, :] - gamma[:, None, None] * self.means[None]          # (N, K, D)
-        sol = np.linalg.solve(cov, diff[..., None])[..., 0]                     # Sigma^{-1} diff
-        _, logdet = np.linalg.slogdet(cov)
-        logp = np.log(self.weights)[None] - 0.5 * logdet - 0.5 * np.sum(diff * sol, axis=-1)
+        # Sigma_nk = gamma_n^2 C_k + std_n^2 I = U_k diag(gamma_n^2 l_k + std_n^2) U_k^T
+        lam = gamma[:, None, None] ** 2 * self.eigvals[None] + std[:, None, None] ** 2   # (N, K, D)
+        diff = x[:, None, :] - gamma[:, None, None] * self.means[None]                 # (N, K, D)
+        U = self.eigvecs[None]                                                          # (1, K, D, D)
+        y = np.sum(diff[..., :, None] * U, axis=-2)                                     # U^T diff
+        sol = np.sum((y / lam)[..., None, :] * U, axis=-1)                              # Sigma^{-1} diff
+        logp = (np.log(self.weights)[None] - 0.5 * np.sum(np.log(lam), axis=-1)
+                - 0.5 * np.sum(y * y / lam, axis=-1))
         resp = np.exp(logp - logp.max(axis=1, keepdims=True))
         resp /= resp.sum(axis=1, keepdims=True)                                 # (N, K)
         return -np.sum(resp[..., None] * sol, axis=1)

@@ -1,0 +1,106 @@
+"""Properties every SDE must have (refdiff.sde)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refdiff import metrics, samplers
+from refdiff.data import GaussianMixture
+from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast
+
+SDES = [OU(5.0), OU(2.0, sigma=1.5, T=2.0), VP(), SubVP(), VE(0.01, 4.0)]
+IDS = [repr(s) for s in SDES]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@settings(max_examples=20, deadline=None)
+@given(u=st.floats(0.01, 0.99))
+def test_marginal_solves_the_moment_odes(sde, u):
+    """For dX = -a(t) X dt + g dW: d gamma/dt = -a gamma and d var/dt = -2 a var + g^2."""
+    t, h = u * sde.T, 1e-6 * sde.T
+    (g1, s1), (g0, s0) = sde.marginal_coeffs(t + h), sde.marginal_coeffs(t - h)
+    gamma, std = sde.marginal_coeffs(t)
+    a, g = sde.a(t), sde.diffusion(t)
+    assert (g1 - g0) / (2 * h) == pytest.approx(-a * gamma, rel=1e-5, abs=1e-8)
+    assert (s1 ** 2 - s0 ** 2) / (2 * h) == pytest.approx(-2 * a * std ** 2 + g ** 2, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_forward_em_matches_marginal(sde):
+    rng = np.random.default_rng(0)
+    x0 = np.tile(np.array([[1.5, -0.5]]), (20000, 1))
+    t_end = 0.6 * sde.T
+    x = samplers.forward_simulate(sde, x0, 400, rng, t_end=t_end)
+    mean, std = sde.marginal(x0[:1], t_end)
+    # Monte-Carlo standard errors: std/sqrt(N) for the mean, std/sqrt(2N) for the std;
+    # plus the EM discretisation bias O(dt) (dt = 1.5e-3 T): 5 standard errors + 1 % bias.
+    se = float(std.ravel()[0]) / np.sqrt(len(x))
+    assert np.all(np.abs(x.mean(0) - mean[0]) < 5 * se + 0.01 * np.abs(mean[0]))
+    assert np.all(np.abs(x.std(0) - std.ravel()[0]) < 5 * se / np.sqrt(2) * 1.5 + 0.01 * std.ravel()[0])
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_prior_is_reached_at_T(sde):
+    """KL(p_{T|0}(.|x0) || prior) is small for unit-scale data (|x0| = 1, D = 2).
+
+    KL(N(m, s^2 I) || N(0, p^2 I)) = 1/2 [D (s^2/p^2 - 1 - ln(s^2/p^2)) + |m|^2 / p^2].
+    0.05 nats: VE with sigma_max = 4 sits at 0.03 (its mean never decays); a sign error
+    in a marginal or a wrong prior std gives O(1).
+    """
+    x0 = np.array([[0.6, -0.8]])
+    mean, std = sde.marginal(x0, sde.T)
+    r = (float(std.ravel()[0]) / sde.prior_std()) ** 2
+    kl = 0.5 * (2 * (r - 1 - np.log(r)) + np.sum(mean ** 2) / sde.prior_std() ** 2)
+    assert kl < 0.05, f"KL(p_T|0 || prior) = {kl:.3g}"
+
+
+@pytest.mark.parametrize("sde", SDES[:1] + SDES[2:], ids=IDS[:1] + IDS[2:])
+def test_reverse_sampling_with_exact_score_returns_the_mixture(sde):
+    gmm = GaussianMixture.default()
+    rng = np.random.default_rng(1)
+    n = 4000
+    x = samplers.euler_maruyama(sde, lambda x, t: gmm.score(x, t, sde), (n, 2), 1000, rng)
+    real = gmm.sample(n, rng)
+    sw = metrics.sliced_wasserstein(x, real, 128, np.random.default_rng(2))
+    floor = np.mean([metrics.sliced_wasserstein(gmm.sample(n, rng), gmm.sample(n, rng), 128,
+                                                np.random.default_rng(2)) for _ in range(4)])
+    # A wrong drift sign, a missing g^2 or a wrong prior give ratios of 10 or more.
+    assert sw < 1.5 * floor, f"sliced W1 {sw:.4f} vs real-vs-real floor {floor:.4f}"
+
+
+def test_prior_logp_is_the_gaussian_density():
+    sde = VE(0.01, 3.0)
+    z = np.array([[0.0, 0.0], [3.0, -3.0]])
+    expected = -np.log(2 * np.pi * 9.0) - 0.5 * np.sum(z ** 2, 1) / 9.0
+    assert np.allclose(sde.prior_logp(z), expected)
+
+
+def test_reverse_drift_is_f_minus_g2_score():
+    sde = VP()
+    rng = np.random.default_rng(0)
+    x, s, t = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), np.array([0.1, 0.5, 0.9])
+    g = sde.diffusion(t)[:, None]
+    assert np.allclose(sde.reverse_drift(x, t, s), sde.drift(x, t) - g ** 2 * s)
+
+
+def test_bcast_any_rank():
+    t = np.arange(3.0)
+    assert bcast(t, np.zeros((3, 2))).shape == (3, 1)
+    assert bcast(t, np.zeros((3, 1, 4, 4))).shape == (3, 1, 1, 1)
+    assert bcast(0.5, np.zeros((3, 2))).shape == ()
+
+
+def test_ddpm_schedule_linear_values():
+    s = DDPMSchedule()
+    assert s.betas[0] == pytest.approx(1e-4) and s.betas[-1] == pytest.approx(0.02)
+    assert np.allclose(s.alpha_bars, np.cumprod(1 - s.betas))
+    c = DDPMSchedule(kind="cosine")
+    assert np.all(np.diff(c.alpha_bars) < 0) and c.alpha_bars[-1] < 1e-3
+
+
+def test_vp_is_the_continuous_limit_of_ddpm():
+    """alpha_bar_i of the linear chain = gamma_t^2 of VP(0.1, 20) at t = (i+1)/N, to O(1/N)."""
+    s, vp = DDPMSchedule(), VP(0.1, 20.0)
+    t = (np.arange(1000) + 1) / 1000
+    gamma, _ = vp.marginal_coeffs(t)
+    assert np.max(np.abs(s.alpha_bars - gamma ** 2)) < 5e-3
