@@ -49,7 +49,7 @@ class UNet(Model):
     kind = "eps"
 
     def __init__(self, in_channels=1, image_size=28, channels=(10, 20, 40, 80), blocks=3, mid_channels=None,
-                 emb_dim=100, time_scale=1.0, max_groups=8, final_norm=False,
+                 emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False,
                  dtype=np.float32, seed=0, backend=None):
         channels = [int(c) for c in channels]
         mid = max(1, channels[-1] // 2) if mid_channels is None and channels else mid_channels
@@ -238,11 +238,11 @@ class UNet(Model):
 
 # The report's network (SEED_NOTES §3): 1,335,486 parameters.
 SEED_CONFIG = dict(in_channels=1, image_size=28, channels=[10, 20, 40, 80], blocks=3, mid_channels=40,
-                   emb_dim=100, time_scale=1.0, max_groups=8, final_norm=False)
+                   emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False)
 
 # A smaller network of the same structure for tests and quick runs on 28 x 28.
 SMALL_CONFIG = dict(in_channels=1, image_size=28, channels=[8, 16, 32], blocks=2, mid_channels=16,
-                    emb_dim=32, time_scale=1.0, max_groups=8, final_norm=False)
+                    emb_dim=32, time_scale=1000.0, max_groups=8, final_norm=False)
 
 
 def unet_seed(dtype=np.float32, seed=0, backend=None, **overrides):
