@@ -1,0 +1,162 @@
+"""Generative adversarial network of the report's comparison (§3.4.3; SEED_NOTES §3), by hand.
+
+    G   z (B, 64) ~ N(0, I) -> 128 -> 256 -> 512 (ReLU) -> 784, tanh -> image in [-1, 1]
+    D   x (B, 784) -> 512 -> 256 -> 128 (LeakyReLU 0.2) -> 1 logit;  D(x) = sigmoid(logit)
+
+Losses (Goodfellow et al. 2014, eq. 1 and the non-saturating variant of §3):
+
+    L_D = BCE(D(x), 1) + BCE(D(G(z)), 0)     (means over the batch; G(z) held fixed)
+    L_G = BCE(D(G(z)), 1) = -mean log D(G(z))  (non-saturating; gradients flow through D)
+
+D's sigmoid is folded into `bce_with_logits` (the stable form). One Model holds both
+networks, parameters prefixed "G." and "D."; each gets its own Adam(2e-4, (0.5, 0.999))
+over its subset through `ParamSubset`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Model
+from .vae import IMAGE, PIXELS, _check_widths, _known, dense_stack_backward, dense_stack_forward
+
+
+class ParamSubset:
+    """The parameters of `model` whose names start with `prefix`, looking like a model to
+    refdiff.optim.Adam (which reads .params, .grads and .ops). Arrays are shared, not copied."""
+
+    def __init__(self, model, prefix):
+        self.ops = model.ops
+        self.params = {k: v for k, v in model.params.items() if k.startswith(prefix)}
+        self.grads = {k: model.grads[k] for k in self.params}
+        if not self.params:
+            raise ValueError(f"model {model.name!r} has no parameters starting with {prefix!r}")
+
+
+class GAN(Model):
+    kind = "gan"
+
+    def __init__(self, z_dim=64, g_hidden=(128, 256, 512), d_hidden=(512, 256, 128), slope=0.2,
+                 dtype=np.float32, seed=0, backend=None):
+        g_hidden, d_hidden = _check_widths("gan g_hidden", g_hidden), _check_widths("gan d_hidden", d_hidden)
+        if int(z_dim) < 1 or not (0 <= float(slope) < 1):
+            raise ValueError(f"gan needs z_dim >= 1 and 0 <= slope < 1; got z_dim={z_dim}, slope={slope}")
+        cfg = dict(z_dim=int(z_dim), g_hidden=g_hidden, d_hidden=d_hidden, slope=float(slope))
+        super().__init__("gan", cfg, dtype, seed, backend)
+        self.g_names = [f"G.{i}" for i in range(len(g_hidden) + 1)]
+        self.d_names = [f"D.{i}" for i in range(len(d_hidden) + 1)]
+        for names, widths in ((self.g_names, [int(z_dim)] + g_hidden + [PIXELS]),
+                              (self.d_names, [PIXELS] + d_hidden + [1])):
+            for name, d_in, d_out in zip(names, widths[:-1], widths[1:]):
+                self.add_linear(name, d_in, d_out)
+        self._cache = None
+
+    # -- the two networks as pure pairs over this model's parameters -----------------------------
+    def generate_forward(self, z):
+        """z (B, z_dim) -> images (B, 1, 28, 28) in [-1, 1], cache."""
+        F = self.ops
+        if z.ndim != 2 or z.shape[1] != self.config["z_dim"]:
+            raise ValueError(f"gan: z must have shape (B, {self.config['z_dim']}); got {tuple(z.shape)}")
+        h, stack = dense_stack_forward(F, self.params, self.g_names, z, "relu")
+        img, th = F.tanh_forward(h)
+        return img.reshape((z.shape[0],) + IMAGE), (stack, th)
+
+    def generate_backward(self, dimg, cache):
+        """dimg (B, 1, 28, 28) -> dz; G gradients accumulate into self.grads."""
+        F = self.ops
+        stack, th = cache
+        dh = F.tanh_backward(dimg.reshape(dimg.shape[0], PIXELS), th)
+        return dense_stack_backward(F, self.accumulate, self.g_names, dh, stack, "relu")
+
+    def discriminate_forward(self, x):
+        """x (B, 1, 28, 28) -> logits (B, 1), cache."""
+        self.check_input(x, IMAGE)
+        return dense_stack_forward(self.ops, self.params, self.d_names, x.reshape(x.shape[0], PIXELS),
+                                   "leaky_relu", self.config["slope"])
+
+    def discriminate_backward(self, dlogit, cache, accumulate=True):
+        """dlogit (B, 1) -> dx (B, 1, 28, 28); D gradients accumulate unless accumulate=False."""
+        dx = dense_stack_backward(self.ops, self.accumulate if accumulate else None, self.d_names,
+                                  dlogit, cache, "leaky_relu")
+        return dx.reshape((dx.shape[0],) + IMAGE)
+
+    # -- Model interface ---------------------------------------------------------------------------
+    def forward(self, z):
+        """The generator: z (B, z_dim) -> images (B, 1, 28, 28)."""
+        img, self._cache = self.generate_forward(z)
+        return img
+
+    def backward(self, dimg):
+        if self._cache is None:
+            raise RuntimeError("backward called before forward")
+        dz = self.generate_backward(dimg, self._cache)
+        self._cache = None
+        return dz
+
+    def sample(self, n, rng, batch=500):
+        """n images (n, 1, 28, 28) in [-1, 1] from z ~ N(0, I), drawn with `rng`."""
+        if int(n) < 1:
+            raise ValueError(f"gan.sample: n must be >= 1; got {n}")
+        z = rng.standard_normal((int(n), self.config["z_dim"])).astype(self.dtype)
+        F = self.ops
+        return F.xp.concatenate([self.generate_forward(F.asarray(z[i:i + batch]))[0]
+                                 for i in range(0, int(n), batch)])
+
+
+class GANObjective:
+    """Alternating updates, one D step then one G step per batch (Goodfellow et al. 2014,
+    Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (SEED_NOTES §3)."""
+
+    defaults = dict(lr=2e-4, beta1=0.5, beta2=0.999, batch=128)
+
+    def __init__(self, model, config=None):
+        self.model = model
+        self.config = dict(self.defaults, **_known(config, self.defaults))
+        self._opt = None
+
+    def optimizers(self):
+        from ..optim import Adam
+        if self._opt is None:
+            c = self.config
+            betas = (c["beta1"], c["beta2"])
+            self._opt = {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas),
+                         "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas)}
+        return self._opt
+
+    def d_loss_and_grad(self, x, z):
+        """L_D on real x and fake G(z); its gradient w.r.t. D's parameters is left in
+        model.grads (all grads zeroed first). Returns (L_D, mean D(x), mean D(G(z)))."""
+        m, F = self.model, self.model.ops
+        m.zero_grad()
+        fake, _ = m.generate_forward(z)                      # held fixed: no G backward
+        xp = F.xp
+        losses, probs = [], []
+        for batch, target in ((x, 1.0), (fake, 0.0)):
+            logit, cache = m.discriminate_forward(batch)
+            loss, c_bce = F.bce_with_logits_forward(logit, xp.full(logit.shape, target, dtype=logit.dtype), "mean")
+            m.discriminate_backward(F.bce_with_logits_backward(1.0, c_bce), cache)
+            losses.append(loss)
+            probs.append(float(xp.mean(F.sigmoid_forward(logit)[0])))
+        return losses[0] + losses[1], probs[0], probs[1]
+
+    def g_loss_and_grad(self, z):
+        """Non-saturating L_G = BCE(D(G(z)), 1); its gradient w.r.t. G's parameters is left
+        in model.grads (all grads zeroed first; D's stay zero)."""
+        m, F = self.model, self.model.ops
+        m.zero_grad()
+        fake, g_cache = m.generate_forward(z)
+        logit, d_cache = m.discriminate_forward(fake)
+        loss, c_bce = F.bce_with_logits_forward(logit, F.xp.ones(logit.shape, dtype=logit.dtype), "mean")
+        dfake = m.discriminate_backward(F.bce_with_logits_backward(1.0, c_bce), d_cache, accumulate=False)
+        m.generate_backward(dfake, g_cache)
+        return loss
+
+    def step(self, x, y, rng):
+        """One D step then one G step, each on fresh z; labels y are ignored."""
+        m, F = self.model, self.model.ops
+        opt = self.optimizers()
+        draw = lambda: F.asarray(rng.standard_normal((x.shape[0], m.config["z_dim"])).astype(m.dtype))
+        d_loss, d_real, d_fake = self.d_loss_and_grad(x, draw())
+        opt["D"].step()
+        g_loss = self.g_loss_and_grad(draw())
+        opt["G"].step()
+        return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
