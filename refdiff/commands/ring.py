@@ -22,6 +22,8 @@ def add_arguments(p):
     p.add_argument("--train-steps", type=positive_int, default=d.train_steps)
     p.add_argument("--batch", type=positive_int, default=d.batch)
     p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--widths", type=lambda s: tuple(positive_int(w) for w in s.split(",")), default=d.widths,
+                   help="hidden widths of the MLP, comma-separated (default %(default)s)")
     p.add_argument("--n", type=positive_int, default=d.n, help="points generated and scored")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--backend", default=d.backend)
@@ -30,7 +32,7 @@ def add_arguments(p):
 
 def run(args):
     cfg = RingConfig(data=args.data, sde=args.sde, loss=args.loss, sampler=args.sampler,
-                     steps=args.steps, train_steps=args.train_steps, batch=args.batch, lr=args.lr,
+                     steps=args.steps, train_steps=args.train_steps, batch=args.batch, lr=args.lr, widths=args.widths,
                      n=args.n, seed=args.seed, backend=args.backend)
     cfg.validate()
     os.makedirs(args.out, exist_ok=True)
