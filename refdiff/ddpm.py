@@ -1,0 +1,321 @@
+"""DDPM training loss and samplers for noise-prediction models eps_theta(x, t) (reference).
+
+Discrete chain (refdiff.sde.DDPMSchedule, Ho, Jain & Abbeel 2020): steps i = 0..N-1 here
+are the paper's t = 1..N, beta_i linear 1e-4 -> 0.02, alpha_i = 1 - beta_i,
+abar_i = prod_{k<=i} alpha_k, and abar_{-1} := 1 (the clean data).
+
+Model time. Every eps-model takes a continuous time in [0, T = 1] and multiplies it by its
+`time_scale` (1000) before the sinusoidal embedding. Step i is fed as t = (i + 1) / N, so
+the embedding sees the paper's integer 1..N, and the same network can be used by the
+VP-SDE sampler `em_vp`: VP(beta_min = 0.1, beta_max = 20) is the continuous limit of the
+linear chain, beta(t) = N beta_{tN} (Song et al. 2021, §3.4 and appendix B).
+
+Samplers (all start from fresh N(0, I) noise drawn from `rng`, work in float64 on the
+host, call the model in its own dtype and backend, and run `batch` images at a time):
+
+    ancestral   Ho et al. Alg. 2 / eq. 11 (report §3.3.1), variance beta or beta_tilde
+    ddim        Song, Meng & Ermon 2021 eq. 12 with sigma from eq. 16 (eta), on a subsequence
+    em_vp       reverse-time Euler-Maruyama on VP(0.1, 20) (refdiff.samplers), score
+                -eps_theta / std_t, then one Tweedie denoising step
+
+Trajectories: `return_trajectory=True` also returns `frames` evenly spaced states
+(F, n, ...) in float32, first = the prior draw, last = the output (for GIFs); frames=None
+keeps every state.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .sde import VP, DDPMSchedule
+
+SAMPLERS = ("ddpm", "ddim", "em")
+VARIANCES = ("beta", "beta_tilde")
+DDIM_SPACINGS = ("uniform", "quadratic", "trailing")
+
+
+def model_time(i, num_steps):
+    """Discrete step i in {0..N-1} -> model time (i + 1) / N in (0, 1]."""
+    return (np.asarray(i, dtype=np.float64) + 1.0) / num_steps
+
+
+def model_input_shape(model):
+    """Per-example input shape of an eps-model: `model.input_shape` if it has one, else
+    (dim,) for the MLP, (in_channels, image_size, image_size) for the UNet."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    c = model.config
+    if "dim" in c:
+        return (int(c["dim"]),)
+    if "image_size" in c:
+        return (int(c.get("in_channels", 1)), int(c["image_size"]), int(c["image_size"]))
+    raise ValueError(f"cannot tell the input shape of model {getattr(model, 'name', model)!r}")
+
+
+# --- training loss --------------------------------------------------------------------------------
+def ddpm_loss(model, schedule, x0, rng):
+    """Ho et al. 2020's simple loss (eq. 14; Alg. 1), as the mean over the batch and pixels:
+
+        i ~ U{0..N-1},  eps ~ N(0, I),  x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps   (eq. 4)
+        L = mean (eps_theta(x_i, (i+1)/N) - eps)^2
+
+    x0 (B, ...) host array. The draws come from `rng` in that order (i, then eps). The
+    gradient is left in model.grads (accumulated: zero_grad first), as refdiff.losses.dsm.
+    """
+    x0 = np.asarray(x0)
+    if x0.ndim < 2 or x0.shape[0] < 1:
+        raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {x0.shape}")
+    if not np.all(np.isfinite(x0)):
+        raise ValueError("x0 contains NaN or Inf")
+    B, D = x0.shape[0], int(np.prod(x0.shape[1:]))
+    i = rng.integers(0, schedule.num_steps, size=B)
+    eps = rng.standard_normal(x0.shape)
+    mean, std = schedule.marginal(x0, i)
+    xt = mean + std * eps
+    F, dt = model.ops, model.dtype
+    pred = model.forward(F.asarray(xt.astype(dt)), F.asarray(model_time(i, schedule.num_steps).astype(dt)))
+    # mse_forward sums over features and averages over the batch: weight 1/D gives the pixel mean
+    loss, cache = F.mse_forward(pred, F.asarray(eps.astype(dt)), F.asarray(np.full(B, 1.0 / D, dtype=dt)))
+    model.backward(F.mse_backward(cache))
+    return loss
+
+
+# --- helpers shared by the samplers -----------------------------------------------------------------
+def _predict_eps(model, x, t):
+    """eps_theta(x, t) for host float64 x (B, ...) and one model time t -> host float64."""
+    F, dt = model.ops, model.dtype
+    e = model.forward(F.asarray(x.astype(dt)), F.asarray(np.full(x.shape[0], t, dtype=dt)))
+    e = np.asarray(F.to_numpy(e), dtype=np.float64)
+    if e.shape != x.shape:
+        raise ValueError(f"model returned shape {e.shape} for input {x.shape}")
+    return e
+
+
+class _Recorder:
+    """Keeps `frames` evenly spaced states out of `total` (+1 for the start), as float32."""
+
+    def __init__(self, total, frames):
+        if frames is not None and not (isinstance(frames, (int, np.integer)) and frames >= 2):
+            raise ValueError(f"frames must be an integer >= 2 (or None for every step); got {frames!r}")
+        n = total + 1 if frames is None else min(frames, total + 1)
+        self.keep = set(np.round(np.linspace(0, total, n)).astype(int).tolist())
+        self.states, self.k = [], 0
+
+    def __call__(self, x):
+        if self.k in self.keep:
+            self.states.append(np.asarray(x, dtype=np.float32).copy())
+        self.k += 1
+
+
+def _check_shape(shape):
+    shape = tuple(shape)
+    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ValueError(f"shape must be (n, ...) of positive integers; got {shape}")
+    return tuple(int(s) for s in shape)
+
+
+def _check_batch(batch):
+    if not (isinstance(batch, (int, np.integer)) and batch >= 1):
+        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+
+
+def _chunked(run, shape, batch, return_trajectory):
+    """Call run(chunk_shape) -> (x, states) for chunks of at most `batch` images and
+    concatenate (states along their image axis)."""
+    _check_batch(batch)
+    shape = _check_shape(shape)
+    outs, trajs = [], []
+    for start in range(0, shape[0], batch):
+        x, states = run((min(batch, shape[0] - start),) + shape[1:])
+        outs.append(x)
+        trajs.append(np.stack(states) if return_trajectory else None)
+    x = np.concatenate(outs)
+    return (x, np.concatenate(trajs, axis=1)) if return_trajectory else x
+
+
+# --- ancestral sampling (DDPM) ----------------------------------------------------------------------
+def ancestral(model, schedule, shape, rng, variance="beta", clip=False, return_trajectory=False,
+              frames=None, batch=256):
+    """Ho et al. 2020 Alg. 2 (report §3.3.1). From x_{N-1} ~ N(0, I), for i = N-1 .. 0:
+
+        1. eps = eps_theta(x_i, (i+1)/N)
+        2. mean = (x_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i)                 (eq. 11)
+           clip=True: x0_hat = (x_i - sqrt(1 - abar_i) eps) / sqrt(abar_i) clipped to
+           [-1, 1], mean = the posterior mean of q(x_{i-1} | x_i, x0_hat)             (eq. 7)
+           (diffusers' clip_sample; equal to eq. 11 when nothing is clipped)
+        3. sigma_i^2 = beta_i ("beta") or beta_tilde_i = (1 - abar_{i-1}) / (1 - abar_i) beta_i
+           ("beta_tilde"); the paper found both to give similar samples (§3.2)
+        4. x_{i-1} = mean + sigma_i z, z ~ N(0, I), and z = 0 at the last step (i = 0).
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    s, N = schedule, schedule.num_steps
+
+    def run(shp):
+        rec = _Recorder(N, frames) if return_trajectory else None
+        x = rng.standard_normal(shp)
+        rec and rec(x)
+        for i in reversed(range(N)):
+            eps = _predict_eps(model, x, model_time(i, N))                          # 1.
+            a, ab, b = s.alphas[i], s.alpha_bars[i], s.betas[i]
+            ab_prev = s.alpha_bars[i - 1] if i > 0 else 1.0
+            if clip:                                                                # 2.
+                x0 = np.clip((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), -1.0, 1.0)
+                mean = (math.sqrt(ab_prev) * b / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_prev) / (1 - ab)) * x
+            else:
+                mean = (x - (b / math.sqrt(1 - ab)) * eps) / math.sqrt(a)
+            var = b if variance == "beta" else (1 - ab_prev) / (1 - ab) * b         # 3.
+            x = mean + math.sqrt(var) * rng.standard_normal(shp) if i > 0 else mean  # 4.
+            rec and rec(x)
+        return x, rec.states if rec else None
+
+    return _chunked(run, shape, batch, return_trajectory)
+
+
+# --- DDIM -----------------------------------------------------------------------------------------------
+def ddim_timesteps(num_steps, steps, spacing="uniform"):
+    """The subsequence tau of {0..N-1} DDIM visits, in decreasing order (length `steps`).
+
+    "uniform"   i = k floor(N / S), k = 0..S-1 (DDIM's uniform skip; diffusers "leading")
+    "quadratic" i = floor(k'^2), k' = linspace(0, sqrt(0.8 N), S) (DDIM §D.2, used for CIFAR-10)
+    "trailing"  i = round(N - k N / S) - 1, k = 0..S-1: always starts at N-1 (Lin et al. 2024)
+    """
+    if not (isinstance(steps, (int, np.integer)) and 1 <= steps <= num_steps):
+        raise ValueError(f"DDIM steps must be an integer in [1, {num_steps}]; got {steps!r}")
+    if spacing == "uniform":
+        tau = np.arange(steps) * (num_steps // steps)
+    elif spacing == "quadratic":
+        tau = np.unique((np.linspace(0, math.sqrt(0.8 * num_steps), steps) ** 2).astype(int))
+        if len(tau) < steps:
+            raise ValueError(f"quadratic spacing gives only {len(tau)} distinct steps out of {num_steps} "
+                             f"for steps={steps}; use fewer steps or another spacing")
+    elif spacing == "trailing":
+        tau = np.round(np.arange(num_steps, 0, -num_steps / steps)).astype(int) - 1
+    else:
+        raise ValueError(f"DDIM spacing must be one of {DDIM_SPACINGS}; got {spacing!r}")
+    return np.sort(tau)[::-1].copy()
+
+
+def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip=False,
+         return_trajectory=False, frames=None, batch=256):
+    """DDIM (Song, Meng & Ermon 2021). On the subsequence tau_1 > ... > tau_S, for each
+    step i -> j (the next tau, or j = -1 with abar_{-1} = 1 after the last):
+
+        1. eps = eps_theta(x_i, (i+1)/N)
+        2. x0_hat = (x_i - sqrt(1 - abar_i) eps) / sqrt(abar_i)               ("predicted x0", eq. 12)
+           (clip=True: clipped to [-1, 1] and eps recomputed from it, as diffusers)
+        3. sigma = eta sqrt((1 - abar_j) / (1 - abar_i)) sqrt(1 - abar_i / abar_j)     (eq. 16)
+        4. x_j = sqrt(abar_j) x0_hat + sqrt(1 - abar_j - sigma^2) eps + sigma z        (eq. 12)
+
+    eta = 0: deterministic (DDIM); eta = 1 on the full grid (steps = N, "uniform") is
+    ancestral sampling with variance beta_tilde, draw for draw. z is drawn only when
+    sigma can be > 0 (eta > 0, not the last step), so with eta = 0 the only draw is x_T.
+    """
+    if not (isinstance(eta, (int, float, np.floating, np.integer)) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a number in [0, 1]; got {eta!r}")
+    s, N = schedule, schedule.num_steps
+    tau = ddim_timesteps(N, steps, spacing)
+
+    def run(shp):
+        rec = _Recorder(len(tau), frames) if return_trajectory else None
+        x = rng.standard_normal(shp)
+        rec and rec(x)
+        for k, i in enumerate(tau):
+            j = tau[k + 1] if k + 1 < len(tau) else -1
+            ab, ab_prev = s.alpha_bars[i], (s.alpha_bars[j] if j >= 0 else 1.0)
+            eps = _predict_eps(model, x, model_time(i, N))                               # 1.
+            x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)                           # 2.
+            if clip:
+                x0 = np.clip(x0, -1.0, 1.0)
+                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))        # 3.
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps   # 4.
+            if eta > 0 and j >= 0:
+                x = x + sigma * rng.standard_normal(shp)
+            rec and rec(x)
+        return x, rec.states if rec else None
+
+    return _chunked(run, shape, batch, return_trajectory)
+
+
+# --- reverse VP SDE ---------------------------------------------------------------------------------------
+def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=True,
+          return_trajectory=False, frames=None, batch=256, sde=None):
+    """Reverse-time Euler-Maruyama (refdiff.samplers.euler_maruyama, report eq. 2.6) on
+    VP(beta_min 0.1, beta_max 20) from T = 1 down to `eps` (1e-3 as score_sde's VP
+    sampling: a DDPM-trained model never saw times below 1/N), with the score
+    s = -eps_theta(x, t) / std_t (refdiff.losses.score_fn_from_model).
+
+    denoise=True then applies Tweedie's formula once (Efron 2011; as in Song & Ermon's
+    `denoise` option): x0 = (x - std_eps eps_theta(x, eps)) / gamma_eps = E[x0 | x_eps],
+    which removes the noise of level std_eps ~ 0.01 that the SDE stops at.
+    """
+    from .losses import score_fn_from_model
+    from .samplers import euler_maruyama
+
+    sde = VP(0.1, 20.0) if sde is None else sde
+    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    score = score_fn_from_model(model, sde)
+
+    def run(shp):
+        rec = _Recorder(steps + int(denoise), frames) if return_trajectory else None
+
+        def score_fn(x, t):               # sees the state at every grid time t_0..t_{N-1}
+            rec and rec(x)
+            return score(x, t)
+
+        x = euler_maruyama(sde, score_fn, shp, steps, rng, eps=eps, spacing=spacing)
+        if denoise:
+            rec and rec(x)
+            gamma, std = sde.marginal_coeffs(eps)
+            x = (x - std * _predict_eps(model, x, eps)) / gamma
+        rec and rec(x)
+        return x, rec.states if rec else None
+
+    return _chunked(run, shape, batch, return_trajectory)
+
+
+# --- from a checkpoint --------------------------------------------------------------------------------------
+def schedule_from_meta(meta):
+    """The DDPMSchedule a checkpoint was trained with (refdiff.train records it), else the
+    report's linear 1e-4 -> 0.02, N = 1000."""
+    cfg = (meta or {}).get("ddpm_schedule") or {}
+    return DDPMSchedule(**cfg)
+
+
+def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=0.0, variance="beta",
+                           spacing=None, clip=False, batch=256, return_trajectory=False, frames=None):
+    """n samples from an eps-model loaded by refdiff.checkpoint.load_model, reshaped to the
+    image shape the checkpoint records (meta["image_shape"], default the model's input
+    shape). sampler "ddpm" (ancestral; steps must be None or N), "ddim" (steps default 50,
+    spacing default "uniform"), "em" (em_vp; steps default 1000, spacing default "uniform").
+    Returns x (n, C, H, W) float64, or (x, trajectory (F, n, C, H, W)); not clipped."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
+    if getattr(model, "kind", None) != "eps":
+        raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
+    schedule = schedule_from_meta(meta)
+    shape = (int(n),) + model_input_shape(model)
+    common = dict(return_trajectory=return_trajectory, frames=frames, batch=batch)
+    if sampler == "ddpm":
+        if steps is not None and steps != schedule.num_steps:
+            raise ValueError(f"ddpm (ancestral) sampling runs all {schedule.num_steps} steps of the chain; "
+                             f"got steps={steps} (use --sampler ddim for fewer)")
+        out = ancestral(model, schedule, shape, rng, variance=variance, clip=clip, **common)
+    elif sampler == "ddim":
+        out = ddim(model, schedule, shape, rng, steps=50 if steps is None else steps, eta=eta,
+                   spacing=spacing or "uniform", clip=clip, **common)
+    else:
+        out = em_vp(model, shape, rng, steps=1000 if steps is None else steps, spacing=spacing or "uniform",
+                    **common)
+    image_shape = tuple((meta or {}).get("image_shape") or shape[1:])
+    x, traj = out if return_trajectory else (out, None)
+    x = x.reshape((int(n),) + image_shape)
+    return (x, traj.reshape(traj.shape[:2] + image_shape)) if return_trajectory else x
+
+
+__all__ = ["SAMPLERS", "model_time", "model_input_shape", "ddpm_loss", "ancestral", "ddim_timesteps",
+           "ddim", "em_vp", "schedule_from_meta", "sample_from_checkpoint"]
