@@ -1,0 +1,37 @@
+"""The `numba` backend: @njit CPU kernels; arrays are NumPy arrays (xp = numpy).
+
+Ops: every op of refdiff_cuda._ops.REQUIRED, in versions (1 = literal serial port of the
+reference, 2 = parallel, fused, channel-major; see each module's docstring):
+
+    functional.py  linear 1,2  silu 1,2  relu 1,2  concat 1,2  add_channel_bias 1,2
+                   time_embedding 1  mse 1  adam_update 1,2  ddpm_step 1,2  em_step 1,2
+    conv.py        conv2d 1,2  conv_transpose2d 1,2  max_pool2d 1
+    norm.py        group_norm 1,2  group_norm_silu 1,2
+
+Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
+ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
+"""
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+# Threading layer: numba's own "workqueue" unless the user chose one (NUMBA_THREADING_LAYER).
+# Measured here (2 cores shared with other jobs): an empty parallel region costs 12 ms with
+# the OpenMP layer (libgomp's sleeping workers wait a scheduler slice to wake) and 55 us with
+# workqueue; a UNet step launches ~700 regions. Must be set before the first parallel call.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+from .. import _ops  # noqa: E402
+from . import conv, functional, norm  # noqa: E402
+
+KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
+
+
+def make_backend(versions=None):
+    return _ops.build("numba", KERNELS, versions, np,
+                      asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
+                      to_numpy=lambda a: np.asarray(a))

@@ -1,0 +1,50 @@
+"""Reference sampler steps as ops (NumPy; the specification for every backend's twin).
+
+refdiff's samplers write these updates inline; as ops they can be fused into one kernel
+pass by an accelerated backend. Scalars are per step (the whole batch shares t), computed
+in float64 by the caller and cast to x's dtype here, exactly as NumPy would cast them.
+
+    ddpm_step   Ho et al. 2020, Alg. 2 line 4 (SEED_NOTES §1):
+                x <- (x - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(1 - beta_t) + sigma_t z
+    em_step     reverse-time Euler-Maruyama for the linear-drift SDEs f(x, t) = -a(t) x
+                (refdiff.samplers.euler_maruyama): with dt > 0 the step back in time,
+                x <- x - (-a x - g^2 score) dt + g sqrt(dt) z
+z = None means no noise (the last step). x, eps, score, z: (B, ...) of one dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["ddpm_step", "em_step", "ddpm_coeffs", "em_coeffs"]
+
+
+def ddpm_coeffs(beta, alpha_bar, dtype):
+    """(coef_eps, inv_sqrt_alpha) in float64, then cast to dtype: the two step scalars."""
+    t = np.dtype(dtype).type
+    return t(beta / math.sqrt(1.0 - alpha_bar)), t(1.0 / math.sqrt(1.0 - beta))
+
+
+def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
+    """One ancestral step. beta = beta_t, alpha_bar = abar_t, sigma = sigma_t (floats)."""
+    coef, inv_sqrt_alpha = ddpm_coeffs(beta, alpha_bar, x.dtype)
+    out = (x - coef * eps) * inv_sqrt_alpha
+    if z is not None:
+        out += x.dtype.type(sigma) * z
+    return out
+
+
+def em_coeffs(a, g, dt, dtype):
+    """(a dt, g^2 dt, g sqrt(dt)) in float64, then cast to dtype."""
+    t = np.dtype(dtype).type
+    return t(a * dt), t(g * g * dt), t(g * math.sqrt(dt))
+
+
+def em_step(x, score, z, a, g, dt):
+    """One reverse Euler-Maruyama step of dx = -a x dt + g dW; a, g at the current t, dt > 0."""
+    adt, g2dt, noise = em_coeffs(a, g, dt, x.dtype)
+    out = x + adt * x + g2dt * score
+    if z is not None:
+        out += noise * z
+    return out
