@@ -162,7 +162,7 @@ def default_classifier_path(source="mnist5k"):
 
 def heldout_split():
     """The name load_images gives the held-out split."""
-    return "test"
+    return "heldout"
 
 
 def load_real(source="mnist5k"):

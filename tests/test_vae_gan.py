@@ -179,7 +179,7 @@ def test_gan_steps_touch_their_own_subsets():
     moved = {k for k in m.params if not np.array_equal(before[k], m.params[k])}
     assert moved == {k for k in m.params if k.startswith("D.")}
     out = obj.step(x, None, rng)
-    assert set(out) == {"d_loss", "g_loss", "d_real", "d_fake"} and all(np.isfinite(list(out.values())))
+    assert set(out) == {"loss", "d_loss", "g_loss", "d_real", "d_fake"} and all(np.isfinite(list(out.values())))
     assert 0 < out["d_real"] < 1 and 0 < out["d_fake"] < 1
 
 

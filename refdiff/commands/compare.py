@@ -32,7 +32,9 @@ def add_arguments(p):
     for row in ROWS[1:]:
         p.add_argument(f"--{row}", default=None, metavar="CKPT", help=f"{ROW_TITLES[row]} checkpoint")
     p.add_argument("--n", type=positive_int, default=1000, help="images generated per model (default 1000)")
-    p.add_argument("--sampler", default=None, help="DDPM sampler (refdiff.ddpm's names; default: its default)")
+    from ..ddpm import SAMPLERS
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="DDPM sampler (default: refdiff.ddpm's, ancestral over all N steps; ddim --steps 50 is ~20x faster)")
     p.add_argument("--steps", type=positive_int, default=None, help="DDPM sampling steps (default: the sampler's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use raw weights even where a checkpoint has EMA weights")
@@ -41,18 +43,26 @@ def add_arguments(p):
 
 
 # --- generation -------------------------------------------------------------------------------------
-def generate(row, path, n, rng, use_ema=True, sampler=None, steps=None):
-    """n images (n, 1, 28, 28) in [-1, 1] from the checkpoint at `path`; -> (images, info)."""
+def load_checkpoint(row, path, use_ema=True):
+    """The model in `path`, checked to be of the kind the row needs; -> (model, meta, info)."""
     from ..checkpoint import load_model
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--{row} checkpoint {path!r} does not exist")
     model, sections, meta = load_model(path, use_ema=use_ema)
-    info = dict(checkpoint=os.path.abspath(path), architecture=model.name, ema=bool(use_ema and sections["ema"]))
     want = {"vae": "vae", "gan": "gan", "ddpm": "eps"}[row]
     if model.kind != want:
         raise ValueError(f"--{row} {path!r} holds a {model.name!r} model (kind {model.kind!r}); expected kind {want!r}")
+    return model, meta, dict(checkpoint=os.path.abspath(path), architecture=model.name,
+                             ema=bool(use_ema and sections["ema"]))
+
+
+def generate(row, model, meta, n, rng, sampler=None, steps=None):
+    """n images (n, 1, 28, 28) in [-1, 1] from a loaded model; -> (images, info). Every
+    model's output is clipped to [-1, 1] the same way (DDPM samplers may overshoot)."""
+    info = {}
     if row == "ddpm":
-        x, extra = _ddpm_sample(model, meta, n, rng, sampler, steps)
-        info.update(extra)
+        x, info = _ddpm_sample(model, meta, n, rng, sampler, steps)
     else:
         x = model.ops.to_numpy(model.sample(n, rng))
     return np.clip(np.asarray(x, dtype=np.float32), -1, 1), info
@@ -133,20 +143,19 @@ def best_figure(path, rows):
 def run(args):
     from ..evaluate import best_per_label, build_evaluator
 
-    given = [(row, getattr(args, row)) for row in ROWS[1:] if getattr(args, row)]
-    for row, path in given:          # fail before the classifier is trained or loaded
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--{row} checkpoint {path!r} does not exist")
+    # load every checkpoint first: a wrong path or kind fails before the classifier work
+    given = [(row, *load_checkpoint(row, getattr(args, row), not args.no_ema))
+             for row in ROWS[1:] if getattr(args, row)]
     ev, clf_path = build_evaluator(args.classifier, args.data)
     os.makedirs(args.out, exist_ok=True)
     m_real, _ = ev.score(ev.real_heldout, "real held-out images")
     rows = [dict(row="real", metrics=m_real, info=dict(source=args.data, split="held-out"),
                  best=best_per_label(ev.real_heldout, ev.real_heldout_logits))]
-    for row, path in given:
+    for row, model, meta, info in given:
         t0 = time.perf_counter()
         rng = np.random.default_rng([args.seed, ROWS.index(row)])
-        x, info = generate(row, path, args.n, rng, not args.no_ema, args.sampler, args.steps)
-        info["sample_seconds"] = time.perf_counter() - t0
+        x, extra = generate(row, model, meta, args.n, rng, args.sampler, args.steps)
+        info.update(extra, sample_seconds=time.perf_counter() - t0)
         np.save(os.path.join(args.out, f"samples-{row}.npy"), x)
         m, logits = ev.score(x, f"{row} samples")
         rows.append(dict(row=row, metrics=m, info=info, best=best_per_label(x, logits)))

@@ -159,4 +159,5 @@ class GANObjective:
         opt["D"].step()
         g_loss = self.g_loss_and_grad(draw())
         opt["G"].step()
-        return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
+        # "loss" (the trainer's progress line) is the sum; d_loss and g_loss are what to read
+        return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
