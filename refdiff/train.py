@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import os
 import sys
@@ -100,6 +101,10 @@ class TrainConfig:
             bad("seed", "must be an integer >= 0")
         if not isinstance(self.model_args, dict):
             bad("model_args", "must be a dict")
+        try:    # as a checkpoint stores it (tuples -> lists), so that resuming compares equal
+            self.model_args = json.loads(json.dumps(self.model_args))
+        except (TypeError, ValueError):
+            bad("model_args", "must hold JSON values (numbers, strings, lists)")
         return self
 
 

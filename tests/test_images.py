@@ -89,7 +89,8 @@ def test_bad_magic_truncated_and_trailing_bytes():
 def test_truncated_gzip_and_mismatched_counts(tmp_path):
     write_idx_dir(tmp_path)
     p = os.path.join(tmp_path, "train-images-idx3-ubyte.gz")
-    data = open(p, "rb").read()
+    with open(p, "rb") as f:
+        data = f.read()
     with open(p, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):

@@ -1,8 +1,10 @@
 """The Trainer and the train / sample commands: checkpoint round trip, refusal of truncated,
 tampered and foreign checkpoints, interrupt-then-resume equal to an uninterrupted run bit
 for bit (eps, VAE and GAN objectives), and the commands end to end on tiny settings."""
+import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ QUIET = dict(log=lambda s: None)
 
 
 def trainer(out, resume=False, **kw):
-    return Trainer(TrainConfig(**kw), out, resume=resume, progress_stream=open(os.devnull, "w"), **QUIET)
+    return Trainer(TrainConfig(**kw), out, resume=resume, progress_stream=io.StringIO(), **QUIET)
 
 
 def all_arrays(path):
@@ -54,12 +56,12 @@ def test_round_trip_and_metrics(tmp_path):
 
 
 def _corrupt(path, how):
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(path.read_bytes())
     if how == "truncate":
         data = data[: len(data) // 2]
     else:                                   # flip one byte in the middle of the array data
         data[len(data) // 3] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how,match", [("truncate", "corrupt or truncated"), ("tamper", "tampered|corrupt")])
@@ -71,7 +73,7 @@ def test_truncated_or_tampered_checkpoint_refused(tmp_path, capsys, how, match):
     assert main(["train", "--out", str(tmp_path), "--model", "mlp", "--model-arg", "widths=[16]",
                  "--limit", "40", "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "error" in err and __import__("re").search(match, err), err
+    assert "error" in err and re.search(match, err), err
     assert main(["sample", "--checkpoint", str(tmp_path / "checkpoint.npz"), "--out", str(tmp_path / "s")]) == 2
 
 
@@ -134,12 +136,12 @@ def test_resume_via_the_command(tmp_path):
 def test_divergence_stops_without_touching_the_checkpoint(tmp_path, monkeypatch):
     t = trainer(tmp_path, epochs=1, **TINY_MLP)
     t.fit()
-    before = open(tmp_path / "checkpoint.npz", "rb").read()
+    before = (tmp_path / "checkpoint.npz").read_bytes()
     t = trainer(tmp_path, resume=True, epochs=2, **TINY_MLP)
     monkeypatch.setattr(t.objective, "step", lambda x, y, rng: {"loss": float("nan")})
     with pytest.raises(ValueError, match="diverged at epoch 2, step 1.*epoch 1 is intact"):
         t.fit()
-    assert open(tmp_path / "checkpoint.npz", "rb").read() == before
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
 
 
 # --- objectives -----------------------------------------------------------------------------------------------
@@ -227,3 +229,15 @@ def test_classifier_trains_but_cannot_sample(tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][0]["acc"] >= 0
     assert main(["sample", "--checkpoint", str(tmp_path / "checkpoint.npz"), "--out", str(tmp_path / "s")]) == 2
     assert "cannot generate" in capsys.readouterr().err
+
+
+def test_image_grid_layout():
+    from refdiff.viz import image_grid
+    x = np.stack([np.full((1, 2, 3), v) for v in (-1.0, 0.0, 3.0)])    # 3 images 2 x 3; 3.0 is clipped
+    g = image_grid(x, nrow=2, pad=1)
+    assert g.shape == (2 * 3 + 1, 2 * 4 + 1)
+    assert np.all(g[1:3, 1:4] == 0) and np.all(g[1:3, 5:8] == 0.5) and np.all(g[4:6, 1:4] == 1)
+    assert np.all(g[4:6, 5:8] == 0.5) and np.all(g[0] == 0.5)          # empty cell and padding: grey
+    assert image_grid(x, scale=2).shape == (2 * 6 + 2, 2 * 8 + 2)      # nrow = ceil(sqrt(3)) = 2, pad 2
+    with pytest.raises(ValueError, match="shape"):
+        image_grid(np.zeros((2, 3, 4, 4)))
