@@ -157,10 +157,11 @@ def ssm(model, sde, x0, rng, projection="rademacher", n_projections=1, variance_
     time t with x_t ~ p_t, we minimise the report's form (twice the above: ||s||^2 + 2 nu^T J nu)
     with dsm's weights T lambda(t), so that for every theta
 
-        ssm = dsm - C,   C independent of theta          (E_{p_t|0}[s^T grad log p_{t|0}] = -E tr J)
+        ssm = dsm - C,   C = T E[lambda(t) ||grad log p_{t|0}||^2] = T D E_t[lambda/std_t^2]
 
-    i.e. the two losses have one scale and share learning rates; lambda = std_t^2 by default
-    ("noise"). In noise-prediction units, s = -eps_theta/std_t, J_s = -J_eps/std_t, so a row is
+    in expectation (E[s^T grad log p_{t|0}] = E[s^T grad log p_t] = -E[tr grad s], by parts):
+    the two losses have one scale and share learning rates, and C = T D for the default
+    lambda = std_t^2 ("noise"). In noise-prediction units, s = -eps_theta/std_t, J_s = -J_eps/std_t, so a row is
 
         T lambda/std^2 ( ||eps||^2  [or (nu^T eps)^2]  -  2 std nu^T J_eps nu ).
 
