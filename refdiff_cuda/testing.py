@@ -41,8 +41,8 @@ TOL = {
 REF = reference_namespace()
 
 
-def assert_agree(actual, expected, tol, name):
-    """Entrywise |a - e| <= atol * max|e| + rtol * |e|; NaN/Inf must match exactly."""
+def assert_agree(actual, expected, tol, name, slack=0.0):
+    """Entrywise |a - e| <= atol * max|e| + rtol * |e| + slack; NaN/Inf must match exactly."""
     a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != reference {e.shape}")
@@ -54,13 +54,13 @@ def assert_agree(actual, expected, tol, name):
         return
     scale = np.abs(e[fin]).max()
     err = np.where(fin, np.abs(a - e), 0)
-    bound = tol["atol"] * scale + tol["rtol"] * np.abs(np.where(fin, e, 0))
+    bound = tol["atol"] * scale + tol["rtol"] * np.abs(np.where(fin, e, 0)) + slack
     bad = err > bound
     if bad.any():
         i = np.unravel_index(np.argmax(err - bound), err.shape)
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} entries off; worst at {i}: got "
                              f"{a[i]:.10g}, reference {e[i]:.10g} (|diff| {err[i]:.3g} > atol {tol['atol']} x "
-                             f"max|ref| {scale:.3g} + rtol {tol['rtol']} x |ref|)")
+                             f"max|ref| {scale:.3g} + rtol {tol['rtol']} x |ref| + slack {slack:.3g})")
 
 
 def _tol(dtype):
@@ -75,41 +75,76 @@ def _cast(a, dtype):
     return None if a is None else np.asarray(a, dtype=dtype)
 
 
-def check_op(op, backend, inputs, dtype, kwargs=None, seed=0, array_args=None):
+def _run_ref(op, inputs, dtype, kwargs, dy=None):
+    conv = lambda a, f: [f(x) for x in a] if isinstance(a, list) else (f(a) if isinstance(a, np.ndarray) else a)
+    host = [conv(a, lambda x: _cast(x, dtype)) for a in inputs]
+    fwd, bwd = PAIRS[op]
+    y, cache = getattr(REF, fwd)(*host, **kwargs)
+    if op == "mse":
+        return host, y, (REF.mse_backward(cache),)
+    if dy is None or y.dtype == bool:
+        return host, y, None
+    g = getattr(REF, bwd)(dy.astype(y.dtype), cache)
+    return host, y, (tuple(g) if isinstance(g, (tuple, list)) else (g,))
+
+
+def check_op(op, backend, inputs, dtype, kwargs=None, seed=0):
     """Forward and backward of pair `op`: backend vs reference, in `dtype`.
 
     inputs: the positional arguments of <op>_forward (arrays are cast to dtype; None,
     ints and lists of arrays pass through). kwargs: keyword hyper-parameters.
-    Returns the reference outputs (y, grads) for further checks.
+
+    float64: the backend must match the float64 reference within TOL[float64].
+    float32: the backend (in float32) is compared with the reference evaluated in float64
+    on the same float32 inputs, within TOL[float32] plus slack = 4 x the float32
+    reference's own largest error on that tensor: a kernel must be accurate, or at least no
+    less accurate than the reference (x4: another, equally valid rounding order). This keeps
+    ill-conditioned cases (group norm of inputs with a large mean) honest without loosening
+    the table.
     """
-    fwd_name, bwd_name = PAIRS[op]
     kwargs = kwargs or {}
+    dtype = np.dtype(dtype)
+    inputs32 = inputs
+    if dtype == np.float32:     # round once: the float64 reference then sees the same inputs
+        conv = lambda a: [_cast(x, dtype) for x in a] if isinstance(a, list) else (_cast(a, dtype) if isinstance(a, np.ndarray) else a)
+        inputs32 = [conv(a) for a in inputs]
+    host, y_ref, _ = _run_ref(op, inputs32, dtype, kwargs)
+    dy = None if op == "mse" else np.random.default_rng(seed).standard_normal(np.shape(y_ref))
+    _, y_ref, g_ref = _run_ref(op, inputs32, dtype, kwargs, dy)
+    if dtype == np.float32:
+        _, y_64, g_64 = _run_ref(op, inputs32, np.float64, kwargs, dy)
+    else:
+        y_64, g_64 = y_ref, g_ref
     conv = lambda a, f: [f(x) for x in a] if isinstance(a, list) else (f(a) if isinstance(a, np.ndarray) else a)
-    host = [conv(a, lambda x: _cast(x, dtype)) for a in inputs]
-    dev = [conv(a, lambda x: backend.asarray(x)) for a in host]
-    y_ref, c_ref = getattr(REF, fwd_name)(*host, **kwargs)
+    dev = [conv(a, backend.asarray) for a in host]
+    fwd_name, bwd_name = PAIRS[op]
     y_dev, c_dev = getattr(backend, fwd_name)(*dev, **kwargs)
     label, tol = _label(op, backend), _tol(dtype)
+
+    def agree(got, r_dt, r_64, what):
+        got = np.asarray(backend.to_numpy(got)) if not np.isscalar(got) else got
+        slack = 0.0
+        if dtype == np.float32:
+            d = np.abs(np.asarray(r_dt, np.float64) - np.asarray(r_64, np.float64))
+            slack = 4 * float(d[np.isfinite(d)].max()) if np.isfinite(d).any() else 0.0
+        assert_agree(got, r_64, tol, f"{label} {what}", slack)
+        if not np.isscalar(r_dt):
+            assert got.dtype == np.asarray(r_dt).dtype, f"{label} {what}: dtype {got.dtype} != {np.asarray(r_dt).dtype}"
+
+    agree(y_dev, y_ref, y_64, "forward")
     if op == "mse":
-        assert_agree(y_dev, y_ref, tol, f"{label} loss")
-        assert_agree(backend.to_numpy(backend.mse_backward(c_dev)), REF.mse_backward(c_ref), tol, f"{label} dpred")
-        return y_ref, None
-    assert_agree(backend.to_numpy(y_dev), y_ref, tol, f"{label} forward")
-    assert np.asarray(backend.to_numpy(y_dev)).dtype == y_ref.dtype, f"{label}: dtype {y_dev.dtype} != {y_ref.dtype}"
-    dy = np.random.default_rng(seed).standard_normal(y_ref.shape).astype(y_ref.dtype)
-    if y_ref.dtype == bool:
-        return y_ref, None
-    g_ref = getattr(REF, bwd_name)(dy, c_ref)
-    g_dev = getattr(backend, bwd_name)(backend.asarray(dy), c_dev)
-    g_ref = g_ref if isinstance(g_ref, (tuple, list)) else (g_ref,)
-    g_dev = g_dev if isinstance(g_dev, (tuple, list)) else (g_dev,)
+        agree(backend.mse_backward(c_dev), g_ref[0], g_64[0], "dpred")
+        return
+    if g_ref is None:               # boolean outputs have no gradient
+        return
+    g_dev = getattr(backend, bwd_name)(backend.asarray(dy.astype(y_ref.dtype)), c_dev)
+    g_dev = tuple(g_dev) if isinstance(g_dev, (tuple, list)) else (g_dev,)
     assert len(g_ref) == len(g_dev), f"{label}: {len(g_dev)} gradients, reference has {len(g_ref)}"
-    for k, (a, e) in enumerate(zip(g_dev, g_ref)):
-        if e is None:
+    for k, (a, r, r64) in enumerate(zip(g_dev, g_ref, g_64)):
+        if r is None:
             assert a is None, f"{label}: gradient {k} should be None"
             continue
-        assert_agree(backend.to_numpy(a), e, tol, f"{label} gradient {k}")
-    return y_ref, g_ref
+        agree(a, r, r64, f"gradient {k}")
 
 
 def check_function(op, backend, inputs, dtype, kwargs=None):
@@ -135,3 +170,78 @@ def check_adam(backend, shape, dtype, steps=3, weight_decay=0.0, seed=0):
                             1e-8, step, weight_decay)
     for name, a, e in zip("pmv", state_dev, state_ref):
         assert_agree(backend.to_numpy(a), e, _tol(dtype), f"{_label('adam_update', backend)} {name}")
+
+
+# --- hypothesis strategies: one per op ------------------------------------------------------------
+# Shapes include size-1 dims, odd sizes and batch 1; values include extremes: a scale drawn
+# from 1e-3 .. 1e3 times standard normals, plus exact zeros. Group norm is the exception that
+# is ill-conditioned by nature: |mean| / std multiplies the rounding of x itself (and its
+# backward subtracts nearly equal terms), so two float32 implementations differ by about
+# (|mean| / std) x 3e-6 relative; measured 3.4e-4 at |mean| / std = 100, past rtol. Its
+# inputs keep |mean| / std <= 10 (offsets 0, 1, 10 standard deviations).
+def _strategies():
+    from hypothesis import strategies as st
+
+    scale = st.sampled_from([1e-3, 1.0, 1e3])
+
+    @st.composite
+    def arrays(draw, shape):
+        rng = np.random.default_rng(draw(st.integers(0, 2 ** 31)))
+        a = rng.standard_normal(shape) * draw(scale)
+        if draw(st.booleans()) and a.size:
+            a.reshape(-1)[rng.integers(0, a.size, max(1, a.size // 4))] = 0.0
+        return a
+
+    dim, small = st.integers(1, 4), st.integers(1, 7)
+
+    @st.composite
+    def case(draw, op):
+        B, C = draw(dim), draw(dim)
+        if op == "linear":
+            D = draw(dim)
+            return [draw(arrays((B, C))), draw(arrays((D, C))), draw(arrays((D,))) if draw(st.booleans()) else None], {}
+        if op in ("silu", "relu"):
+            return [draw(arrays((B, C) + tuple(draw(st.lists(small, max_size=2)))))], {}
+        if op == "concat":
+            H = draw(small)
+            return [[draw(arrays((B, draw(dim), H, H))) for _ in range(draw(st.integers(1, 3)))]], {}
+        if op == "add_channel_bias":
+            return [draw(arrays((B, C) + tuple(draw(st.lists(small, max_size=2))))), draw(arrays((B, C)))], {}
+        if op in ("conv2d", "conv_transpose2d"):
+            k, s, p = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
+            kw = k if draw(st.booleans()) else draw(st.integers(1, 4))      # square: conv2d's other dx branch
+            if op == "conv2d":
+                H, W = draw(st.integers(max(1, k - 2 * p), 8)), draw(st.integers(max(1, kw - 2 * p), 8))
+                w = draw(arrays((draw(dim), C, k, kw)))
+            else:
+                lo = lambda kk: 1 + max(0, -((kk - 1 - 2 * p) // s))
+                H, W = draw(st.integers(lo(k), 6)), draw(st.integers(lo(kw), 6))
+                w = draw(arrays((C, draw(dim), k, kw)))
+            cout = w.shape[0] if op == "conv2d" else w.shape[1]
+            b = draw(arrays((cout,))) if draw(st.booleans()) else None
+            return [draw(arrays((B, C, H, W))), w, b], dict(stride=s, padding=p)
+        if op == "max_pool2d":
+            k = draw(st.integers(1, 3))
+            s = draw(st.integers(1, 3))
+            H, W = draw(st.integers(k, 8)), draw(st.integers(k, 8))
+            return [draw(arrays((B, C, H, W)))], dict(kernel_size=k, stride=s)
+        if op in ("group_norm", "group_norm_silu"):
+            G = draw(st.sampled_from([g for g in range(1, 5) if (C * draw(dim)) % g == 0] or [1]))
+            C = G * draw(dim)
+            shape = (B, C) + tuple(draw(st.lists(small, max_size=2)))
+            rng = np.random.default_rng(draw(st.integers(0, 2 ** 31)))
+            sd, off = draw(scale), draw(st.sampled_from([0.0, 1.0, 10.0]))
+            x = (rng.standard_normal(shape) + off) * sd
+            return [x, G, 1 + 0.5 * rng.standard_normal(C), rng.standard_normal(C)], {}
+        if op == "mse":
+            shape = (B, C, draw(small))
+            w = draw(arrays((B,))) ** 2 if draw(st.booleans()) else None
+            return [draw(arrays(shape)), draw(arrays(shape)), w], {}
+        raise KeyError(op)
+
+    return case
+
+
+def op_case(op):
+    """Hypothesis strategy of (inputs, kwargs) for the pair `op` (see _strategies)."""
+    return _strategies()(op)

@@ -188,35 +188,35 @@ def conv_transpose2d_backward_v1(dy, cache):
 @njit(parallel=True, **_JIT)
 def _im2col_cm(x, kH, kW, stride, pad, Ho, Wo, ones_row):
     """x (C, B, H, W) -> cols (C kH kW [+1], B Ho Wo): cols[(c,i,j), (b,r,q)] =
-    x[c, b, r s + i - p, q s + j - p] (0 outside); the extra last row is all ones."""
+    x[c, b, r s + i - p, q s + j - p] (0 outside); the extra last row is all ones.
+    One task per (row, sample): a run of Ho Wo entries, copied as Ho slices (contiguous for
+    stride 1, which lets LLVM vectorise the copy)."""
     C, B, H, W = x.shape
     K, n = C * kH * kW, Ho * Wo
     cols = np.empty((K + (1 if ones_row else 0), B * n), x.dtype)
     for task in prange(K * B):
         row, b = task // B, task % B
         c, i, j = row // (kH * kW), (row // kW) % kH, row % kW
-        q0 = 0                                            # valid q: 0 <= q s + j - p < W
-        while q0 < Wo and q0 * stride + j - pad < 0:
-            q0 += 1
-        q1 = Wo
-        while q1 > q0 and (q1 - 1) * stride + j - pad >= W:
-            q1 -= 1
+        q0 = min(Wo, max(0, (pad - j + stride - 1) // stride))   # valid q: 0 <= q s + j - p < W
+        q1 = max(q0, min(Wo, (W - 1 + pad - j) // stride + 1)) if W - 1 + pad - j >= 0 else q0
+        dst = cols[row, b * n:(b + 1) * n]
+        src = x[c, b]
         for r in range(Ho):
             ii = r * stride + i - pad
-            o = b * n + r * Wo
+            o = r * Wo
             if ii < 0 or ii >= H:
-                for q in range(Wo):
-                    cols[row, o + q] = 0
+                dst[o:o + Wo] = 0
+                continue
+            dst[o:o + q0] = 0
+            lo = q0 * stride + j - pad
+            if stride == 1:
+                dst[o + q0:o + q1] = src[ii, lo:lo + q1 - q0]
             else:
-                for q in range(q0):
-                    cols[row, o + q] = 0
                 for q in range(q0, q1):
-                    cols[row, o + q] = x[c, b, ii, q * stride + j - pad]
-                for q in range(q1, Wo):
-                    cols[row, o + q] = 0
+                    dst[o + q] = src[ii, lo + (q - q0) * stride]
+            dst[o + q1:o + Wo] = 0
     if ones_row:
-        for m in prange(B * n):
-            cols[K, m] = 1
+        cols[K] = 1
     return cols
 
 
