@@ -1,0 +1,98 @@
+"""Golden end-to-end values of a small UNet's training, from the NumPy reference.
+
+Regenerate (after a deliberate change of the reference's maths) with
+
+    python -m tests.golden.make_golden
+
+which rewrites tests/golden/unet_train_float32.npz and unet_train_float64.npz. Each file
+holds: `config` (the model's exact make_model("unet", ...) options, JSON), `version`,
+the inputs of every step (xt, t, eps), the 10 losses, and every parameter gradient of
+every step ("grad/<step>/<name>"). tests/test_backend_golden.py (and the CUDA-simulator
+and CuPy test modules) rerun `train` below on each backend and compare.
+
+The step is DDPM eps-prediction training (Ho et al. 2020, Alg. 1) written inline:
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with refdiff.sde.DDPMSchedule, the model
+fed the continuous time (i + 1) / N of refdiff's UNet convention, loss = MSE(eps_theta, eps)
+(refdiff's mse op: mean over the batch of the per-sample sum), refdiff.optim.Adam lr 1e-3.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+VERSION = 1
+STEPS = 10
+HERE = os.path.dirname(os.path.abspath(__file__))
+# 6 -> 3 -> 1: level 1 is odd (Conv 2x2 + Conv 4x4 down, ConvT 4x4 + ConvT 2x2 up), two blocks
+# per stage (first and later blocks), in_channels 1 (enc.0's GroupNorm has one channel).
+CONFIG = dict(in_channels=1, image_size=6, channels=[4, 8], blocks=2, mid_channels=4, emb_dim=8,
+              time_scale=1000.0, max_groups=8, final_norm=False)
+BATCH, LR = 4, 1e-3
+
+
+def path(dtype):
+    return os.path.join(HERE, f"unet_train_{np.dtype(dtype).name}.npz")
+
+
+def make_data(seed=1234):
+    """Inputs of each step, in float64: x_t (STEPS, B, 1, 6, 6), t (STEPS, B), eps."""
+    from refdiff.sde import DDPMSchedule
+    rng = np.random.default_rng(seed)
+    sched = DDPMSchedule()
+    x0 = rng.uniform(-1, 1, (BATCH, 1, CONFIG["image_size"], CONFIG["image_size"]))
+    xs, ts, es = [], [], []
+    for _ in range(STEPS):
+        i = rng.integers(0, sched.num_steps, BATCH)
+        eps = rng.standard_normal(x0.shape)
+        mean, std = sched.marginal(x0, i)
+        xs.append(mean + std * eps)
+        ts.append((i + 1) / sched.num_steps)
+        es.append(eps)
+    return np.stack(xs), np.stack(ts), np.stack(es)
+
+
+def train(backend, dtype, xt, t, eps, steps=STEPS, config=None):
+    """Run `steps` training steps; -> (losses (steps,), [{name: grad (host)} per step])."""
+    from refdiff.nn import make_model
+    from refdiff.optim import Adam
+    model = make_model("unet", dtype=dtype, seed=0, backend=backend, **(config or CONFIG))
+    opt = Adam(model, lr=LR)
+    ops = model.ops
+    losses, grads = [], []
+    for k in range(steps):
+        model.zero_grad()
+        y = model.forward(ops.asarray(xt[k].astype(dtype)), t[k])
+        loss, cache = ops.mse_forward(y, ops.asarray(eps[k].astype(dtype)))
+        model.backward(ops.mse_backward(cache))
+        losses.append(float(loss))
+        grads.append({n: np.array(ops.to_numpy(g)) for n, g in model.grads.items()})
+        opt.step()
+    return np.array(losses), grads
+
+
+def load(dtype):
+    with np.load(path(dtype)) as f:
+        data = dict(f)
+    data["config"] = json.loads(str(data["config"]))
+    steps = len(data["losses"])
+    data["grads"] = [{k.split("/", 2)[2]: v for k, v in data.items() if k.startswith(f"grad/{s}/")}
+                     for s in range(steps)]
+    return data
+
+
+def main():
+    xt, t, eps = make_data()
+    for dtype in (np.float32, np.float64):
+        losses, grads = train("numpy", dtype, xt, t, eps)
+        out = dict(config=json.dumps(CONFIG), version=VERSION, xt=xt, t=t, eps=eps, losses=losses,
+                   command="python -m tests.golden.make_golden")
+        for s, g in enumerate(grads):
+            out.update({f"grad/{s}/{n}": v for n, v in g.items()})
+        np.savez_compressed(path(dtype), **out)
+        print(f"wrote {path(dtype)}: {len(grads[0])} gradient tensors x {STEPS} steps; losses {losses.round(4)}")
+
+
+if __name__ == "__main__":
+    main()
