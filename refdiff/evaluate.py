@@ -175,9 +175,10 @@ def load_real(source="mnist5k"):
 
 def train_classifier(path, source="mnist5k", epochs=10, seed=0, shift=2, batch=64, lr=1e-3,
                      log=None, data=None):
-    """Train the CNN (SEED_NOTES §3 recipe, plus `shift`-pixel random translations) and save it
-    to `path` as a refdiff checkpoint. -> (model, info dict). `data` = load_real's tuple, to
-    reuse already loaded images; `log(str)` receives one line per epoch."""
+    """Train the CNN (SEED_NOTES §3 recipe, plus `shift`-pixel random translations and weight
+    averaging, see refdiff.nn.classifier) and save it to `path` as a refdiff checkpoint whose
+    params are the averaged weights. -> (model holding them, info dict). `data` = load_real's
+    tuple, to reuse already loaded images; `log(str)` receives one line per epoch."""
     from .checkpoint import save_model
     from .nn import make_model
     from .nn.classifier import ClassifierObjective
@@ -189,16 +190,23 @@ def train_classifier(path, source="mnist5k", epochs=10, seed=0, shift=2, batch=6
     obj = ClassifierObjective(model, dict(lr=lr, batch=batch, epochs=epochs, shift=shift))
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
+    accuracy = lambda: float(np.mean(model.ops.to_numpy(model.predict(model.ops.asarray(x_te))).argmax(1)
+                                     == np.asarray(y_te)))
     for ep in range(int(epochs)):
         order = rng.permutation(len(x_tr))
         losses = [obj.step(x_tr[order[i:i + batch]], np.asarray(y_tr)[order[i:i + batch]], rng)["loss"]
                   for i in range(0, len(order), batch)]
-        acc = float(np.mean(model.ops.to_numpy(model.predict(model.ops.asarray(x_te))).argmax(1) == np.asarray(y_te)))
-        log(f"classifier epoch {ep + 1}/{epochs}: loss {np.mean(losses):.4f}, held-out accuracy {acc:.4f}, "
-            f"{time.perf_counter() - t0:.0f}s")
+        raw = accuracy()
+        obj.ema.swap()                       # the averaged weights are the classifier's
+        acc = accuracy()
+        obj.ema.swap()
+        log(f"classifier epoch {ep + 1}/{epochs}: loss {np.mean(losses):.4f}, held-out accuracy {acc:.4f} "
+            f"(EMA weights; last weights {raw:.4f}), {time.perf_counter() - t0:.0f}s")
     info = dict(kind="classifier", data=source, epochs=int(epochs), seed=int(seed), shift=int(shift), batch=int(batch),
-                lr=float(lr), classifier_accuracy=acc, train_seconds=time.perf_counter() - t0)
-    save_model(path, model, **info)
+                lr=float(lr), classifier_accuracy=acc, classifier_accuracy_last_weights=raw,
+                train_seconds=time.perf_counter() - t0)
+    obj.ema.swap()
+    save_model(path, model, **info)          # params = the EMA weights
     return model, info
 
 
@@ -211,10 +219,10 @@ def load_or_train_classifier(path=None, source="mnist5k", log=None, data=None, *
     if path is not None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"classifier checkpoint {path!r} does not exist")
-        return load_model(path, expect="classifier")[0], path
+        return load_model(path, expect="classifier", use_ema=True)[0], path
     path = default_classifier_path(source)
     if os.path.exists(path):
-        return load_model(path, expect="classifier")[0], path
+        return load_model(path, expect="classifier", use_ema=True)[0], path
     log(f"no classifier at {path}: training one on {source} (10 epochs; a few minutes on 2 cores; "
         f"it is cached for later runs, set REFDIFF_CACHE to move the cache)")
     model, _ = train_classifier(path, source, log=log, data=data, **train_kw)

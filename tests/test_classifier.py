@@ -104,6 +104,7 @@ def test_objective_learns_two_classes():
     obj = ClassifierObjective(make_model("classifier", seed=0), dict(shift=0))
     out = [obj.step(x, y, rng) for _ in range(20)]
     assert out[0]["loss"] > 1.5 and out[-1]["loss"] < 0.1 and out[-1]["acc"] == 1.0, out[-1]
+    assert obj.ema.num_updates == 20 and not np.array_equal(obj.ema.shadow["fc2.weight"], obj.model.params["fc2.weight"])
 
 
 # --- bad input ----------------------------------------------------------------------------------------

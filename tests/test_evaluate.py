@@ -165,6 +165,19 @@ def test_compare_command(cached):
     assert "| VAE | 200 |" in (out / "table.md").read_text()
 
 
+def test_compare_ddpm_only(cached):
+    """A DDPM row alone, through refdiff.ddpm (an untrained unet-small, 2 DDIM steps): its
+    images overshoot [-1, 1] and are clipped like every other model's, never rescaled."""
+    save_model(cached / "ddpm.npz", make_model("unet-small", seed=0))
+    out = cached / "cmp"
+    assert cli.main(["compare", "--out", str(out), "--ddpm", str(cached / "ddpm.npz"), "--n", "40",
+                     "--sampler", "ddim", "--steps", "2"]) == 0
+    t = json.loads((out / "table.json").read_text())
+    assert [r["model"] for r in t["rows"]] == ["real", "ddpm"] and t["rows"][1]["sampler"] == "ddim"
+    s = np.load(out / "samples-ddpm.npy")
+    assert s.shape == (40, 1, 28, 28) and s.min() == -1 and s.max() == 1
+
+
 def test_compare_wrong_kind_of_checkpoint(cached, capsys):
     save_model(cached / "gan.npz", make_model("gan"))
     assert cli.main(["compare", "--out", str(cached / "c"), "--vae", str(cached / "gan.npz"), "--n", "10"]) == 2

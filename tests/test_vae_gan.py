@@ -29,7 +29,8 @@ def _arr(forward):
 def test_bce_with_logits_grad(reduction, shape, seed):
     rng = np.random.default_rng(seed)
     z, t = 4 * rng.standard_normal(shape), rng.uniform(0, 1, shape)
-    check_grads(_arr(lambda z: F.bce_with_logits_forward(z, t, reduction)), F.bce_with_logits_backward, [z], rng)
+    tol = _fd_tol(F.bce_with_logits_forward(z, t, reduction)[0])     # a sum of up to 125 terms
+    check_grads(_arr(lambda z: F.bce_with_logits_forward(z, t, reduction)), F.bce_with_logits_backward, [z], rng, tol)
 
 
 def test_bce_with_logits_value_and_extremes():
@@ -53,7 +54,8 @@ def test_bce_with_logits_value_and_extremes():
 def test_gaussian_kl_and_reparam_grads(b, d, seed):
     rng = np.random.default_rng(seed)
     mu, lv, eps = rng.standard_normal((b, d)), rng.standard_normal((b, d)), rng.standard_normal((b, d))
-    check_grads(_arr(F.gaussian_kl_forward), F.gaussian_kl_backward, [mu, lv], rng)
+    check_grads(_arr(F.gaussian_kl_forward), F.gaussian_kl_backward, [mu, lv], rng,
+                _fd_tol(F.gaussian_kl_forward(mu, lv)[0]))
     check_grads(F.gaussian_reparam_forward, F.gaussian_reparam_backward, [mu, lv, eps], rng)
 
 

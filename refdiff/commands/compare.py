@@ -77,7 +77,7 @@ def _ddpm_sample(model, meta, n, rng, sampler, steps):
     if steps is not None:
         kw["steps"] = steps
     x = ddpm.sample_from_checkpoint(model, meta, n, rng, **kw)
-    return x, dict(sampler=sampler or "default", steps=steps)
+    return x, dict(sampler=sampler or "ddpm", steps=steps)
 
 
 # --- outputs ------------------------------------------------------------------------------------------
