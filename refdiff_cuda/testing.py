@@ -193,10 +193,11 @@ def _strategies():
             a.reshape(-1)[rng.integers(0, a.size, max(1, a.size // 4))] = 0.0
         return a
 
-    dim, small = st.integers(1, 4), st.integers(1, 7)
-
     @st.composite
-    def case(draw, op):
+    def case(draw, op, tiny=False):
+        # tiny: for numba's CUDA simulator (every GPU thread is a Python thread)
+        dim, small = (st.integers(1, 2), st.integers(1, 3)) if tiny else (st.integers(1, 4), st.integers(1, 7))
+        hw = 4 if tiny else 8
         B, C = draw(dim), draw(dim)
         if op == "linear":
             D = draw(dim)
@@ -212,11 +213,11 @@ def _strategies():
             k, s, p = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
             kw = k if draw(st.booleans()) else draw(st.integers(1, 4))      # square: conv2d's other dx branch
             if op == "conv2d":
-                H, W = draw(st.integers(max(1, k - 2 * p), 8)), draw(st.integers(max(1, kw - 2 * p), 8))
+                H, W = draw(st.integers(max(1, k - 2 * p), hw)), draw(st.integers(max(1, kw - 2 * p), hw))
                 w = draw(arrays((draw(dim), C, k, kw)))
             else:
                 lo = lambda kk: 1 + max(0, -((kk - 1 - 2 * p) // s))
-                H, W = draw(st.integers(lo(k), 6)), draw(st.integers(lo(kw), 6))
+                H, W = draw(st.integers(lo(k), max(lo(k), hw - 2))), draw(st.integers(lo(kw), max(lo(kw), hw - 2)))
                 w = draw(arrays((C, draw(dim), k, kw)))
             cout = w.shape[0] if op == "conv2d" else w.shape[1]
             b = draw(arrays((cout,))) if draw(st.booleans()) else None
@@ -224,7 +225,7 @@ def _strategies():
         if op == "max_pool2d":
             k = draw(st.integers(1, 3))
             s = draw(st.integers(1, 3))
-            H, W = draw(st.integers(k, 8)), draw(st.integers(k, 8))
+            H, W = draw(st.integers(k, hw)), draw(st.integers(k, hw))
             return [draw(arrays((B, C, H, W)))], dict(kernel_size=k, stride=s)
         if op in ("group_norm", "group_norm_silu"):
             G = draw(st.sampled_from([g for g in range(1, 5) if (C * draw(dim)) % g == 0] or [1]))
@@ -243,9 +244,9 @@ def _strategies():
     return case
 
 
-def op_case(op):
+def op_case(op, tiny=False):
     """Hypothesis strategy of (inputs, kwargs) for the pair `op` (see _strategies)."""
-    return _strategies()(op)
+    return _strategies()(op, tiny)
 
 
 # --- golden end-to-end comparison ------------------------------------------------------------------

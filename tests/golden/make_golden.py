@@ -30,21 +30,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(in_channels=1, image_size=6, channels=[4, 8], blocks=2, mid_channels=4, emb_dim=8,
               time_scale=1000.0, max_groups=8, final_norm=False)
 BATCH, LR = 4, 1e-3
+# A tinier run for numba's CUDA simulator, which executes every GPU thread as a Python thread
+# (the full run above takes minutes there): same structure, 2 -> 4 channels, one block per
+# stage, one image, 2 steps. Stored in float64 only.
+TINY = dict(config=dict(CONFIG, channels=[2, 4], blocks=1, mid_channels=2, emb_dim=4), batch=1, steps=2)
 
 
-def path(dtype):
-    return os.path.join(HERE, f"unet_train_{np.dtype(dtype).name}.npz")
+def path(dtype, tiny=False):
+    return os.path.join(HERE, f"unet_train{'_tiny' if tiny else ''}_{np.dtype(dtype).name}.npz")
 
 
-def make_data(seed=1234):
-    """Inputs of each step, in float64: x_t (STEPS, B, 1, 6, 6), t (STEPS, B), eps."""
+def make_data(seed=1234, batch=BATCH, steps=STEPS):
+    """Inputs of each step, in float64: x_t (steps, B, 1, 6, 6), t (steps, B), eps."""
     from refdiff.sde import DDPMSchedule
     rng = np.random.default_rng(seed)
     sched = DDPMSchedule()
-    x0 = rng.uniform(-1, 1, (BATCH, 1, CONFIG["image_size"], CONFIG["image_size"]))
+    x0 = rng.uniform(-1, 1, (batch, 1, CONFIG["image_size"], CONFIG["image_size"]))
     xs, ts, es = [], [], []
-    for _ in range(STEPS):
-        i = rng.integers(0, sched.num_steps, BATCH)
+    for _ in range(steps):
+        i = rng.integers(0, sched.num_steps, batch)
         eps = rng.standard_normal(x0.shape)
         mean, std = sched.marginal(x0, i)
         xs.append(mean + std * eps)
@@ -72,8 +76,8 @@ def train(backend, dtype, xt, t, eps, steps=STEPS, config=None):
     return np.array(losses), grads
 
 
-def load(dtype):
-    with np.load(path(dtype)) as f:
+def load(dtype, tiny=False):
+    with np.load(path(dtype, tiny)) as f:
         data = dict(f)
     data["config"] = json.loads(str(data["config"]))
     steps = len(data["losses"])
@@ -82,16 +86,21 @@ def load(dtype):
     return data
 
 
+def write(dtype, config, batch, steps, tiny):
+    xt, t, eps = make_data(batch=batch, steps=steps)
+    losses, grads = train("numpy", dtype, xt, t, eps, steps, config)
+    out = dict(config=json.dumps(config), version=VERSION, xt=xt, t=t, eps=eps, losses=losses,
+               command="python -m tests.golden.make_golden")
+    for s, g in enumerate(grads):
+        out.update({f"grad/{s}/{n}": v for n, v in g.items()})
+    np.savez_compressed(path(dtype, tiny), **out)
+    print(f"wrote {path(dtype, tiny)}: {len(grads[0])} gradient tensors x {steps} steps; losses {losses.round(4)}")
+
+
 def main():
-    xt, t, eps = make_data()
     for dtype in (np.float32, np.float64):
-        losses, grads = train("numpy", dtype, xt, t, eps)
-        out = dict(config=json.dumps(CONFIG), version=VERSION, xt=xt, t=t, eps=eps, losses=losses,
-                   command="python -m tests.golden.make_golden")
-        for s, g in enumerate(grads):
-            out.update({f"grad/{s}/{n}": v for n, v in g.items()})
-        np.savez_compressed(path(dtype), **out)
-        print(f"wrote {path(dtype)}: {len(grads[0])} gradient tensors x {STEPS} steps; losses {losses.round(4)}")
+        write(dtype, CONFIG, BATCH, STEPS, False)
+    write(np.float64, TINY["config"], TINY["batch"], TINY["steps"], True)
 
 
 if __name__ == "__main__":
