@@ -231,6 +231,10 @@ def _strategies():
             G = draw(st.sampled_from([g for g in range(1, 5) if (C * draw(dim)) % g == 0] or [1]))
             C = G * draw(dim)
             shape = (B, C) + tuple(draw(st.lists(small, max_size=2)))
+            if (C // G) * int(np.prod(shape[2:])) < 3:
+                # a group of n <= 2 values normalises to +-1 (or 0) whatever x is: dx is exactly 0,
+                # and comparing rounding noise with rounding noise says nothing. Keep n >= 3.
+                shape = shape + (3,)
             rng = np.random.default_rng(draw(st.integers(0, 2 ** 31)))
             sd, off = draw(scale), draw(st.sampled_from([0.0, 1.0, 10.0]))
             x = (rng.standard_normal(shape) + off) * sd

@@ -112,5 +112,5 @@ def test_check_op_catches_a_wrong_kernel():
     broken = types.SimpleNamespace(**{**vars(BACKEND), "conv2d_backward": bad})
     rng = np.random.default_rng(0)
     args = [rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3)), None]
-    with pytest.raises(AssertionError, match=r"conv2d \[numba v2\] gradient 0"):
+    with pytest.raises(AssertionError, match=r"conv2d \[numba v\d\] gradient 0"):
         check_op("conv2d", broken, args, np.float32, dict(stride=1, padding=1))

@@ -20,11 +20,14 @@ sums its taps in the reference's (i, j) order.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn.conv import _check_conv, _check_int, _conv_out, _convt_out, _frame
 
+from ._blas import gemm, pin_scipy_blas_to_one_thread
 from ._layout import cm, nchw
+
+pin_scipy_blas_to_one_thread()      # version 3 calls scipy's BLAS from numba's threads
 
 _JIT = dict(cache=True, fastmath=False)
 
@@ -314,6 +317,131 @@ def conv_transpose2d_backward_v2(dy, cache):
     return dx, np.ascontiguousarray(dw), db
 
 
+# ====================== version 3: im2col fused with the GEMM, per batch chunk =====================
+# Version 2 writes the whole (Cin kH kW, B Ho Wo) cols matrix (36 MB for unet-seed's 28 x 28
+# layers at batch 128), reads it back for the GEMM, and keeps it for the backward: the conv
+# is memory-bound on cols. Version 3, for stride-1 square convs with images of at least
+# 7 x 7 (the UNet's 3 x 3 convs), runs one parallel loop over chunks of `cb` samples: each
+# thread im2cols its chunk into its own buffer sized to stay in its L2 cache (~0.5 MB) and
+# calls a single-threaded BLAS GEMM on it right away (_blas.gemm), writing the chunk's
+# columns of the channel-major output. cols never reaches DRAM and is not cached: the
+# backward recomputes it per chunk, accumulates dw' per thread (then sums the threads'
+# partials) and computes dx chunk by chunk as conv2d(dy, w flipped). Other convs use version 2.
+_L2_FLOATS = 131072
+
+
+@njit(**_JIT)
+def _im2col_chunk(x, kH, kW, pad, Ho, Wo, b0, nb, ones_row, cols):
+    """Stride-1 im2col of samples b0 .. b0+nb-1 of x (C, B, H, W) into cols[:, :nb Ho Wo]."""
+    C, B, H, W = x.shape
+    K, n = C * kH * kW, Ho * Wo
+    for row in range(K):
+        c, i, j = row // (kH * kW), (row // kW) % kH, row % kW
+        q0 = min(Wo, max(0, pad - j))
+        q1 = max(q0, min(Wo, W + pad - j))
+        for bb in range(nb):
+            dst = cols[row, bb * n:(bb + 1) * n]
+            src = x[c, b0 + bb]
+            for r in range(Ho):
+                ii = r + i - pad
+                o = r * Wo
+                if ii < 0 or ii >= H:
+                    dst[o:o + Wo] = 0
+                    continue
+                dst[o:o + q0] = 0
+                dst[o + q0:o + q1] = src[ii, q0 + j - pad:q1 + j - pad]
+                dst[o + q1:o + Wo] = 0
+    if ones_row:
+        cols[K, :nb * n] = 1
+
+
+@njit(parallel=True, cache=False)
+def _conv_fwd_v3(x, w2, kH, kW, pad, Ho, Wo, ones_row, cb, Y, scratch):
+    C, B, H, W = x.shape
+    Cout, Kp = w2.shape
+    n = Ho * Wo
+    for ch in prange((B + cb - 1) // cb):
+        cols = scratch[get_thread_id()]
+        b0 = ch * cb
+        nb = min(cb, B - b0)
+        _im2col_chunk(x, kH, kW, pad, Ho, Wo, b0, nb, ones_row, cols)
+        gemm(Cout, nb * n, Kp, w2.reshape(-1), 0, Kp, cols.reshape(-1), 0, cb * n, False,
+             Y.reshape(-1), b0 * n, B * n, 0.0)
+
+
+@njit(parallel=True, cache=False)
+def _conv_bwd_v3(x, dyc, w2, w_adj, kH, kW, pad, ones_row, cb, dw_part, dX, scratch, scratch2):
+    C, B, H, W = x.shape
+    Cout, Kp = w2.shape
+    Ho, Wo = dyc.shape[2], dyc.shape[3]
+    n, nin, K2 = Ho * Wo, H * W, w_adj.shape[1]
+    dY = dyc.reshape(-1)
+    for ch in prange((B + cb - 1) // cb):
+        tid = get_thread_id()
+        b0 = ch * cb
+        nb = min(cb, B - b0)
+        cols = scratch[tid]
+        _im2col_chunk(x, kH, kW, pad, Ho, Wo, b0, nb, ones_row, cols)
+        # dw'[tid] += dY[:, chunk] cols^T
+        gemm(Cout, Kp, nb * n, dY, b0 * n, B * n, cols.reshape(-1), 0, cb * n, True,
+             dw_part[tid].reshape(-1), 0, Kp, 1.0)
+        # dx[:, chunk] = w_adj im2col(dy chunk, padding k-1-p)
+        dcols = scratch2[tid]
+        _im2col_chunk(dyc, kH, kW, kH - 1 - pad, H, W, b0, nb, False, dcols)
+        gemm(C, nb * nin, K2, w_adj.reshape(-1), 0, K2, dcols.reshape(-1), 0, cb * nin, False,
+             dX.reshape(-1), b0 * nin, B * nin, 0.0)
+
+
+def _v3_applies(stride, padding, kH, kW, Ho, Wo):
+    return stride == 1 and kH == kW and padding <= kH - 1 and Ho * Wo >= 49
+
+
+def conv2d_forward_v3(x, w, b, stride=1, padding=0):
+    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    B, Cin, H, W = x.shape
+    Cout, _, kH, kW = w.shape
+    Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
+    if not _v3_applies(stride, padding, kH, kW, Ho, Wo):
+        y, cache = conv2d_forward_v2(x, w, b, stride, padding)
+        return y, ("v2", cache)
+    dt = np.asarray(x).dtype
+    w = np.asarray(w, dtype=dt)
+    w2 = w.reshape(Cout, -1)
+    if b is not None:
+        w2 = np.concatenate([w2, np.asarray(b, dtype=dt).reshape(Cout, 1)], axis=1)
+    w2 = np.ascontiguousarray(w2)
+    Kp, n = w2.shape[1], Ho * Wo
+    cb = max(1, min(B, _L2_FLOATS // (Kp * n)))
+    xc = cm(x)
+    Y = np.empty((Cout, B * n), dt)
+    _conv_fwd_v3(xc, w2, kH, kW, padding, Ho, Wo, b is not None, cb, Y,
+                 np.empty((get_num_threads(), Kp, cb * n), dt))
+    return nchw(Y.reshape(Cout, B, Ho, Wo)), ("v3", (xc, w, w2, padding, b is not None, cb))
+
+
+def conv2d_backward_v3(dy, cache):
+    kind, cache = cache
+    if kind == "v2":
+        return conv2d_backward_v2(dy, cache)
+    xc, w, w2, padding, has_b, cb = cache
+    Cin, B, H, W = xc.shape
+    Cout, _, kH, kW = w.shape
+    dt = xc.dtype
+    dyc = cm(dy, dt)
+    Ho, Wo = dyc.shape[2:]
+    Kp, K2 = w2.shape[1], Cout * kH * kW
+    w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]).reshape(Cin, K2)
+    T = get_num_threads()
+    dw_part = np.zeros((T, Cout, Kp), dt)
+    dX = np.empty((Cin, B * H * W), dt)
+    _conv_bwd_v3(xc, dyc, w2, w_adj, kH, kW, padding, has_b, cb, dw_part, dX,
+                 np.empty((T, Kp, cb * Ho * Wo), dt), np.empty((T, K2, cb * H * W), dt))
+    dw2 = dw_part.sum(axis=0)
+    K = Kp - (1 if has_b else 0)
+    return (nchw(dX.reshape(Cin, B, H, W)), np.ascontiguousarray(dw2[:, :K]).reshape(w.shape),
+            (np.ascontiguousarray(dw2[:, K]) if has_b else None))
+
+
 # ================================= max_pool2d ==================================================
 @njit(parallel=True, **_JIT)
 def _pool_fwd(x, k, s, Ho, Wo, y, arg):
@@ -377,7 +505,8 @@ def max_pool2d_backward_v1(dy, cache):
 
 
 KERNELS = {
-    "conv2d": {1: (conv2d_forward_v1, conv2d_backward_v1), 2: (conv2d_forward_v2, conv2d_backward_v2)},
+    "conv2d": {1: (conv2d_forward_v1, conv2d_backward_v1), 2: (conv2d_forward_v2, conv2d_backward_v2),
+               3: (conv2d_forward_v3, conv2d_backward_v3)},
     "conv_transpose2d": {1: (conv_transpose2d_forward_v1, conv_transpose2d_backward_v1),
                          2: (conv_transpose2d_forward_v2, conv_transpose2d_backward_v2)},
     "max_pool2d": {1: (max_pool2d_forward_v1, max_pool2d_backward_v1)},

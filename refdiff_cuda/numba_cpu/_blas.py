@@ -1,0 +1,61 @@
+"""BLAS GEMM callable from inside @njit code (for conv2d version 3).
+
+scipy ships its own OpenBLAS (LP64, separate from NumPy's ILP64 one) and exports its
+Fortran GEMMs as Cython function pointers; numba calls them through ctypes with raw
+pointers, so a parallel loop can run one single-threaded GEMM per batch chunk on data that
+is still in that core's cache. That OpenBLAS is pinned to 1 thread (threadpoolctl) so the
+GEMMs never spawn threads of their own inside numba's. NumPy's BLAS (the reference's) is
+left alone.
+
+gemm(M, N, K, a, lda, b, ldb, c, ldc, beta): row-major C (M, N) = A (M, K) B (K, N)
+(+ beta C), with leading dimensions, computed as the column-major C^T = B^T A^T.
+transb=True reads B as (N, K) (i.e. uses B^T).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from numba import njit
+from numba.extending import get_cython_function_address
+
+_p = ctypes.c_void_p
+_SIG = ctypes.CFUNCTYPE(None, *([_p] * 13))
+_sgemm = _SIG(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+_dgemm = _SIG(get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+
+
+def pin_scipy_blas_to_one_thread():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:      # pragma: no cover - then OpenBLAS may oversubscribe, results are the same
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        if "scipy" in lib.filepath and "numpy" not in lib.filepath:
+            lib.set_num_threads(1)
+
+
+@njit(cache=False)     # ctypes function pointers cannot be cached
+def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
+    """Row-major C[c_off:] (M x N, ld ldc) = A[a_off:] (M x K, ld lda) op(B)[b_off:] + beta C.
+
+    a, b, c: 1-D C-contiguous arrays of one dtype (float32 -> sgemm, float64 -> dgemm)."""
+    if M == 0 or N == 0:
+        return
+    ch = np.empty(2, np.uint8)
+    ch[0] = 84 if transb else 78               # column-major: C^T = op(B)^T A^T; 'T' / 'N'
+    ch[1] = 78
+    ints = np.empty(6, np.int32)
+    ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] = N, M, K, ldb, lda, ldc
+    if a.itemsize == 4:                         # float32 (else float64)
+        sc = np.empty(2, np.float32)
+        sc[0], sc[1] = 1.0, beta
+        _sgemm(ch[0:].ctypes, ch[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, sc[0:].ctypes,
+               b[b_off:].ctypes, ints[3:].ctypes, a[a_off:].ctypes, ints[4:].ctypes, sc[1:].ctypes,
+               c[c_off:].ctypes, ints[5:].ctypes)
+    else:
+        sd = np.empty(2, np.float64)
+        sd[0], sd[1] = 1.0, beta
+        _dgemm(ch[0:].ctypes, ch[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, sd[0:].ctypes,
+               b[b_off:].ctypes, ints[3:].ctypes, a[a_off:].ctypes, ints[4:].ctypes, sd[1:].ctypes,
+               c[c_off:].ctypes, ints[5:].ctypes)
