@@ -23,7 +23,6 @@ trains it on first use and says so.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -90,7 +89,7 @@ class Evaluator:
         self.clf, self.batch = classifier, int(batch)
         real_train = check_images(real_train, "real training images")
         real_heldout = check_images(real_heldout, "real held-out images")
-        lt, ft = self.logits_features(real_train)
+        _, ft = self.logits_features(real_train)
         lh, fh = self.logits_features(real_heldout)
         self.mml_real = float(lh.max(axis=1).mean())
         self.mu_train, self.cov_train = _moments(ft)
@@ -235,6 +234,3 @@ def build_evaluator(classifier_path=None, source="mnist5k", log=None):
     clf, path = load_or_train_classifier(classifier_path, source, log=log, data=data)
     return Evaluator(clf, data[0], data[2], data[3]), path
 
-
-def entropy_max():
-    return math.log(NUM_CLASSES)
