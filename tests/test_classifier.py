@@ -142,3 +142,4 @@ def test_objective_without_labels():
 def test_objective_bad_shift():
     with pytest.raises(ValueError, match="shift must be an integer in"):
         ClassifierObjective(make_model("classifier"), dict(shift=20))
+
