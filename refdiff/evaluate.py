@@ -40,10 +40,12 @@ RANGE_TOL = 1e-3   # float32 rounding of tanh/clip outputs; anything further out
 
 
 # --- input checks ---------------------------------------------------------------------------------
-def check_images(x, name="images", min_n=2):
+def check_images(x, name="images", min_n=2, allow_nonnegative=False):
     """x (N, 1, 28, 28) finite, in [-1, 1] (within RANGE_TOL, then clipped) -> float32 copy.
 
-    min_n = 2: a covariance needs two images (and the Fréchet distance a covariance)."""
+    min_n = 2: a covariance needs two images (and the Fréchet distance a covariance).
+    A set with no negative pixel is refused as a likely [0, 1] set (MNIST's background is
+    -1) unless allow_nonnegative (images a model generated in [-1, 1] that happen to be)."""
     x = np.asarray(x)
     if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE:
         raise ValueError(f"{name} must have shape (N, 1, 28, 28); got {x.shape}")
@@ -59,7 +61,7 @@ def check_images(x, name="images", min_n=2):
         raise ValueError(f"{name}: pixel values must lie in [-1, 1]; got [{lo:.4g}, {hi:.4g}] "
                          f"(map [0, 1] with 2x-1, [0, 255] with x/127.5-1, or clip; never min-max "
                          f"normalise one model's images only)")
-    if lo >= 0:
+    if lo >= 0 and not allow_nonnegative:
         raise ValueError(f"{name}: no pixel is below 0 (range [{lo:.4g}, {hi:.4g}]): these look like "
                          f"[0, 1] images; refdiff images are in [-1, 1] with background -1 (map with 2x-1)")
     return np.clip(x, -1, 1)
@@ -110,9 +112,9 @@ class Evaluator:
             out_f.append(F.to_numpy(ft).astype(np.float64))
         return np.concatenate(out_l), np.concatenate(out_f)
 
-    def score(self, x, name="images"):
+    def score(self, x, name="images", allow_nonnegative=False):
         """The metrics of the module docstring for x (N, 1, 28, 28); -> (metrics dict, logits)."""
-        x = check_images(x, name)
+        x = check_images(x, name, allow_nonnegative=allow_nonnegative)
         logits, feats = self.logits_features(x)
         if x.shape[0] <= feats.shape[1]:
             warnings.warn(f"{name}: {x.shape[0]} images for {feats.shape[1]}-d features: the feature "

@@ -160,7 +160,7 @@ def run(args):
         x, extra = generate(row, model, meta, args.n, rng, args.sampler, args.steps, args.clip)
         info.update(extra, sample_seconds=time.perf_counter() - t0)
         np.save(os.path.join(args.out, f"samples-{row}.npy"), x)
-        m, logits = ev.score(x, f"{row} samples")
+        m, logits = ev.score(x, f"{row} samples", allow_nonnegative=True)   # generated in [-1, 1] by construction
         rows.append(dict(row=row, metrics=m, info=info, best=best_per_label(x, logits)))
         print(f"{row}: {args.n} images in {info['sample_seconds']:.0f}s, mml ratio {m['mml_ratio']:.3f}, "
               f"label entropy {m['label_entropy']:.3f}, fd_features {m['fd_features']:.2f}", file=sys.stderr)
