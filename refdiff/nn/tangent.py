@@ -19,18 +19,22 @@ op the tangent's gradient with respect to x brings in the second derivative: sil
 dx = dy f'(x) + dydot f''(x) xdot; group norm is the long one (see group_norm_jvp_backward).
 
 Each pair is tested against finite differences of its forward (tests/test_tangent.py).
-These functions compose the reference (NumPy) primal pairs of refdiff.nn.functional; a
-backend may carry its own `<op>_jvp_*` under the same names (`tangent_ops` picks them up).
+The pairs are built on a backend's primal pairs, passed as the keyword `ops` (the NumPy
+reference by default): `tangent_ops(model.ops)` binds them to a model's backend, so the
+linear and conv tangents run that backend's kernels, and the extra elementwise terms use
+only array methods and `ops.xp`. They never read a primal cache (backends lay theirs out
+differently): what they need beyond it (sigmoid, the normalised input) they recompute. A
+backend may also carry its own fused `<op>_jvp_*` under these names; `tangent_ops` then
+uses those.
 
 Shape glossary: B batch, C channels, H, W spatial, D features.
 """
 from __future__ import annotations
 
+import functools
 import types
 
-import numpy as np
-
-from . import functional as F
+from ..backend import REFERENCE
 
 __all__ = [
     "linear_jvp_forward", "linear_jvp_backward",
@@ -52,178 +56,190 @@ def _check_tangent(op, x, xdot):
 
 
 # --- ops linear in x: the tangent is the op itself, without the bias ---------------------------
-def linear_jvp_forward(x, xdot, w, b):
+def linear_jvp_forward(x, xdot, w, b, *, ops=REFERENCE):
     """y = x w^T + b, ydot = xdot w^T.  x, xdot (B, Din), w (Dout, Din), b (Dout,) or None."""
     _check_tangent("linear", x, xdot)
-    y, c = F.linear_forward(x, w, b)
-    ydot, cdot = F.linear_forward(xdot, w, None)
+    y, c = ops.linear_forward(x, w, b)
+    ydot, cdot = ops.linear_forward(xdot, w, None)
     return y, ydot, (c, cdot)
 
 
-def linear_jvp_backward(dy, dydot, cache):
+def linear_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx (B, Din), dxdot (B, Din), dw = dy^T x + dydot^T xdot, db = sum dy (or None)."""
     c, cdot = cache
-    dx, dw, db = F.linear_backward(dy, c)
-    dxdot, dw_dot, _ = F.linear_backward(dydot, cdot)
+    dx, dw, db = ops.linear_backward(dy, c)
+    dxdot, dw_dot, _ = ops.linear_backward(dydot, cdot)
     return dx, dxdot, dw + dw_dot, db
 
 
-def conv2d_jvp_forward(x, xdot, w, b, stride=1, padding=0):
+def conv2d_jvp_forward(x, xdot, w, b, stride=1, padding=0, *, ops=REFERENCE):
     """y = conv2d(x, w, b), ydot = conv2d(xdot, w, None). x, xdot (B, Cin, H, W)."""
     _check_tangent("conv2d", x, xdot)
-    y, c = F.conv2d_forward(x, w, b, stride, padding)
-    ydot, cdot = F.conv2d_forward(xdot, w, None, stride, padding)
+    y, c = ops.conv2d_forward(x, w, b, stride, padding)
+    ydot, cdot = ops.conv2d_forward(xdot, w, None, stride, padding)
     return y, ydot, (c, cdot)
 
 
-def conv2d_jvp_backward(dy, dydot, cache):
+def conv2d_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot (B, Cin, H, W), dw (Cout, Cin, kH, kW), db (Cout,) or None."""
     c, cdot = cache
-    dx, dw, db = F.conv2d_backward(dy, c)
-    dxdot, dw_dot, _ = F.conv2d_backward(dydot, cdot)
+    dx, dw, db = ops.conv2d_backward(dy, c)
+    dxdot, dw_dot, _ = ops.conv2d_backward(dydot, cdot)
     return dx, dxdot, dw + dw_dot, db
 
 
-def conv_transpose2d_jvp_forward(x, xdot, w, b, stride=1, padding=0):
+def conv_transpose2d_jvp_forward(x, xdot, w, b, stride=1, padding=0, *, ops=REFERENCE):
     """y = conv_transpose2d(x, w, b), ydot = conv_transpose2d(xdot, w, None)."""
     _check_tangent("conv_transpose2d", x, xdot)
-    y, c = F.conv_transpose2d_forward(x, w, b, stride, padding)
-    ydot, cdot = F.conv_transpose2d_forward(xdot, w, None, stride, padding)
+    y, c = ops.conv_transpose2d_forward(x, w, b, stride, padding)
+    ydot, cdot = ops.conv_transpose2d_forward(xdot, w, None, stride, padding)
     return y, ydot, (c, cdot)
 
 
-def conv_transpose2d_jvp_backward(dy, dydot, cache):
+def conv_transpose2d_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot (B, Cin, H, W), dw (Cin, Cout, kH, kW), db (Cout,) or None."""
     c, cdot = cache
-    dx, dw, db = F.conv_transpose2d_backward(dy, c)
-    dxdot, dw_dot, _ = F.conv_transpose2d_backward(dydot, cdot)
+    dx, dw, db = ops.conv_transpose2d_backward(dy, c)
+    dxdot, dw_dot, _ = ops.conv_transpose2d_backward(dydot, cdot)
     return dx, dxdot, dw + dw_dot, db
 
 
 # --- SiLU: the tangent's adjoint needs the second derivative ------------------------------------
-def silu_jvp_forward(x, xdot):
+def silu_jvp_forward(x, xdot, *, ops=REFERENCE):
     """y = x s(x), ydot = f'(x) xdot with f' = s (1 + x (1 - s)), s the logistic sigmoid."""
     _check_tangent("silu", x, xdot)
-    y, c = F.silu_forward(x)
-    ydot = F.silu_backward(xdot, c)            # f'(x) xdot: silu_backward multiplies by f'(x)
+    y, c = ops.silu_forward(x)
+    ydot = ops.silu_backward(xdot, c)          # f'(x) xdot: silu_backward multiplies by f'(x)
     return y, ydot, (x, xdot, c)
 
 
-def silu_jvp_backward(dy, dydot, cache):
+def silu_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """dx = dy f'(x) + dydot f''(x) xdot,  dxdot = dydot f'(x),
 
     with f'' = s (1 - s) (2 + x (1 - 2 s)) (differentiate f' = s + x s (1 - s), s' = s (1 - s)).
     """
     x, xdot, c = cache
-    s = c[1]
+    half = x.dtype.type(0.5)
+    s = half * (1 + ops.xp.tanh(half * x))     # sigmoid, as the reference computes it
     f2 = s * (1 - s) * (2 + x * (1 - 2 * s))
-    dx = F.silu_backward(dy, c) + dydot * f2 * xdot
-    dxdot = F.silu_backward(dydot, c)
+    dx = ops.silu_backward(dy, c) + dydot * f2 * xdot
+    dxdot = ops.silu_backward(dydot, c)
     return dx, dxdot
 
 
 # --- shape ops and the time-embedding add --------------------------------------------------------
-def add_channel_bias_jvp_forward(x, xdot, v):
+def add_channel_bias_jvp_forward(x, xdot, v, *, ops=REFERENCE):
     """y = x + v[:, :, None, ...], ydot = xdot: v (B, C), the time embedding, does not depend
     on x, so it has no tangent. x, xdot (B, C, ...)."""
     _check_tangent("add_channel_bias", x, xdot)
-    y, c = F.add_channel_bias_forward(x, v)
+    y, c = ops.add_channel_bias_forward(x, v)
     return y, xdot, c
 
 
-def add_channel_bias_jvp_backward(dy, dydot, cache):
+def add_channel_bias_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx = dy, dxdot = dydot, dv (B, C) = dy summed over space."""
-    dx, dv = F.add_channel_bias_backward(dy, cache)
+    dx, dv = ops.add_channel_bias_backward(dy, cache)
     return dx, dydot, dv
 
 
-def concat_jvp_forward(xs, xdots, axis=1):
+def concat_jvp_forward(xs, xdots, axis=1, *, ops=REFERENCE):
     """Concatenate the primals and, in the same layout, the tangents."""
     if len(xs) != len(xdots):
         raise ValueError(f"concat: {len(xs)} inputs but {len(xdots)} tangents")
     for x, xdot in zip(xs, xdots):
         _check_tangent("concat", x, xdot)
-    y, c = F.concat_forward(xs, axis)
-    ydot, _ = F.concat_forward(xdots, axis)
-    return y, ydot, c
+    y, c = ops.concat_forward(xs, axis)
+    ydot, cdot = ops.concat_forward(xdots, axis)
+    return y, ydot, (c, cdot)
 
 
-def concat_jvp_backward(dy, dydot, cache):
+def concat_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> (list of dx, list of dxdot), one per input."""
-    return F.concat_backward(dy, cache), F.concat_backward(dydot, cache)
+    c, cdot = cache
+    return ops.concat_backward(dy, c), ops.concat_backward(dydot, cdot)
 
 
 # --- group norm ----------------------------------------------------------------------------------
-def group_norm_jvp_forward(x, xdot, num_groups, gamma, beta, eps=1e-5):
-    """y = gamma xhat + beta (refdiff.nn.norm), ydot = gamma xhat_dot, per (sample, group):
+def _mean(a):
+    return a.mean(axis=2, keepdims=True)
+
+
+def group_norm_jvp_forward(x, xdot, num_groups, gamma, beta, eps=1e-5, *, ops=REFERENCE):
+    """y = gamma xhat + beta (the backend's group_norm), ydot = gamma xhat_dot, per (sample, group):
 
         xhat_dot = r (xdot - mean(xdot) - xhat mean(xhat xdot)),   r = 1/sqrt(var + eps)
 
     (d xhat / dx = r (I - 1 1^T/n - xhat xhat^T/n), the matrix group_norm_backward applies).
+    xhat and r are recomputed here (two-pass, as refdiff.nn.norm) rather than read from the
+    backend's cache.
     """
     _check_tangent("group_norm", x, xdot)
-    y, c = F.group_norm_forward(x, num_groups, gamma, beta, eps)
-    xhat, rstd, g = c                                          # g: gamma shaped to broadcast
-    B = x.shape[0]
-    xh = xhat.reshape(B, num_groups, -1)                       # (B, G, n)
-    ud = xdot.astype(x.dtype, copy=False).reshape(B, num_groups, -1)
-    u = rstd * (ud - ud.mean(axis=2, keepdims=True) - xh * (xh * ud).mean(axis=2, keepdims=True))
-    u = u.reshape(x.shape)                                     # xhat_dot
-    return y, u * g, (c, ud, u)
+    y, c = ops.group_norm_forward(x, num_groups, gamma, beta, eps)
+    B, C = x.shape[:2]
+    g = gamma.astype(x.dtype, copy=False).reshape((1, C) + (1,) * (x.ndim - 2))
+    xg = x.reshape(B, num_groups, -1)                                   # (B, G, n)
+    xc = xg - _mean(xg)
+    rstd = 1 / ops.xp.sqrt(_mean(xc * xc) + x.dtype.type(eps))         # (B, G, 1)
+    xh = xc * rstd
+    ud = xdot.astype(x.dtype, copy=False).reshape(xg.shape)
+    u = rstd * (ud - _mean(ud) - xh * _mean(xh * ud))                   # xhat_dot (B, G, n)
+    return y, u.reshape(x.shape) * g, (c, xh, rstd, ud, u, g)
 
 
-def group_norm_jvp_backward(dy, dydot, cache):
+def group_norm_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot (like x), dgamma (C,), dbeta (C,).
 
     Per (sample, group), with n entries, e = gamma dydot (the gradient reaching xhat_dot = u),
     a = mean(xdot), c = mean(xhat xdot), so that u = r (xdot - a - xhat c):
 
       dxdot = r (e - mean(e) - xhat mean(xhat e))                   (the same symmetric map)
-      d/dxhat  of <e, u>:  -r (c e + mean(e xhat) xdot)
+      d/dxhat  of <e, u>:  T1 = -r (c e + mean(e xhat) xdot)
       d/dr     of <e, u>:  sum(e u) / r
-      dx = r (G - mean(G) - xhat mean(G xhat) - xhat mean(e u)),   G = gamma dy + d/dxhat,
+      dx = [group_norm_backward's dx for dy]
+           + r (T1 - mean(T1) - xhat mean(T1 xhat)) - r xhat mean(e u),
 
-    the last line being group_norm_backward's formula for an upstream G on xhat plus the
-    path through r = (mean(xc^2) + eps)^(-1/2), whose gradient is d r/d x = -r^2 xhat / n.
+    the middle term being group_norm_backward's map applied to an upstream T1 on xhat, the
+    last the path through r = (mean(xc^2) + eps)^(-1/2), whose gradient is -r^2 xhat / n.
     dgamma = sum(dy xhat + dydot u), dbeta = sum(dy), over batch and space.
     """
-    (xhat, rstd, g), ud, u = cache
-    B, C = xhat.shape[:2]
-    G = rstd.shape[1]
-    axes = (0,) + tuple(range(2, xhat.ndim))
-    dy = np.asarray(dy, dtype=xhat.dtype)
-    dydot = np.asarray(dydot, dtype=xhat.dtype)
-    dgamma = (dy * xhat + dydot * u).sum(axis=axes)
-    dbeta = dy.sum(axis=axes)
-    mean = lambda a: a.mean(axis=2, keepdims=True)
-    xh, ug = xhat.reshape(B, G, -1), u.reshape(B, G, -1)
-    e = (dydot * g).reshape(B, G, -1)
-    dxdot = rstd * (e - mean(e) - xh * mean(xh * e))
-    Gx = (dy * g).reshape(B, G, -1) - rstd * (mean(xh * ud) * e + mean(e * xh) * ud)
-    dx = rstd * (Gx - mean(Gx) - xh * mean(Gx * xh) - xh * mean(e * ug))
-    return dx.reshape(xhat.shape), dxdot.reshape(xhat.shape), dgamma, dbeta
+    c, xh, rstd, ud, u, g = cache
+    shape, dtype = dydot.shape, xh.dtype
+    dydot = dydot.astype(dtype, copy=False)
+    dx, dgamma, dbeta = ops.group_norm_backward(dy, c)                  # the primal path
+    axes = (0,) + tuple(range(2, dydot.ndim))
+    dgamma = dgamma + (dydot * u.reshape(shape)).sum(axis=axes)
+    e = (dydot * g).reshape(xh.shape)
+    dxdot = rstd * (e - _mean(e) - xh * _mean(xh * e))
+    T1 = -rstd * (_mean(xh * ud) * e + _mean(e * xh) * ud)
+    dx_t = rstd * (T1 - _mean(T1) - xh * _mean(T1 * xh) - xh * _mean(e * u))
+    return dx + dx_t.reshape(shape), dxdot.reshape(shape), dgamma, dbeta
 
 
-def group_norm_silu_jvp_forward(x, xdot, num_groups, gamma, beta, eps=1e-5):
+def group_norm_silu_jvp_forward(x, xdot, num_groups, gamma, beta, eps=1e-5, *, ops=REFERENCE):
     """SiLU(GroupNorm(x)) and its tangent, composed from the two pairs above."""
-    z, zdot, norm_cache = group_norm_jvp_forward(x, xdot, num_groups, gamma, beta, eps)
-    y, ydot, act_cache = silu_jvp_forward(z, zdot)
+    z, zdot, norm_cache = group_norm_jvp_forward(x, xdot, num_groups, gamma, beta, eps, ops=ops)
+    y, ydot, act_cache = silu_jvp_forward(z, zdot, ops=ops)
     return y, ydot, (norm_cache, act_cache)
 
 
-def group_norm_silu_jvp_backward(dy, dydot, cache):
+def group_norm_silu_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot, dgamma, dbeta."""
     norm_cache, act_cache = cache
-    dz, dzdot = silu_jvp_backward(dy, dydot, act_cache)
-    return group_norm_jvp_backward(dz, dzdot, norm_cache)
+    dz, dzdot = silu_jvp_backward(dy, dydot, act_cache, ops=ops)
+    return group_norm_jvp_backward(dz, dzdot, norm_cache, ops=ops)
 
 
 # --- backends -------------------------------------------------------------------------------------
 _NAMES = [n for n in __all__ if n != "tangent_ops"]
+_BOUND = {}
 
 
 def tangent_ops(ops):
-    """The tangent pairs a model with backend `ops` uses: the backend's own `<op>_jvp_*`
-    where it carries them, these reference pairs otherwise (no branching on a backend name)."""
-    here = globals()
-    return types.SimpleNamespace(**{n: getattr(ops, n, here[n]) for n in _NAMES})
+    """The tangent pairs for a model on backend `ops`: the backend's own `<op>_jvp_*` where it
+    carries them, else the pairs above bound to its primal pairs (no branching on a name)."""
+    key = id(ops)
+    if key not in _BOUND or _BOUND[key][0] is not ops:
+        here = globals()
+        _BOUND[key] = (ops, types.SimpleNamespace(**{
+            n: getattr(ops, n) if hasattr(ops, n) else functools.partial(here[n], ops=ops) for n in _NAMES}))
+    return _BOUND[key][1]
