@@ -78,7 +78,7 @@ def _ddpm_sample(model, meta, n, rng, sampler, steps, clip):
 
 
 # --- outputs ------------------------------------------------------------------------------------------
-def table_markdown(rows, n, floor):
+def table_markdown(rows, floor):
     head = ("| model | n | MML | MML ratio | report's MML ratio (100 images) | label entropy (max 2.303) "
             "| missing labels | FD features (floor %.2f) |\n|---|---|---|---|---|---|---|---|\n" % floor)
     lines = []
@@ -90,13 +90,13 @@ def table_markdown(rows, n, floor):
                      f"{','.join(map(str, missing)) or '-'} | {m['fd_features']:.2f} |")
     hist = "\n\nPredicted-label counts (0..9):\n\n" + "\n".join(
         f"- {ROW_TITLES[r['row']]}: {r['metrics']['label_hist']}" for r in rows)
-    acc = rows[0]["metrics"]["classifier_accuracy"]
-    notes = [f"\n\nClassifier held-out accuracy {acc:.4f}; MML of real held-out digits "
-             f"{rows[0]['metrics']['mml']:.3f} (the report's classifier: 18.948). FD floor = real held-out vs "
-             f"real training features. Sources:\n"]
-    notes += [f"- {ROW_TITLES[r['row']]}: " + ", ".join(f"{k} {v}" for k, v in r["info"].items()
-                                                        if k != "sample_seconds") for r in rows]
-    return head + "\n".join(lines) + hist + "".join(notes[:1]) + "\n".join(notes[1:]) + "\n"
+    real = rows[0]["metrics"]
+    notes = (f"\n\nClassifier held-out accuracy {real['classifier_accuracy']}; MML of real held-out digits "
+             f"{real['mml']:.3f} (the report's classifier: 18.948). FD floor = real held-out vs real "
+             f"training features. Sources:\n\n")
+    sources = [f"- {ROW_TITLES[r['row']]}: " + ", ".join(f"{k} {v}" for k, v in r["info"].items()
+                                                         if k != "sample_seconds") for r in rows]
+    return head + "\n".join(lines) + hist + notes + "\n".join(sources) + "\n"
 
 
 def _plt():
@@ -165,7 +165,7 @@ def run(args):
         print(f"{row}: {args.n} images in {info['sample_seconds']:.0f}s, mml ratio {m['mml_ratio']:.3f}, "
               f"label entropy {m['label_entropy']:.3f}, fd_features {m['fd_features']:.2f}", file=sys.stderr)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table_markdown(rows, args.n, ev.fd_floor))
+        f.write(table_markdown(rows, ev.fd_floor))
     write_json(os.path.join(args.out, "table.json"), dict(
         rows=[dict(model=r["row"], **r["metrics"], **r["info"]) for r in rows],
         n=args.n, seed=args.seed, classifier=os.path.abspath(clf_path), classifier_accuracy=ev.accuracy,
