@@ -6,8 +6,10 @@ from .toy import TOY, GaussianMixture, make_toy, moons, ring, swiss_roll  # noqa
 
 
 def __getattr__(name):
-    # Image loaders live in refdiff.data.images; imported lazily.
-    from . import images
+    # Image loaders live in refdiff.data.images; imported lazily. (`from . import images`
+    # here would call this __getattr__ again before the submodule is bound.)
+    import importlib
+    images = importlib.import_module(__name__ + ".images")
     try:
         return getattr(images, name)
     except AttributeError:
