@@ -48,3 +48,11 @@ def test_bad_toy_inputs():
         GaussianMixture([0.5, 0.6], np.zeros((2, 2)), np.tile(np.eye(2), (2, 1, 1)))
     with pytest.raises(ValueError, match="covs must have shape"):
         GaussianMixture([1.0], np.zeros((1, 2)), np.eye(3)[None])
+
+
+def test_image_loaders_reachable_from_refdiff_data():
+    import refdiff.data as data
+    from refdiff.data import load_images
+    assert data.load_images is load_images
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        data.nope
