@@ -32,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sampling.json"))
     a = ap.parse_args(argv)
     from _common import environment, write_json
+    from train_step import sync
     from refdiff.nn import make_model
     from refdiff.sde import DDPMSchedule
 
@@ -53,6 +54,7 @@ def main(argv=None):
             eps = m.forward(xs[n], np.full(a.batch, (i + 1) / N))
             z = ops.asarray(zs[k]) if i > 0 else None
             xs[n] = ops.ddpm_step(xs[n], eps, z, sched.betas[i], sched.alpha_bars[i], np.sqrt(sched.betas[i]))
+            sync(ops)
             times[n].append(time.perf_counter() - t0)
     step = {n: float(np.median(v)) for n, v in times.items()}
     ips = {n: a.batch / (s * N) for n, s in step.items()}

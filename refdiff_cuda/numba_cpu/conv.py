@@ -10,9 +10,10 @@ Version 2 keeps activations channel-major (see _layout.py) and changes three thi
     when there is a bias: w' = [w | b] then makes the bias part of the GEMM (and db part of
     dw' = dy cols'^T), so no epilogue pass is needed;
   * the GEMM output (Cout, B Ho Wo) *is* the channel-major result: no transpose;
-  * products of the form a b^T are evaluated with the larger operand first
-    (_gemm_nt), because OpenBLAS is pathologically slow on a (10, N) x (N, 90)
-    product (0.1 GFLOP/s measured) and fast on the transposed (90, N) x (N, 10) one.
+  * every product runs on numba's threads as single-threaded BLAS calls (_blas.matmul,
+    matmul_nt), never through NumPy's threaded OpenBLAS (see _blas.py for why); and
+    a b^T is split over the summed axis, because NumPy's OpenBLAS is pathologically slow
+    on a (10, N) x (N, 90) product (0.1 GFLOP/s measured), the reference's dw shape.
 col2im (conv2d's input gradient for stride > 1, conv_transpose2d's forward) is a parallel
 loop over (channel, sample) planes, each owned by one thread: no atomics, and each entry
 sums its taps in the reference's (i, j) order.
@@ -24,7 +25,7 @@ from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn.conv import _check_conv, _check_int, _conv_out, _convt_out, _frame
 
-from ._blas import gemm, pin_scipy_blas_to_one_thread
+from ._blas import gemm, matmul, matmul_nt, pin_scipy_blas_to_one_thread
 from ._layout import cm, nchw
 
 pin_scipy_blas_to_one_thread()      # version 3 calls scipy's BLAS from numba's threads
@@ -251,8 +252,8 @@ def _col2im_cm(cols, C, B, H, W, kH, kW, stride, pad, Ho, Wo, bias, has_b):
 
 
 def _gemm_nt(a, b):
-    """a b^T with the larger row count first (see the module docstring)."""
-    return a @ b.T if a.shape[0] >= b.shape[0] else (b @ a.T).T
+    """a b^T (see _blas.matmul_nt: numba's threads, single-threaded BLAS calls)."""
+    return matmul_nt(a, b)
 
 
 def conv2d_forward_v2(x, w, b, stride=1, padding=0):
@@ -266,7 +267,7 @@ def conv2d_forward_v2(x, w, b, stride=1, padding=0):
     if b is not None:
         w2 = np.concatenate([w2, np.asarray(b, dtype=dt).reshape(Cout, 1)], axis=1)   # w' = [w | b]
     cols = _im2col_cm(cm(x), kH, kW, stride, padding, Ho, Wo, b is not None)         # (K[+1], B Ho Wo)
-    y = w2 @ cols                                                                     # (Cout, B Ho Wo)
+    y = matmul(w2, cols)                                                                    # (Cout, B Ho Wo)
     return nchw(y.reshape(Cout, B, Ho, Wo)), (cols, w, (B, Cin, H, W), stride, padding, b is not None)
 
 
@@ -283,10 +284,10 @@ def conv2d_backward_v2(dy, cache):
     if stride == 1 and kH == kW and padding <= kH - 1:
         # dx = conv2d(dy, w flipped, Cin <-> Cout, padding k-1-p): one more im2col + GEMM
         w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]).reshape(Cin, -1)
-        dX = w_adj @ _im2col_cm(dyc, kH, kW, 1, kH - 1 - padding, H, W, False)
+        dX = matmul(w_adj, _im2col_cm(dyc, kH, kW, 1, kH - 1 - padding, H, W, False))
         dx = nchw(dX.reshape(Cin, B, H, W))
     else:
-        dcols = w.reshape(Cout, -1).T @ dY                 # (K, B Ho Wo)
+        dcols = matmul(w.reshape(Cout, -1).T, dY)                # (K, B Ho Wo)
         dx = nchw(_col2im_cm(dcols, Cin, B, H, W, kH, kW, stride, padding, Ho, Wo, w[0, 0, 0], False))
     return dx, dw, db
 
@@ -299,7 +300,7 @@ def conv_transpose2d_forward_v2(x, w, b, stride=1, padding=0):
     Ho, Wo = _convt_out(H, kH, stride, padding), _convt_out(W, kW, stride, padding)
     w = np.asarray(w, dtype=dt)
     X = cm(x).reshape(Cin, -1)                              # (Cin, B H W)
-    cols = w.reshape(Cin, -1).T @ X                         # (Cout kH kW, B H W)
+    cols = matmul(w.reshape(Cin, -1).T, X)                        # (Cout kH kW, B H W)
     bias = np.zeros(Cout, dt) if b is None else np.ascontiguousarray(b, dtype=dt)
     y = _col2im_cm(cols, Cout, B, Ho, Wo, kH, kW, stride, padding, H, W, bias, b is not None)
     return nchw(y), (X, w, (H, W), stride, padding, b is not None)
@@ -311,7 +312,7 @@ def conv_transpose2d_backward_v2(dy, cache):
     dyc = cm(dy, w.dtype)                                   # (Cout, B, Ho, Wo)
     B = dyc.shape[1]
     dcols = _im2col_cm(dyc, kH, kW, stride, padding, H, W, False)   # (Cout kH kW, B H W)
-    dx = nchw((w.reshape(Cin, -1) @ dcols).reshape(Cin, B, H, W))
+    dx = nchw(matmul(w.reshape(Cin, -1), dcols).reshape(Cin, B, H, W))
     dw = _gemm_nt(X, dcols).reshape(w.shape)
     db = dyc.reshape(Cout, -1).sum(axis=1) if has_b else None
     return dx, np.ascontiguousarray(dw), db
