@@ -254,7 +254,7 @@ def test_sample_zero(name):
 def test_same_step_on_the_numba_backend(name, objective):
     """The models reach every op through self.ops: one training step on the numba backend
     (which falls back to the reference for ops it does not carry) gives the reference's
-    losses and parameters within the float32 tolerance."""
+    losses and gradients within the float32 tolerance."""
     pytest.importorskip("numba")
     rng = np.random.default_rng(0)
     x = _images(rng, 8).astype(np.float32)
@@ -263,5 +263,13 @@ def test_same_step_on_the_numba_backend(name, objective):
     out_fast = objective(fast).step(fast.ops.asarray(x), None, np.random.default_rng(1))
     for k in out_ref:
         assert_close(out_fast[k], out_ref[k], name=k, **TOL[np.dtype(np.float32)])
-    for k in ref.params:
-        assert_close(fast.ops.to_numpy(fast.params[k]), ref.params[k], name=k, **TOL[np.dtype(np.float32)])
+    # Gradients, not post-Adam parameters: Adam's first step moves each weight by about
+    # lr * sign(g), so a gradient that is ~0 up to float32 rounding may move either way by
+    # up to 2 lr (seen: one weight of 401,408 off by 2.4e-5). The Adam op is checked
+    # separately in the backend agreement tests. atol scales with the largest gradient of
+    # the array, since float32 sums over the batch err in proportion to their terms.
+    for k in ref.grads:
+        g_ref = ref.grads[k]
+        tol = TOL[np.dtype(np.float32)]
+        assert_close(fast.ops.to_numpy(fast.grads[k]), g_ref, name=f"grad {k}", rtol=tol["rtol"],
+                     atol=tol["atol"] * max(1.0, float(np.max(np.abs(g_ref)))))
