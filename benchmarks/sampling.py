@@ -38,7 +38,9 @@ def main(argv=None):
 
     sched, N = DDPMSchedule(), 1000
     names = a.backends.split(",")
-    models = {n: make_model(a.model, backend=n) for n in names}
+    import refdiff_cuda
+    # refdiff_cuda's "numpy" is the reference plus the reference ddpm_step (refdiff.nn has none yet)
+    models = {n: make_model(a.model, backend=refdiff_cuda.get_backend(n)) for n in names}
     rng = np.random.default_rng(0)
     size = models[names[0]].config["image_size"]
     x0 = rng.standard_normal((a.batch, 1, size, size)).astype(np.float32)

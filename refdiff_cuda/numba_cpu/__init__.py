@@ -5,8 +5,16 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
 
     functional.py  linear 1,2  silu 1,2  relu 1,2  concat 1,2  add_channel_bias 1,2
                    time_embedding 1  mse 1  adam_update 1,2  ddpm_step 1,2  em_step 1,2
-    conv.py        conv2d 1,2  conv_transpose2d 1,2  max_pool2d 1
+    conv.py        conv2d 1,2,3  conv_transpose2d 1,2  max_pool2d 1
+                   (3 = im2col fused with a per-chunk GEMM in the core's L2 cache)
     norm.py        group_norm 1,2  group_norm_silu 1,2
+    _blas.py       matrix products: single-threaded BLAS calls on numba's threads
+
+Threads: numba's workqueue layer (set below) is the only thread pool; scipy's OpenBLAS,
+which the kernels call, is pinned to one thread, and NumPy's is never called by versions
+>= 2. Results of reductions split across threads (weight gradients) depend on the
+thread count in the last bits; they agree with the reference within refdiff_cuda.testing.TOL.
+Not thread-safe: do not call the backend from several Python threads at once (workqueue).
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
 ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
