@@ -16,6 +16,7 @@ pytest.importorskip("numba")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                     reason="already under the simulator: test_backend_numba_cuda.py runs in this process")
 def test_numba_cuda_kernels_under_the_simulator():
