@@ -167,7 +167,7 @@ def conv2d_backward(dy, cache):
     dy = np.asarray(dy, dtype=w.dtype)
     Wp, L = _frame(H, W, kH, kW, stride, padding, Ho)
     dyw = _widen(dy, Wp)                                                     # (Cout, B Ho Wp)
-    dw = (dyw @ cols.T).reshape(w.shape)
+    dw = (cols @ dyw.T).T.reshape(w.shape)     # same product; this operand order is 10-60x faster in OpenBLAS
     if stride == 1 and kH == kW and padding <= kH - 1:
         # Stride 1: the input gradient is itself a convolution, dx = conv2d(dy, w flipped in
         # space with Cin, Cout swapped, padding k-1-p). One im2col of dy moves far less memory
@@ -246,7 +246,7 @@ def conv_transpose2d_backward(dy, cache):
     Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)
     dcols = _im2col(_flat_pad(dy, padding, L), Wf, kH, kW, stride, H * Wf)   # (Cout kH kW, B H Wf)
     dx = _narrow(w.reshape(Cin, -1) @ dcols, B, H, Wf, W)
-    dw = (xw @ dcols.T).reshape(w.shape)
+    dw = (dcols @ xw.T).T.reshape(w.shape)     # same product, faster operand order (see conv2d_backward)
     db = dy.sum(axis=(0, 2, 3)) if has_b else None
     return dx, dw, db
 
