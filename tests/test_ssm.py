@@ -64,8 +64,8 @@ class RotatedGaussianModel(Model):
         return self.backward_jvp(dy, np.zeros_like(dy))
 
 
-class JVPUNet(UNetJVP, UNet):
-    pass
+JVPUNet = UNet   # UNet carries forward_jvp/backward_jvp (mixin UNetJVP)
+assert issubclass(UNet, UNetJVP)
 
 
 def _rotation(D, seed):
@@ -269,6 +269,14 @@ def test_bad_data_and_models():
         losses.ssm(model, sde, np.full((3, 2), np.nan), rng)
     with pytest.raises(ValueError, match="fd_step must be"):
         losses.ssm_fd(model, sde, np.zeros((3, 2)), rng, fd_step=-1.0)
-    plain = UNet(in_channels=1, image_size=4, channels=[2], blocks=1, mid_channels=2, emb_dim=3)
+    class NoTangent(Model):          # an eps-model with forward/backward only
+        kind = "eps"
+
+        def forward(self, x, t):
+            return x
+
+        def backward(self, dy):
+            return dy
+    plain = NoTangent("plain", {}, np.float64)
     with pytest.raises(ValueError, match="no forward_jvp/backward_jvp"):
         losses.ssm(plain, sde, np.zeros((2, 1, 4, 4)), rng)

@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from .base import Model
+from .unet_jvp import UNetJVP
 
 
 def num_groups(channels, max_groups):
@@ -45,7 +46,9 @@ def num_groups(channels, max_groups):
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
-class UNet(Model):
+class UNet(UNetJVP, Model):
+    """(forward_jvp/backward_jvp for exact sliced score matching come from UNetJVP.)"""
+
     kind = "eps"
 
     def __init__(self, in_channels=1, image_size=28, channels=(10, 20, 40, 80), blocks=3, mid_channels=None,

@@ -21,7 +21,11 @@ from __future__ import annotations
 import numpy as np
 
 from .tangent import tangent_ops
-from .unet import num_groups
+
+
+def _num_groups(channels, max_groups):
+    from .unet import num_groups   # late import: unet.py imports this module
+    return num_groups(channels, max_groups)
 
 
 class UNetJVP:
@@ -67,7 +71,7 @@ class UNetJVP:
         for j, (c_in, _, use_norm) in enumerate(self.stages[name]):
             prefix = f"{name}.blocks.{j}"
             if use_norm:
-                g = num_groups(c_in, self.config["max_groups"])
+                g = _num_groups(c_in, self.config["max_groups"])
                 h, hd, cache = T.group_norm_jvp_forward(h, hd, g, p[prefix + ".norm.weight"],
                                                         p[prefix + ".norm.bias"])
                 tape.append(("group_norm", prefix + ".norm", cache))
