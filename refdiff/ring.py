@@ -41,7 +41,7 @@ class RingConfig:
     widths: tuple = (128, 128)
     ema_decay: float = 0.999
     n: int = 20000                # generated (and real) points scored
-    floor_pairs: int = 4          # real-vs-real pairs averaged for the noise floor
+    floor_pairs: int = 16         # real sets averaged on both sides (see evaluate)
     seed: int = 0
     backend: str = "numpy"
 
@@ -96,18 +96,22 @@ def evaluate(cfg, model, ema, sde):
         sample_s = time.perf_counter() - t0
     finally:
         ema.swap()
-    # Distances are noisy at any n (the FD between two independent sets of 20,000 ring
-    # points varies by 2x from draw to draw), so both sides are averaged the same way:
-    # generated vs `floor_pairs` independent real sets, and as many real-vs-real pairs.
+    # Distances are noisy at any n: the FD between two independent sets of 20,000 ring
+    # points varies by 3x from draw to draw (mean over 4 pairs: 7.6e-5 with one seed,
+    # 2.0e-4 with others). So both sides are averaged the same way, over `floor_pairs`
+    # real sets: generated vs each real set, and as many real-vs-real pairs. The O(n^2)
+    # energy distance uses the first 4 only.
     draw, rng_real = make_toy(cfg.data), np.random.default_rng([cfg.seed, 3])
     proj = lambda: np.random.default_rng([cfg.seed, 4])  # same directions for every SW
     fns = {"frechet_distance": metrics.frechet_distance,
            "sliced_wasserstein": lambda a, b: metrics.sliced_wasserstein(a, b, 256, proj()),
            "energy_distance": metrics.energy_distance}
     gen, floor = {k: [] for k in fns}, {k: [] for k in fns}
-    for _ in range(cfg.floor_pairs):
+    for i in range(cfg.floor_pairs):
         real, a, b = draw(cfg.n, rng_real), draw(cfg.n, rng_real), draw(cfg.n, rng_real)
         for k, fn in fns.items():
+            if k == "energy_distance" and i >= 4:
+                continue
             gen[k].append(fn(x, real))
             floor[k].append(fn(a, b))
     out = {}
