@@ -56,52 +56,54 @@ def _check_tangent(op, x, xdot):
 
 
 # --- ops linear in x: the tangent is the op itself, without the bias ---------------------------
+def _linear_in_x_forward(forward, x, xdot, w, b, *hyper):
+    """Tangent of an op linear in x (linear, conv2d, conv_transpose2d): the tangent is the
+    same op applied to xdot without the bias."""
+    y, c = forward(x, w, b, *hyper)
+    ydot, cdot = forward(xdot, w, None, *hyper)
+    return y, ydot, (c, cdot)
+
+
+def _linear_in_x_backward(backward, dy, dydot, cache):
+    """Adjoint of (x, xdot) -> (op(x, w, b), op(xdot, w)): two ordinary backward passes;
+    w receives both weight gradients, b only the primal's."""
+    c, cdot = cache
+    dx, dw, db = backward(dy, c)
+    dxdot, dw_dot, _ = backward(dydot, cdot)
+    return dx, dxdot, dw + dw_dot, db
+
+
 def linear_jvp_forward(x, xdot, w, b, *, ops=REFERENCE):
     """y = x w^T + b, ydot = xdot w^T.  x, xdot (B, Din), w (Dout, Din), b (Dout,) or None."""
     _check_tangent("linear", x, xdot)
-    y, c = ops.linear_forward(x, w, b)
-    ydot, cdot = ops.linear_forward(xdot, w, None)
-    return y, ydot, (c, cdot)
+    return _linear_in_x_forward(ops.linear_forward, x, xdot, w, b)
 
 
 def linear_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx (B, Din), dxdot (B, Din), dw = dy^T x + dydot^T xdot, db = sum dy (or None)."""
-    c, cdot = cache
-    dx, dw, db = ops.linear_backward(dy, c)
-    dxdot, dw_dot, _ = ops.linear_backward(dydot, cdot)
-    return dx, dxdot, dw + dw_dot, db
+    return _linear_in_x_backward(ops.linear_backward, dy, dydot, cache)
 
 
 def conv2d_jvp_forward(x, xdot, w, b, stride=1, padding=0, *, ops=REFERENCE):
     """y = conv2d(x, w, b), ydot = conv2d(xdot, w, None). x, xdot (B, Cin, H, W)."""
     _check_tangent("conv2d", x, xdot)
-    y, c = ops.conv2d_forward(x, w, b, stride, padding)
-    ydot, cdot = ops.conv2d_forward(xdot, w, None, stride, padding)
-    return y, ydot, (c, cdot)
+    return _linear_in_x_forward(ops.conv2d_forward, x, xdot, w, b, stride, padding)
 
 
 def conv2d_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot (B, Cin, H, W), dw (Cout, Cin, kH, kW), db (Cout,) or None."""
-    c, cdot = cache
-    dx, dw, db = ops.conv2d_backward(dy, c)
-    dxdot, dw_dot, _ = ops.conv2d_backward(dydot, cdot)
-    return dx, dxdot, dw + dw_dot, db
+    return _linear_in_x_backward(ops.conv2d_backward, dy, dydot, cache)
 
 
 def conv_transpose2d_jvp_forward(x, xdot, w, b, stride=1, padding=0, *, ops=REFERENCE):
     """y = conv_transpose2d(x, w, b), ydot = conv_transpose2d(xdot, w, None)."""
     _check_tangent("conv_transpose2d", x, xdot)
-    y, c = ops.conv_transpose2d_forward(x, w, b, stride, padding)
-    ydot, cdot = ops.conv_transpose2d_forward(xdot, w, None, stride, padding)
-    return y, ydot, (c, cdot)
+    return _linear_in_x_forward(ops.conv_transpose2d_forward, x, xdot, w, b, stride, padding)
 
 
 def conv_transpose2d_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dx, dxdot (B, Cin, H, W), dw (Cin, Cout, kH, kW), db (Cout,) or None."""
-    c, cdot = cache
-    dx, dw, db = ops.conv_transpose2d_backward(dy, c)
-    dxdot, dw_dot, _ = ops.conv_transpose2d_backward(dydot, cdot)
-    return dx, dxdot, dw + dw_dot, db
+    return _linear_in_x_backward(ops.conv_transpose2d_backward, dy, dydot, cache)
 
 
 # --- SiLU: the tangent's adjoint needs the second derivative ------------------------------------
