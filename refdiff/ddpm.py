@@ -10,8 +10,9 @@ the embedding sees the paper's integer 1..N, and the same network can be used by
 VP-SDE sampler `em_vp`: VP(beta_min = 0.1, beta_max = 20) is the continuous limit of the
 linear chain, beta(t) = N beta_{tN} (Song et al. 2021, §3.4 and appendix B).
 
-Samplers (all start from fresh N(0, I) noise drawn from `rng`, work in float64 on the
-host, call the model in its own dtype and backend, and run `batch` images at a time):
+Samplers (all start from fresh N(0, I) noise drawn from the host `rng`, keep the state in
+float64 on the model's backend, call the model in its own dtype, run `batch` images at a
+time, and return host float64 arrays):
 
     ancestral   Ho et al. Alg. 2 / eq. 11 (report §3.3.1), variance beta or beta_tilde
     ddim        Song, Meng & Ermon 2021 eq. 12 with sigma from eq. 16 (eta), on a subsequence
@@ -83,29 +84,36 @@ def ddpm_loss(model, schedule, x0, rng):
 
 
 # --- helpers shared by the samplers -----------------------------------------------------------------
+# The state x lives on the model's backend (model.ops: NumPy, numba, CuPy...) in float64; the
+# model is called in its own dtype; every random draw comes from the host `rng`, so that a
+# seed gives the same images on every backend (within float rounding).
 def _predict_eps(model, x, t):
-    """eps_theta(x, t) for host float64 x (B, ...) and one model time t -> host float64."""
+    """eps_theta(x, t) for a float64 backend array x (B, ...) and one model time t -> float64."""
     F, dt = model.ops, model.dtype
-    e = model.forward(F.asarray(x.astype(dt)), F.asarray(np.full(x.shape[0], t, dtype=dt)))
-    e = np.asarray(F.to_numpy(e), dtype=np.float64)
+    e = model.forward(x.astype(dt), F.asarray(np.full(x.shape[0], t, dtype=dt)))
     if e.shape != x.shape:
         raise ValueError(f"model returned shape {e.shape} for input {x.shape}")
-    return e
+    return e.astype(np.float64)
+
+
+def _normal(model, rng, shape):
+    """N(0, I) drawn on the host (float64), moved to the model's backend."""
+    return model.ops.asarray(rng.standard_normal(shape))
 
 
 class _Recorder:
-    """Keeps `frames` evenly spaced states out of `total` (+1 for the start), as float32."""
+    """Keeps `frames` evenly spaced states out of `total` (+1 for the start), as host float32."""
 
-    def __init__(self, total, frames):
+    def __init__(self, total, frames, to_numpy):
         if frames is not None and not (isinstance(frames, (int, np.integer)) and frames >= 2):
             raise ValueError(f"frames must be an integer >= 2 (or None for every step); got {frames!r}")
         n = total + 1 if frames is None else min(frames, total + 1)
         self.keep = set(np.round(np.linspace(0, total, n)).astype(int).tolist())
-        self.states, self.k = [], 0
+        self.states, self.k, self.to_numpy = [], 0, to_numpy
 
     def __call__(self, x):
         if self.k in self.keep:
-            self.states.append(np.asarray(x, dtype=np.float32).copy())
+            self.states.append(np.asarray(self.to_numpy(x), dtype=np.float32).copy())
         self.k += 1
 
 
@@ -121,16 +129,20 @@ def _check_batch(batch):
         raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
 
 
-def _chunked(run, shape, batch, return_trajectory):
-    """Call run(chunk_shape) -> (x, states) for chunks of at most `batch` images and
-    concatenate (states along their image axis)."""
+def _chunked(model, run, shape, batch, return_trajectory, total, frames):
+    """Call run(chunk_shape, rec) -> x (backend) for chunks of at most `batch` images and
+    concatenate on the host (trajectories along their image axis)."""
     _check_batch(batch)
     shape = _check_shape(shape)
+    to_numpy = model.ops.to_numpy
+    if return_trajectory:
+        _Recorder(total, frames, to_numpy)          # validates `frames` before any work
     outs, trajs = [], []
     for start in range(0, shape[0], batch):
-        x, states = run((min(batch, shape[0] - start),) + shape[1:])
-        outs.append(x)
-        trajs.append(np.stack(states) if return_trajectory else None)
+        rec = _Recorder(total, frames, to_numpy) if return_trajectory else None
+        x = run((min(batch, shape[0] - start),) + shape[1:], rec or (lambda x: None))
+        outs.append(np.asarray(to_numpy(x), dtype=np.float64))
+        trajs.append(np.stack(rec.states) if rec else None)
     x = np.concatenate(outs)
     return (x, np.concatenate(trajs, axis=1)) if return_trajectory else x
 
@@ -141,37 +153,38 @@ def ancestral(model, schedule, shape, rng, variance="beta", clip=False, return_t
     """Ho et al. 2020 Alg. 2 (report §3.3.1). From x_{N-1} ~ N(0, I), for i = N-1 .. 0:
 
         1. eps = eps_theta(x_i, (i+1)/N)
-        2. mean = (x_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i)                 (eq. 11)
-           clip=True: x0_hat = (x_i - sqrt(1 - abar_i) eps) / sqrt(abar_i) clipped to
-           [-1, 1], mean = the posterior mean of q(x_{i-1} | x_i, x0_hat)             (eq. 7)
-           (diffusers' clip_sample; equal to eq. 11 when nothing is clipped)
-        3. sigma_i^2 = beta_i ("beta") or beta_tilde_i = (1 - abar_{i-1}) / (1 - abar_i) beta_i
+        2. sigma_i^2 = beta_i ("beta") or beta_tilde_i = (1 - abar_{i-1}) / (1 - abar_i) beta_i
            ("beta_tilde"); the paper found both to give similar samples (§3.2)
-        4. x_{i-1} = mean + sigma_i z, z ~ N(0, I), and z = 0 at the last step (i = 0).
+        3. x_{i-1} = (x_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i) + sigma_i z     (eq. 11)
+           z ~ N(0, I), and no noise at the last step (i = 0): the op `ddpm_step` of the
+           model's backend (refdiff.nn.steps.ddpm_step), one fused pass on its device.
+           clip=True instead: x0_hat = (x_i - sqrt(1 - abar_i) eps) / sqrt(abar_i) clipped
+           to [-1, 1], and the mean is that of the posterior q(x_{i-1} | x_i, x0_hat)  (eq. 7)
+           (diffusers' clip_sample; equal to eq. 11 when nothing is clipped).
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
-    s, N = schedule, schedule.num_steps
+    s, N, F = schedule, schedule.num_steps, model.ops
 
-    def run(shp):
-        rec = _Recorder(N, frames) if return_trajectory else None
-        x = rng.standard_normal(shp)
-        rec and rec(x)
+    def run(shp, rec):
+        x = _normal(model, rng, shp)
+        rec(x)
         for i in reversed(range(N)):
             eps = _predict_eps(model, x, model_time(i, N))                          # 1.
             a, ab, b = s.alphas[i], s.alpha_bars[i], s.betas[i]
             ab_prev = s.alpha_bars[i - 1] if i > 0 else 1.0
-            if clip:                                                                # 2.
-                x0 = np.clip((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), -1.0, 1.0)
-                mean = (math.sqrt(ab_prev) * b / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_prev) / (1 - ab)) * x
+            var = b if variance == "beta" else (1 - ab_prev) / (1 - ab) * b         # 2.
+            z = _normal(model, rng, shp) if i > 0 else None
+            if clip:                                                                # 3.
+                x0 = F.xp.clip((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), -1.0, 1.0)
+                x = (math.sqrt(ab_prev) * b / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_prev) / (1 - ab)) * x
+                x = x + math.sqrt(var) * z if z is not None else x
             else:
-                mean = (x - (b / math.sqrt(1 - ab)) * eps) / math.sqrt(a)
-            var = b if variance == "beta" else (1 - ab_prev) / (1 - ab) * b         # 3.
-            x = mean + math.sqrt(var) * rng.standard_normal(shp) if i > 0 else mean  # 4.
-            rec and rec(x)
-        return x, rec.states if rec else None
+                x = F.ddpm_step(x, eps, z, b, ab, math.sqrt(var))
+            rec(x)
+        return x
 
-    return _chunked(run, shape, batch, return_trajectory)
+    return _chunked(model, run, shape, batch, return_trajectory, N, frames)
 
 
 # --- DDIM -----------------------------------------------------------------------------------------------
@@ -215,67 +228,72 @@ def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip
     """
     if not (isinstance(eta, (int, float, np.floating, np.integer)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1]; got {eta!r}")
-    s, N = schedule, schedule.num_steps
+    s, N, xp = schedule, schedule.num_steps, model.ops.xp
     tau = ddim_timesteps(N, steps, spacing)
 
-    def run(shp):
-        rec = _Recorder(len(tau), frames) if return_trajectory else None
-        x = rng.standard_normal(shp)
-        rec and rec(x)
+    def run(shp, rec):
+        x = _normal(model, rng, shp)
+        rec(x)
         for k, i in enumerate(tau):
             j = tau[k + 1] if k + 1 < len(tau) else -1
             ab, ab_prev = s.alpha_bars[i], (s.alpha_bars[j] if j >= 0 else 1.0)
             eps = _predict_eps(model, x, model_time(i, N))                               # 1.
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)                           # 2.
             if clip:
-                x0 = np.clip(x0, -1.0, 1.0)
+                x0 = xp.clip(x0, -1.0, 1.0)
                 eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
             sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))        # 3.
             x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps   # 4.
             if eta > 0 and j >= 0:
-                x = x + sigma * rng.standard_normal(shp)
-            rec and rec(x)
-        return x, rec.states if rec else None
+                x = x + sigma * _normal(model, rng, shp)
+            rec(x)
+        return x
 
-    return _chunked(run, shape, batch, return_trajectory)
+    return _chunked(model, run, shape, batch, return_trajectory, len(tau), frames)
 
 
 # --- reverse VP SDE ---------------------------------------------------------------------------------------
 def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=True,
           return_trajectory=False, frames=None, batch=256, sde=None):
-    """Reverse-time Euler-Maruyama (refdiff.samplers.euler_maruyama, report eq. 2.6) on
-    VP(beta_min 0.1, beta_max 20) from T = 1 down to `eps` (1e-3 as score_sde's VP
-    sampling: a DDPM-trained model never saw times below 1/N), with the score
-    s = -eps_theta(x, t) / std_t (refdiff.losses.score_fn_from_model).
+    """Reverse-time Euler-Maruyama (report eq. 2.6; refdiff.samplers.euler_maruyama, same grid
+    and draws) on VP(beta_min 0.1, beta_max 20) from T = 1 down to `eps` (1e-3 as
+    score_sde's VP sampling: a DDPM-trained model never saw times below 1/N), with the
+    score s = -eps_theta(x, t) / std_t (refdiff.losses.score_fn_from_model). Each update is
+    the op `em_step` of the model's backend (refdiff.nn.steps.em_step):
+
+        x <- x + a(t) x dt + g(t)^2 s dt + g(t) sqrt(dt) z,   a = beta(t) / 2, g = sqrt(beta(t))
+
+    with no noise at the last step.
 
     denoise=True then applies Tweedie's formula once (Efron 2011; as in Song & Ermon's
     `denoise` option): x0 = (x - std_eps eps_theta(x, eps)) / gamma_eps = E[x0 | x_eps],
     which removes the noise of level std_eps ~ 0.01 that the SDE stops at.
     """
-    from .losses import score_fn_from_model
-    from .samplers import euler_maruyama
+    from .samplers import _grid
 
     sde = VP(0.1, 20.0) if sde is None else sde
     if not (isinstance(steps, (int, np.integer)) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-    score = score_fn_from_model(model, sde)
+    ts = _grid(sde, steps, eps, spacing)
+    F = model.ops
 
-    def run(shp):
-        rec = _Recorder(steps + int(denoise), frames) if return_trajectory else None
-
-        def score_fn(x, t):               # sees the state at every grid time t_0..t_{N-1}
-            rec and rec(x)
-            return score(x, t)
-
-        x = euler_maruyama(sde, score_fn, shp, steps, rng, eps=eps, spacing=spacing)
+    def run(shp, rec):
+        x = F.asarray(sde.prior_sample(shp, rng))
+        for k in range(steps):
+            rec(x)
+            t, dt = float(ts[k]), float(ts[k] - ts[k + 1])
+            std = float(sde.marginal_coeffs(np.float64(t))[1])
+            score = _predict_eps(model, x, t) * (-1.0 / std)
+            z = _normal(model, rng, shp) if k < steps - 1 else None
+            x = F.em_step(x, score, z, float(sde.a(np.float64(t))), float(sde.diffusion(np.float64(t))), dt)
         if denoise:
-            rec and rec(x)
-            gamma, std = sde.marginal_coeffs(eps)
-            x = (x - std * _predict_eps(model, x, eps)) / gamma
-        rec and rec(x)
-        return x, rec.states if rec else None
+            rec(x)
+            gamma, std = sde.marginal_coeffs(np.float64(eps))
+            x = (x - float(std) * _predict_eps(model, x, eps)) / float(gamma)
+        rec(x)
+        return x
 
-    return _chunked(run, shape, batch, return_trajectory)
+    return _chunked(model, run, shape, batch, return_trajectory, steps + int(denoise), frames)
 
 
 # --- from a checkpoint --------------------------------------------------------------------------------------

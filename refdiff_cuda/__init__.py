@@ -3,10 +3,10 @@
     get_backend(name, versions=None) -> an object with the ops of refdiff.nn.functional
     (same names, signatures and results), plus `name`, `xp`, `asarray`, `to_numpy`,
     `versions` (op -> version in use), `available_versions`, `fallback` (reference ops
-    used as they are) and the sampler steps `ddpm_step`, `em_step` (reference_steps.py).
+    used as they are) and the sampler steps `ddpm_step`, `em_step` (refdiff/nn/steps.py).
 
 Backends:
-    "numpy"       the reference itself (refdiff.backend.REFERENCE + reference_steps)
+    "numpy"       the reference itself (refdiff.backend.REFERENCE)
     "numba"       CPU, @njit(parallel=True) kernels on NumPy arrays     (numba_cpu/)
     "numba-cuda"  @cuda.jit kernels; runs under NUMBA_ENABLE_CUDASIM=1   (numba_cuda/)
     "cupy"        CuPy arrays on the GPU, cuBLAS + fused raw kernels      (cupy_backend/)

@@ -14,8 +14,6 @@ import types
 
 from refdiff.backend import REFERENCE
 
-from . import reference_steps
-
 PAIRS = {
     "linear": ("linear_forward", "linear_backward"),
     "silu": ("silu_forward", "silu_backward"),
@@ -37,10 +35,8 @@ REQUIRED = tuple(PAIRS)          # the issue's list: a backend must accelerate a
 
 
 def reference_namespace():
-    """refdiff.backend.REFERENCE plus the reference sampler steps (not in refdiff.nn yet)."""
-    ns = types.SimpleNamespace(**vars(REFERENCE))
-    ns.ddpm_step, ns.em_step = reference_steps.ddpm_step, reference_steps.em_step
-    return ns
+    """A copy of refdiff.backend.REFERENCE (the reference ops, sampler steps included)."""
+    return types.SimpleNamespace(**vars(REFERENCE))
 
 
 def normalise_versions(versions, kernels, backend):

@@ -7,7 +7,7 @@ import pytest
 
 import refdiff_cuda as rc
 from refdiff.backend import REFERENCE
-from refdiff_cuda import reference_steps as RS
+from refdiff.nn import steps as RS
 
 
 def test_numpy_is_the_reference():

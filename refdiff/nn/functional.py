@@ -21,6 +21,7 @@ import numpy as np
 from .conv import *  # noqa: F401,F403  conv2d, conv_transpose2d, max_pool2d (+ naive twins)
 from .norm import *  # noqa: F401,F403  group_norm
 from .lossfn import *  # noqa: F401,F403  cross-entropy, binary cross-entropy
+from .steps import *  # noqa: F401,F403  ddpm_step, em_step (the samplers' updates)
 
 
 # --- linear -----------------------------------------------------------------------------

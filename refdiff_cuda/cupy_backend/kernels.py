@@ -15,7 +15,7 @@ import numpy as np
 from refdiff.nn.conv import _check_conv, _conv_out, _convt_out
 from refdiff.nn.norm import _check
 
-from ..reference_steps import ddpm_coeffs, em_coeffs
+from refdiff.nn.steps import ddpm_coeffs, em_coeffs
 
 TPB, RB = 256, 256
 _SRC = r"""

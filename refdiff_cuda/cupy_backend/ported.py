@@ -1,5 +1,5 @@
 """Version 1 of the cupy backend: the reference ops (refdiff/nn/functional.py, conv.py,
-norm.py, refdiff_cuda/reference_steps.py) ported line by line, numpy -> cupy."""
+norm.py, refdiff/nn/steps.py) ported line by line, numpy -> cupy."""
 from __future__ import annotations
 
 import cupy as cp
@@ -9,7 +9,7 @@ from cupy.lib.stride_tricks import as_strided
 from refdiff.nn.conv import _check_conv, _check_int, _conv_out, _convt_out, _frame
 from refdiff.nn.norm import _check
 
-from ..reference_steps import ddpm_coeffs, em_coeffs
+from refdiff.nn.steps import ddpm_coeffs, em_coeffs
 
 
 # --- functional.py ---------------------------------------------------------------------------------

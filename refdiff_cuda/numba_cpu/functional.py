@@ -1,4 +1,4 @@
-"""Numba (CPU) twins of refdiff.nn.functional and refdiff_cuda.reference_steps.
+"""Numba (CPU) twins of refdiff.nn.functional and refdiff.nn.steps.
 
 Version 1 of each op is a literal, serial `@njit` port of the reference: the same formula,
 the same order of operations, C-contiguous NCHW arrays. Version 2 runs `parallel=True`
@@ -470,22 +470,22 @@ def _step(kernel, x, a, z, c1, c2, c3):
 
 
 def _ddpm(kernel):
-    from ..reference_steps import ddpm_coeffs
+    from refdiff.nn.steps import ddpm_coeffs
 
     def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
         coef, inv = ddpm_coeffs(beta, alpha_bar, np.asarray(x).dtype)
         return _step(kernel, x, eps, z, coef, inv, np.asarray(x).dtype.type(sigma))
-    ddpm_step.__doc__ = "Fused ddpm_step (reference_steps.ddpm_step): one pass over x, eps, z."
+    ddpm_step.__doc__ = "Fused ddpm_step (refdiff.nn.steps.ddpm_step): one pass over x, eps, z."
     return ddpm_step
 
 
 def _em(kernel):
-    from ..reference_steps import em_coeffs
+    from refdiff.nn.steps import em_coeffs
 
     def em_step(x, score, z, a, g, dt):
         adt, g2dt, noise = em_coeffs(a, g, dt, np.asarray(x).dtype)
         return _step(kernel, x, score, z, adt, g2dt, noise)
-    em_step.__doc__ = "Fused em_step (reference_steps.em_step): one pass over x, score, z."
+    em_step.__doc__ = "Fused em_step (refdiff.nn.steps.em_step): one pass over x, score, z."
     return em_step
 
 

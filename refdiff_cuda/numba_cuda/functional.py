@@ -1,4 +1,4 @@
-"""@cuda.jit twins of refdiff.nn.functional and refdiff_cuda.reference_steps.
+"""@cuda.jit twins of refdiff.nn.functional and refdiff.nn.steps.
 
 Each op: device arrays in (see _arrays.py), one thread per output entry (or per reduced
 row), the reference's formula in the reference's order of operations; constants enter as
@@ -358,13 +358,13 @@ def _step(kernel, x, a, z, c1, c2, c3):
 
 
 def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
-    from ..reference_steps import ddpm_coeffs
+    from refdiff.nn.steps import ddpm_coeffs
     coef, inv = ddpm_coeffs(beta, alpha_bar, x.dtype)
     return _step(_ddpm, x, eps, z, coef, inv, _t(x.dtype, sigma))
 
 
 def em_step(x, score, z, a, g, dt):
-    from ..reference_steps import em_coeffs
+    from refdiff.nn.steps import em_coeffs
     adt, g2dt, noise = em_coeffs(a, g, dt, x.dtype)
     return _step(_em, x, score, z, adt, g2dt, noise)
 

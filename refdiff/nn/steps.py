@@ -1,8 +1,8 @@
-"""Reference sampler steps as ops (NumPy; the specification for every backend's twin).
+"""Sampler updates as ops (NumPy reference; the specification for every backend's twin).
 
-refdiff's samplers write these updates inline; as ops they can be fused into one kernel
-pass by an accelerated backend. Scalars are per step (the whole batch shares t), computed
-in float64 by the caller and cast to x's dtype here, exactly as NumPy would cast them.
+refdiff.ddpm's ancestral sampler and em_vp call them through `model.ops`, so that an
+accelerated backend can fuse each update into one pass over the batch, on its device.
+Scalars are per step (the whole batch shares t), computed in float64 by the caller and cast to x's dtype here, exactly as NumPy would cast them.
 
     ddpm_step   Ho et al. 2020, Alg. 2 line 4 (SEED_NOTES §1):
                 x <- (x - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(1 - beta_t) + sigma_t z
@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ddpm_step", "em_step", "ddpm_coeffs", "em_coeffs"]
+__all__ = ["ddpm_step", "em_step"]     # the ops; the *_coeffs helpers are imported by name
 
 
 def ddpm_coeffs(beta, alpha_bar, dtype):
