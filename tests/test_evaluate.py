@@ -176,6 +176,11 @@ def test_compare_ddpm_only(cached):
     assert [r["model"] for r in t["rows"]] == ["real", "ddpm"] and t["rows"][1]["sampler"] == "ddim"
     s = np.load(out / "samples-ddpm.npy")
     assert s.shape == (40, 1, 28, 28) and s.min() == -1 and s.max() == 1
+    pytest.importorskip("numba")
+    assert cli.main(["compare", "--out", str(cached / "cmp-numba"), "--ddpm", str(cached / "ddpm.npz"), "--n", "40",
+                     "--sampler", "ddim", "--steps", "2", "--backend", "numba"]) == 0
+    np.testing.assert_allclose(np.load(cached / "cmp-numba" / "samples-ddpm.npy"), s, rtol=0, atol=1e-4,
+                               err_msg="the numba backend draws other images from the same seed")
 
 
 def test_compare_wrong_kind_of_checkpoint(cached, capsys):

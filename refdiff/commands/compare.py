@@ -41,16 +41,18 @@ def add_arguments(p):
     p.add_argument("--no-ema", action="store_true", help="use raw weights even where a checkpoint has EMA weights")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the cached one)")
     p.add_argument("--data", default="mnist5k")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "numba-cuda", "cupy"],
+                   help="where the models run while sampling (the scores are the same on every backend)")
 
 
 # --- generation -------------------------------------------------------------------------------------
-def load_checkpoint(row, path, use_ema=True):
+def load_checkpoint(row, path, use_ema=True, backend=None):
     """The model in `path`, checked to be of the kind the row needs; -> (model, meta, info)."""
     from ..checkpoint import load_model
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"--{row} checkpoint {path!r} does not exist")
-    model, sections, meta = load_model(path, use_ema=use_ema)
+    model, sections, meta = load_model(path, backend=backend, use_ema=use_ema)
     want = {"vae": "vae", "gan": "gan", "ddpm": "eps"}[row]
     if model.kind != want:
         raise ValueError(f"--{row} {path!r} holds a {model.name!r} model (kind {model.kind!r}); expected kind {want!r}")
@@ -147,7 +149,7 @@ def run(args):
     from ..evaluate import best_per_label, build_evaluator
 
     # load every checkpoint first: a wrong path or kind fails before the classifier work
-    given = [(row, *load_checkpoint(row, getattr(args, row), not args.no_ema))
+    given = [(row, *load_checkpoint(row, getattr(args, row), not args.no_ema, args.backend))
              for row in ROWS[1:] if getattr(args, row)]
     ev, clf_path = build_evaluator(args.classifier, args.data)
     os.makedirs(args.out, exist_ok=True)
