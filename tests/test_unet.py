@@ -225,3 +225,25 @@ def test_ops_go_through_backend():
     assert calls.count("conv2d_forward") + calls.count("conv_transpose2d_forward") == n_conv
     assert calls.count("conv2d_backward") + calls.count("conv_transpose2d_backward") == n_conv
     assert calls.count("group_norm_forward") == calls.count("group_norm_backward") > 0
+
+
+# --- the input GroupNorm of the report's network ------------------------------------------------------
+def test_seed_unet_cannot_see_input_brightness_and_the_fixed_one_can():
+    """unet-seed normalises its raw 1-channel input per image, so eps_theta(a x + b) =
+    eps_theta(x) for a > 0 (the flaw that saturates its samples); unet-seed-fixed skips
+    that one norm, has the same parameters, and sees brightness. The input norm's own
+    parameters get no gradient there, nor enc.0's time MLP in unet-seed."""
+    rng = np.random.default_rng(0)
+    seed, fixed = make_model("unet-seed", dtype=np.float64, seed=1), make_model("unet-seed-fixed", dtype=np.float64, seed=1)
+    assert seed.num_parameters() == fixed.num_parameters() == 1_335_486
+    assert all(np.array_equal(seed.params[k], fixed.params[k]) for k in seed.params)
+    x, t = rng.standard_normal((2, 1, 28, 28)), np.array([0.3, 0.9])
+    np.testing.assert_allclose(seed.forward(3.0 * x + 0.7, t), seed.forward(x, t), rtol=0, atol=1e-6)
+    y = fixed.forward(x, t)
+    assert np.abs(fixed.forward(3.0 * x + 0.7, t) - y).max() > 0.05 * np.abs(y).max()   # measured 0.09
+    for m, dead in ((seed, "enc.0.time.2.weight"), (fixed, "enc.0.blocks.0.norm.weight")):
+        m.zero_grad()
+        m.forward(x, t)
+        m.backward(rng.standard_normal((2, 1, 28, 28)))
+        assert np.abs(m.grads[dead]).max() < 1e-9, dead
+    assert np.abs(fixed.grads["enc.0.time.2.weight"]).max() > 1e-6

@@ -13,6 +13,7 @@ import numpy as np
 MODELS = {
     "mlp": "refdiff.nn.mlp:ScoreMLP",
     "unet-seed": "refdiff.nn.unet:unet_seed",
+    "unet-seed-fixed": "refdiff.nn.unet:unet_seed_fixed",
     "unet-small": "refdiff.nn.unet:unet_small",
     "unet": "refdiff.nn.unet:UNet",
     "classifier": "refdiff.nn.classifier:Classifier",

@@ -15,6 +15,17 @@ With c = channels (c_0..c_{L-1}), n = blocks per stage, E = emb_dim, m = mid_cha
                (c_{-1} := c_0; n = 1: 2c_k -> c_{k-1}), for k = L-1 .. 0
     out      : Conv3x3(c_0, in_channels, pad 1), no activation: the noise prediction eps_theta.
 
+The input GroupNorm: the first block (enc.0's) normalises the raw input image. With
+in_channels = 1 that is one group per image, so the whole network is invariant to each
+input's brightness and contrast, eps_theta(a x + b, t) = eps_theta(x, t) for a > 0 (also
+checked numerically on a trained unet-seed: 1.5e-5 apart, GroupNorm's eps). It cannot see the
+mean of x_t, so a sampler cannot correct the mean brightness of an image: the prior draw's
+mean, amplified ~1/sqrt(abar_N) = 156x along the chain, saturates most images to all-black
+or all-white (README, "DDPM on MNIST"), and enc.0's time embedding, added before that norm,
+is cancelled by it (zero gradient). input_norm=False skips that one norm (its 2 parameters
+stay, unused, as final_norm's do): `unet-seed-fixed`, the report's network with that one
+change. unet-seed keeps it, as the authors' code has it.
+
 GroupNorm groups = the largest divisor of Ci that is <= max_groups. The very last block
 (dec.0's) has a GroupNorm whose parameters exist but which is skipped when final_norm=False.
 That is the one reading of SEED_NOTES §3 that gives its exact count: with the norm's 2 c_0
@@ -52,13 +63,14 @@ class UNet(UNetJVP, Model):
     kind = "eps"
 
     def __init__(self, in_channels=1, image_size=28, channels=(10, 20, 40, 80), blocks=3, mid_channels=None,
-                 emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False,
+                 emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False, input_norm=True,
                  dtype=np.float32, seed=0, backend=None):
         channels = [int(c) for c in channels]
         mid = max(1, channels[-1] // 2) if mid_channels is None and channels else mid_channels
         cfg = dict(in_channels=int(in_channels), image_size=int(image_size), channels=channels,
                    blocks=int(blocks), mid_channels=int(mid or 0), emb_dim=int(emb_dim),
-                   time_scale=float(time_scale), max_groups=int(max_groups), final_norm=bool(final_norm))
+                   time_scale=float(time_scale), max_groups=int(max_groups), final_norm=bool(final_norm),
+                   input_norm=bool(input_norm))
         self._check_config(cfg)
         super().__init__("unet", cfg, dtype, seed, backend)
         # spatial size at the input of each level, then at the bottleneck: s -> s // 2 (s/2 or (s-1)/2)
@@ -101,6 +113,8 @@ class UNet(UNetJVP, Model):
             stages[f"dec.{k}"] = self._chain(2 * c[k], outs)
         last = stages["dec.0"]
         last[-1] = (last[-1][0], last[-1][1], self.config["final_norm"])
+        first = stages["enc.0"]
+        first[0] = (first[0][0], first[0][1], self.config["input_norm"])
         return stages
 
     @staticmethod
@@ -243,14 +257,23 @@ class UNet(UNetJVP, Model):
 SEED_CONFIG = dict(in_channels=1, image_size=28, channels=[10, 20, 40, 80], blocks=3, mid_channels=40,
                    emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False)
 
-# A smaller network of the same structure for tests and quick runs on 28 x 28.
+# The report's network without the GroupNorm of the raw input (see the module docstring).
+SEED_FIXED_CONFIG = dict(SEED_CONFIG, input_norm=False)
+
+# A smaller network of the same structure for tests and quick runs on 28 x 28 (without the
+# input GroupNorm: it is not the report's network, so it does not copy that flaw).
 SMALL_CONFIG = dict(in_channels=1, image_size=28, channels=[8, 16, 32], blocks=2, mid_channels=16,
-                    emb_dim=32, time_scale=1000.0, max_groups=8, final_norm=False)
+                    emb_dim=32, time_scale=1000.0, max_groups=8, final_norm=False, input_norm=False)
 
 
 def unet_seed(dtype=np.float32, seed=0, backend=None, **overrides):
     """The report's UNet; `overrides` change any key of SEED_CONFIG."""
     return UNet(dtype=dtype, seed=seed, backend=backend, **{**SEED_CONFIG, **overrides})
+
+
+def unet_seed_fixed(dtype=np.float32, seed=0, backend=None, **overrides):
+    """The report's UNet with one change: no GroupNorm on the raw input (SEED_FIXED_CONFIG)."""
+    return UNet(dtype=dtype, seed=seed, backend=backend, **{**SEED_FIXED_CONFIG, **overrides})
 
 
 def unet_small(dtype=np.float32, seed=0, backend=None, **overrides):
