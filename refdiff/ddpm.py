@@ -205,7 +205,9 @@ def ddim_timesteps(num_steps, steps, spacing="uniform"):
             raise ValueError(f"quadratic spacing gives only {len(tau)} distinct steps out of {num_steps} "
                              f"for steps={steps}; use fewer steps or another spacing")
     elif spacing == "trailing":
-        tau = np.round(np.arange(num_steps, 0, -num_steps / steps)).astype(int) - 1
+        # not np.arange(N, 0, -N / S): with a float step that can yield S + 1 entries, the last
+        # rounding to -1 (e.g. N = 1000, S = 61), which would index abar from the end
+        tau = np.round(num_steps - np.arange(steps) * (num_steps / steps)).astype(int) - 1
     else:
         raise ValueError(f"DDIM spacing must be one of {DDIM_SPACINGS}; got {spacing!r}")
     return np.sort(tau)[::-1].copy()
@@ -304,6 +306,18 @@ def schedule_from_meta(meta):
     return DDPMSchedule(**cfg)
 
 
+def vp_for_schedule(schedule):
+    """The VP SDE whose discretisation is `schedule`: beta(t) = N beta_{tN}, so a linear chain
+    beta_start -> beta_end over N steps is VP(N beta_start, N beta_end) (Song et al. 2021,
+    appendix B; the report's chain gives VP(0.1, 20)). A cosine chain has no linear-beta VP
+    SDE: ValueError."""
+    if schedule.kind != "linear":
+        raise ValueError(f"the em sampler needs a linear DDPM schedule (its VP SDE limit); this model was "
+                         f"trained on a {schedule.kind!r} schedule: use --sampler ddpm or ddim")
+    N = schedule.num_steps
+    return VP(N * schedule.beta_start, N * schedule.beta_end)
+
+
 def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=0.0, variance="beta",
                            spacing=None, clip=False, batch=256, return_trajectory=False, frames=None):
     """n samples from an eps-model loaded by refdiff.checkpoint.load_model, reshaped to the
@@ -328,7 +342,7 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
                    spacing=spacing or "uniform", clip=clip, **common)
     else:
         out = em_vp(model, shape, rng, steps=1000 if steps is None else steps, spacing=spacing or "uniform",
-                    **common)
+                    sde=vp_for_schedule(schedule), **common)
     image_shape = tuple((meta or {}).get("image_shape") or shape[1:])
     x, traj = out if return_trajectory else (out, None)
     x = x.reshape((int(n),) + image_shape)
@@ -336,4 +350,4 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
 
 
 __all__ = ["SAMPLERS", "model_time", "model_input_shape", "ddpm_loss", "ancestral", "ddim_timesteps",
-           "ddim", "em_vp", "schedule_from_meta", "sample_from_checkpoint"]
+           "ddim", "em_vp", "schedule_from_meta", "vp_for_schedule", "sample_from_checkpoint"]

@@ -278,6 +278,38 @@ def test_ddim_timesteps():
     assert list(ddpm.ddim_timesteps(10, 10, "uniform")) == list(range(9, -1, -1))
 
 
+@pytest.mark.parametrize("spacing", ["uniform", "trailing"])
+@pytest.mark.parametrize("num_steps", [1000, 100, 7])
+def test_ddim_timesteps_every_step_count(spacing, num_steps):
+    """Exactly `steps` distinct indices in [0, N-1] for every step count (float-step arange
+    once gave S + 1 trailing indices ending in -1, e.g. N = 1000, S = 61)."""
+    for steps in range(1, num_steps + 1):
+        tau = ddpm.ddim_timesteps(num_steps, steps, spacing)
+        assert len(tau) == steps == len(set(tau.tolist())), (steps, tau)
+        assert tau.min() >= 0 and tau.max() <= num_steps - 1, (steps, tau)
+        assert np.all(np.diff(tau) < 0)
+        if spacing == "trailing":
+            assert tau[0] == num_steps - 1
+
+
+def test_em_sampler_uses_the_checkpoints_schedule():
+    """sample_from_checkpoint's em sampler runs the VP SDE of the recorded chain,
+    beta(t) = N beta_{tN}: VP(0.1, 20) for the report's, VP(0.5, 50) for N = 100 from 5e-3 to
+    0.5 (here checked through the oracle: the final image is x0 for the right SDE only); a
+    cosine chain is refused."""
+    assert (ddpm.vp_for_schedule(SCHED).beta_min, ddpm.vp_for_schedule(SCHED).beta_max) == pytest.approx((0.1, 20))
+    sched = dict(num_steps=100, beta_start=5e-3, beta_end=0.5)
+    sde = ddpm.vp_for_schedule(DDPMSchedule(**sched))
+    assert (sde.beta_min, sde.beta_max) == pytest.approx((0.5, 50.0))
+    m = Oracle(X0, lambda t: np.exp(2 * sde.log_gamma(t)))
+    x = ddpm.sample_from_checkpoint(m, {"ddpm_schedule": sched, "image_shape": list(X0.shape)}, 50,
+                                    np.random.default_rng(0), sampler="em", steps=200)
+    assert_close(x, np.broadcast_to(X0, x.shape), **F64, name="em with the checkpoint's VP")
+    with pytest.raises(ValueError, match="linear DDPM schedule"):
+        ddpm.sample_from_checkpoint(m, {"ddpm_schedule": dict(kind="cosine")}, 2, np.random.default_rng(0),
+                                    sampler="em")
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda m: ddpm.ddim(m, SCHED, (2, 1, 8, 8), np.random.default_rng(0), steps=0), "steps"),
     (lambda m: ddpm.ddim(m, SCHED, (2, 1, 8, 8), np.random.default_rng(0), steps=1001), "steps"),
