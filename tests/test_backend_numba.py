@@ -116,7 +116,7 @@ def test_check_op_catches_a_wrong_kernel():
         check_op("conv2d", broken, args, np.float32, dict(stride=1, padding=1))
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "em_vp"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ancestral-clip", "ddim", "em_vp"])
 def test_unet_samples_unchanged(sampler):
     """refdiff.ddpm's samplers run unchanged on a numba-backed UNet (its ddpm_step / em_step
     ops do the updates) and give the reference's images from the same seed."""
@@ -127,8 +127,12 @@ def test_unet_samples_unchanged(sampler):
     out = {}
     for name in ("numpy", "numba"):
         m = make_model("unet", dtype=np.float64, backend=name, **cfg)
-        if sampler == "ancestral":
-            out[name] = ddpm.ancestral(m, DDPMSchedule(num_steps=4), (3, 1, 6, 6), np.random.default_rng(3))
+        if sampler.startswith("ancestral"):
+            out[name] = ddpm.ancestral(m, DDPMSchedule(num_steps=4), (3, 1, 6, 6), np.random.default_rng(3),
+                                       clip=sampler.endswith("clip"))
+        elif sampler == "ddim":
+            out[name] = ddpm.ddim(m, DDPMSchedule(num_steps=4), (3, 1, 6, 6), np.random.default_rng(3), steps=2,
+                                  eta=0.5)
         else:
             out[name] = ddpm.em_vp(m, (3, 1, 6, 6), np.random.default_rng(3), steps=4)
     assert np.abs(out["numpy"]).max() > 0.1
