@@ -178,6 +178,8 @@ TINY_UNETS = {   # between them every code path: odd (7 -> 3 -> 1) and even size
                 time_scale=0.5, max_groups=2, final_norm=False),
     "even": dict(in_channels=1, image_size=4, channels=[4, 2], blocks=3, mid_channels=2, emb_dim=3,
                  time_scale=0.5, max_groups=4, final_norm=True),
+    "skip": dict(in_channels=1, image_size=6, channels=[2, 4], blocks=1, mid_channels=2, emb_dim=4,
+                 time_scale=0.5, max_groups=2, final_norm=False, input_norm=False, input_skip=True),
 }
 
 

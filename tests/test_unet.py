@@ -19,6 +19,8 @@ TINY = {
                 time_scale=0.01, max_groups=2, final_norm=False),
     "even": dict(in_channels=1, image_size=4, channels=[4, 2], blocks=3, mid_channels=2, emb_dim=3,
                  time_scale=0.5, max_groups=4, final_norm=True),
+    "skip": dict(in_channels=1, image_size=6, channels=[2, 4], blocks=1, mid_channels=2, emb_dim=4,
+                 time_scale=0.01, max_groups=2, final_norm=False, input_norm=False, input_skip=True),
 }
 
 
@@ -247,3 +249,18 @@ def test_seed_unet_cannot_see_input_brightness_and_the_fixed_one_can():
         m.backward(rng.standard_normal((2, 1, 28, 28)))
         assert np.abs(m.grads[dead]).max() < 1e-9, dead
     assert np.abs(fixed.grads["enc.0.time.2.weight"]).max() > 1e-6
+
+
+def test_skip_variant_adds_the_vp_std_times_x():
+    """unet-seed-skip = unet-seed-fixed + c(t) x with c(t) = std_t of VP(0.1, 20), same
+    parameters; its input gradient carries the c(t) dy of the skip."""
+    from refdiff.sde import VP
+    rng = np.random.default_rng(2)
+    fixed, skip = (make_model(n, dtype=np.float64, seed=4) for n in ("unet-seed-fixed", "unet-seed-skip"))
+    assert skip.num_parameters() == 1_335_486
+    x, t = rng.standard_normal((3, 1, 28, 28)), np.array([0.001, 0.3, 1.0])
+    c = VP(0.1, 20.0).marginal_coeffs(t)[1].reshape(-1, 1, 1, 1)
+    assert_close(skip.forward(x, t), fixed.forward(x, t) + c * x, **TOL[np.dtype(np.float64)])
+    dy = rng.standard_normal(x.shape)
+    fixed.forward(x, t)
+    assert_close(skip.backward(dy), fixed.backward(dy) + c * dy, **TOL[np.dtype(np.float64)])

@@ -14,6 +14,7 @@ MODELS = {
     "mlp": "refdiff.nn.mlp:ScoreMLP",
     "unet-seed": "refdiff.nn.unet:unet_seed",
     "unet-seed-fixed": "refdiff.nn.unet:unet_seed_fixed",
+    "unet-seed-skip": "refdiff.nn.unet:unet_seed_skip",
     "unet-small": "refdiff.nn.unet:unet_small",
     "unet": "refdiff.nn.unet:UNet",
     "classifier": "refdiff.nn.classifier:Classifier",

@@ -58,6 +58,10 @@ class UNetJVP:
             tape.append(("concat", k, cache))
             h, hd = self._stage_jvp(f"dec.{k}", h, hd, emb, tape)
         y, yd = self._conv_jvp("out", h, hd, 1, 1, False, tape)
+        self._jvp_skip = None
+        if c.get("input_skip"):                       # eps = c(t) x + net: tangent c(t) v + net's
+            self._jvp_skip = self.skip_coefficient(t_host)
+            y, yd = y + self._jvp_skip * x.astype(self.dtype, copy=False), yd + self._jvp_skip * v.astype(self.dtype, copy=False)
         self._jvp_tape, self._jvp_out_shape = tape, tuple(y.shape)
         return y, yd
 
@@ -112,7 +116,7 @@ class UNetJVP:
                 raise ValueError(f"model {self.name!r}: {name} must have the output's shape "
                                  f"{self._jvp_out_shape}; got {tuple(a.shape)}")
         dy, dyd = dy.astype(self.dtype, copy=False), dyd.astype(self.dtype, copy=False)
-        d_skips = {}
+        dy_out, d_skips = dy, {}
         for op, name, cache in reversed(self._jvp_tape):
             if op == "skip":                          # the encoder output also fed dec.k
                 ds, dsd = d_skips.pop(name)
@@ -128,6 +132,8 @@ class UNetJVP:
                 dy, dyd, dw, db = getattr(T, op + "_jvp_backward")(dy, dyd, cache)
                 self.accumulate(name + ".weight", dw)
                 self.accumulate(name + ".bias", db)
+        if getattr(self, "_jvp_skip", None) is not None:   # c(t) v does not depend on x
+            dy = dy + self._jvp_skip * dy_out
         self._jvp_tape = None
         return dy
 
