@@ -101,12 +101,16 @@ def _normal(model, rng, shape):
     return model.ops.asarray(rng.standard_normal(shape))
 
 
+def _check_frames(frames):
+    if frames is not None and not (isinstance(frames, (int, np.integer)) and frames >= 2):
+        raise ValueError(f"frames must be an integer >= 2 (or None for every step); got {frames!r}")
+
+
 class _Recorder:
     """Keeps `frames` evenly spaced states out of `total` (+1 for the start), as host float32."""
 
     def __init__(self, total, frames, to_numpy):
-        if frames is not None and not (isinstance(frames, (int, np.integer)) and frames >= 2):
-            raise ValueError(f"frames must be an integer >= 2 (or None for every step); got {frames!r}")
+        _check_frames(frames)
         n = total + 1 if frames is None else min(frames, total + 1)
         self.keep = set(np.round(np.linspace(0, total, n)).astype(int).tolist())
         self.states, self.k, self.to_numpy = [], 0, to_numpy
@@ -136,7 +140,7 @@ def _chunked(model, run, shape, batch, return_trajectory, total, frames):
     shape = _check_shape(shape)
     to_numpy = model.ops.to_numpy
     if return_trajectory:
-        _Recorder(total, frames, to_numpy)          # validates `frames` before any work
+        _check_frames(frames)                       # before any work
     outs, trajs = [], []
     for start in range(0, shape[0], batch):
         rec = _Recorder(total, frames, to_numpy) if return_trajectory else None

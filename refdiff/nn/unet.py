@@ -188,8 +188,10 @@ class UNet(UNetJVP, Model):
         (B, 1, 1, 1) on the backend. eps_theta = c(t) x + network: c(t) x is E[eps | x_t] for
         unit-variance Gaussian data, and carries x_t's mean and scale, which every GroupNorm of
         this residual-free network removes (EDM's c_skip, Karras et al. 2022, in eps form)."""
-        t = np.asarray(t_host, dtype=np.float64)
-        c = np.sqrt(-np.expm1(-(0.1 * t + 0.5 * (20.0 - 0.1) * t * t)))
+        from ..sde import VP
+        # VP's marginal std, sqrt(1 - e^{2 log_gamma}), without its t in [0, T] check: the
+        # network accepts any t (its time_scale decides what t means), and so does the skip
+        c = np.sqrt(-np.expm1(2 * VP(0.1, 20.0).log_gamma(t_host)))
         return self.ops.asarray(c.astype(self.dtype).reshape(-1, 1, 1, 1))
 
     def _stage(self, name, h, emb, tape):

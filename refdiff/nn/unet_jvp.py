@@ -61,7 +61,8 @@ class UNetJVP:
         self._jvp_skip = None
         if c.get("input_skip"):                       # eps = c(t) x + net: tangent c(t) v + net's
             self._jvp_skip = self.skip_coefficient(t_host)
-            y, yd = y + self._jvp_skip * x.astype(self.dtype, copy=False), yd + self._jvp_skip * v.astype(self.dtype, copy=False)
+            y = y + self._jvp_skip * x.astype(self.dtype, copy=False)
+            yd = yd + self._jvp_skip * v.astype(self.dtype, copy=False)
         self._jvp_tape, self._jvp_out_shape = tape, tuple(y.shape)
         return y, yd
 
