@@ -19,8 +19,10 @@ TOL = {
 }
 
 
-def numerical_grad(f, x, h=1e-6):
-    """Central differences of the scalar function f() with respect to array x (in place)."""
+def numerical_grad(f, x, h=1e-6, diff=None):
+    """Central differences of the scalar function f() with respect to array x (in place):
+    (f(x + h) - f(x - h)) / 2h per entry, or diff(f(x + h), f(x - h)) / 2h when f returns
+    something else (see numerical_vjp)."""
     g = np.zeros_like(x, dtype=np.float64)
     it = np.nditer(x, flags=["multi_index"])
     for _ in it:
@@ -31,7 +33,7 @@ def numerical_grad(f, x, h=1e-6):
         x[i] = old - h
         fm = f()
         x[i] = old
-        g[i] = (fp - fm) / (2 * h)
+        g[i] = (fp - fm if diff is None else diff(fp, fm)) / (2 * h)
     return g
 
 
@@ -40,18 +42,8 @@ def numerical_vjp(fy, dy, x, h=1e-6):
     the outputs before the sum: sum((y(x+h) - y(x-h)) dy) / 2h. Outputs the perturbation
     does not touch cancel exactly, so the rounding error scales with the entries that
     change, not with |L| (summing first left ~1e-8 of noise on 1,000-entry outputs)."""
-    g = np.zeros_like(x, dtype=np.float64)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        yp = np.array(fy(), dtype=np.float64)
-        x[i] = old - h
-        ym = np.array(fy(), dtype=np.float64)
-        x[i] = old
-        g[i] = np.sum((yp - ym) * dy) / (2 * h)
-    return g
+    return numerical_grad(lambda: np.array(fy(), dtype=np.float64), x, h,
+                          diff=lambda yp, ym: np.sum((yp - ym) * dy))
 
 
 def assert_close(actual, expected, rtol, atol, name="value"):
