@@ -47,11 +47,19 @@ def gemm_peak_gflops(n=2048, repeats=3):
     return 2 * n ** 3 / t / 1e9
 
 
+def _threading_layer(numba):
+    """The layer numba's parallel regions ran on (known once one has run), else what is configured."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return os.environ.get("NUMBA_THREADING_LAYER", "not started (refdiff_cuda prefers omp)")
+
+
 def environment():
     import numba
     env = dict(python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
                cpus=os.cpu_count(), load_average=os.getloadavg(), machine=platform.machine(),
-               numba_threading_layer=os.environ.get("NUMBA_THREADING_LAYER", "workqueue (refdiff_cuda default)"))
+               numba_threading_layer=_threading_layer(numba))
     try:
         import torch
         env["torch"] = torch.__version__

@@ -1,12 +1,13 @@
 """One DDPM training step (forward, backward, Adam) of unet-seed: reference vs numba vs PyTorch.
 
-    python benchmarks/train_step.py [--batch 128] [--repeats 5] [--threads 2]
+    python benchmarks/train_step.py [--batch 128] [--rounds 3] [--block 4] [--threads 2]
                                     [--out benchmarks/results/train_step.json]
 
 Every implementation takes the same step on the same data (eps-prediction MSE, Adam lr
-1e-4), timed interleaved (one step of each per round, `repeats` rounds, medians), so that
-the ratios come from one run under the same machine load. The NumPy reference is timed
-`--ref-repeats` times only (it is slow). PyTorch 2.x CPU is timed when importable, on an
+1e-4). Rounds take each implementation in turn for a block of `--block` timed steps after
+one untimed step (medians over all blocks), so that the ratios come from one run under the
+same machine load, while no implementation's first step pays for the thread pool the
+previous one left spinning. The NumPy reference runs in `--ref-rounds` rounds only (slow). PyTorch 2.x CPU is timed when importable, on an
 equivalent network (torch_unet.py) loaded with the same weights and checked to produce
 the same output first; skipped otherwise. GFLOP/s use 181 MFLOP per image (forward 30.17 M
 multiply-adds, x2 flops, x3 for forward + backward) against the float32 GEMM rate of
@@ -74,8 +75,9 @@ def torch_step(model_ref, x, t, eps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--ref-repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=4, help="timed steps per implementation per round")
+    ap.add_argument("--ref-rounds", type=int, default=2, help="rounds that also time the (slow) reference")
     ap.add_argument("--threads", type=int, default=2, help="threads of numba, NumPy's BLAS and torch alike")
     ap.add_argument("--backends", default="numba", help="comma-separated refdiff_cuda backends besides numpy")
     ap.add_argument("--no-torch", action="store_true")
@@ -107,18 +109,18 @@ def main(argv=None):
             notes["torch"] = f"skipped: {exc}"
     peak = gemm_peak_gflops()
 
+    steps["numpy"] = ref_step
     times = {k: [] for k in steps}
-    times["numpy"] = []
-    for r in range(a.repeats):
-        for k, f in steps.items():
-            times[k].append(median_time(f, 1)[0])
-        if r < a.ref_repeats:
-            times["numpy"].append(median_time(ref_step, 1)[0])
+    for r in range(a.rounds):        # blocks, not single steps, in turn: a thread pool that has just
+        for k, f in steps.items():   # run (libgomp's spinning workers, OpenBLAS's) slows the next one's first step
+            if r < a.ref_rounds or k != "numpy":
+                f()                  # untimed: absorbs the switch from the previous implementation
+                times[k] += median_time(f, a.block)[1]
     res = {k: float(np.median(v)) for k, v in times.items()}
     best = {k: float(np.min(v)) for k, v in times.items()}
     gflops = {k: MFLOP_PER_IMAGE * B / 1e3 / v for k, v in res.items()}
     out = dict(benchmark="unet-seed training step (forward + backward + Adam), float32", batch=B,
-               threads=a.threads, repeats=a.repeats, seconds_median=res, seconds_min=best, seconds_all=times,
+               threads=a.threads, rounds=a.rounds, block=a.block, ref_rounds=a.ref_rounds, seconds_median=res, seconds_min=best, seconds_all=times,
                gflops=gflops, gemm_peak_gflops_float32=peak,
                fraction_of_peak={k: v / peak for k, v in gflops.items()},
                speedup_vs_reference={k: res["numpy"] / v for k, v in res.items()},

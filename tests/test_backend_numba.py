@@ -137,3 +137,22 @@ def test_unet_samples_unchanged(sampler):
             out[name] = ddpm.em_vp(m, (3, 1, 6, 6), np.random.default_rng(3), steps=4)
     assert np.abs(out["numpy"]).max() > 0.1
     assert_agree(out["numba"], out["numpy"], TOL[np.dtype(np.float64)], f"{sampler}, 4 steps")
+
+
+@pytest.mark.parametrize("shape, w_shape, stride, padding, path", [
+    ((3, 4, 28, 28), (5, 4, 3, 3), 1, 1, "wide"),     # unet-seed's 28 x 28 layers (odd channel counts)
+    ((2, 3, 7, 9), (4, 3, 3, 2), 1, 0, "wide"),       # non-square kernel, no padding
+    ((2, 6, 3, 3), (5, 6, 3, 3), 1, 1, "dense"),      # unet-seed's 3 x 3 stage
+    ((2, 6, 1, 1), (5, 6, 3, 3), 1, 1, "dense"),      # its 1 x 1 mid stage: only the centre tap
+    ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "dense"),      # the 3 -> 1 downsample
+    ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "v2"),         # stride 2 on a large image: version 2
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_v4_paths(shape, w_shape, stride, padding, path, dtype):
+    """Each of conv2d v4's three paths is taken where its docstring says, and agrees."""
+    be = rc.get_backend("numba", versions={"conv2d": 4})
+    rng = np.random.default_rng(1)
+    x, w, b = rng.standard_normal(shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    _, cache = be.conv2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
+    assert cache[0] == path
+    check_op("conv2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))

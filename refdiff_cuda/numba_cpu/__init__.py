@@ -7,14 +7,15 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
                    time_embedding 1  mse 1  adam_update 1,2  ddpm_step 1,2  em_step 1,2
     conv.py        conv2d 1,2,3  conv_transpose2d 1,2  max_pool2d 1
                    (3 = im2col fused with a per-chunk GEMM in the core's L2 cache)
+    conv_v4.py     conv2d 4 (wide-row im2col per chunk; a dense matrix for tiny images)
     norm.py        group_norm 1,2  group_norm_silu 1,2
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
-Threads: numba's workqueue layer (set below) is the only thread pool; scipy's OpenBLAS,
+Threads: numba's threading layer (omp where available, see below) is the only thread pool; scipy's OpenBLAS,
 which the kernels call, is pinned to one thread, and NumPy's is never called by versions
 >= 2. Results of reductions split across threads (weight gradients) depend on the
 thread count in the last bits; they agree with the reference within refdiff_cuda.testing.TOL.
-Not thread-safe: do not call the backend from several Python threads at once (workqueue).
+Not thread-safe: do not call the backend from several Python threads at once.
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
 ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
@@ -26,17 +27,22 @@ import os
 import numba
 import numpy as np
 
-# Threading layer: numba's own "workqueue" unless the user chose one (NUMBA_THREADING_LAYER).
-# Measured here (2 cores shared with other jobs): an empty parallel region costs 12 ms with
-# the OpenMP layer (libgomp's sleeping workers wait a scheduler slice to wake) and 55 us with
-# workqueue; a UNet step launches ~700 regions. Must be set before the first parallel call.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# Threading layer: OpenMP where numba has it, else its own "workqueue", unless the user chose
+# one (NUMBA_THREADING_LAYER / NUMBA_THREADING_LAYER_PRIORITY). Measured on the quiet 2-core
+# machine (benchmarks/results/threading_layer.json): a unet-seed training step took 0.52 s
+# with omp and 0.62-0.94 s with workqueue, whose second worker often sat idle (a 2-way split
+# GEMM ran 1.36x, not 2x, faster). On a machine shared with other CPU jobs it is the other way
+# round: libgomp's sleeping workers wait a scheduler slice to wake, and an empty parallel
+# region cost 12 ms with omp against 55 us with workqueue (a step launches ~700 regions);
+# there, set NUMBA_THREADING_LAYER=workqueue. Must be set before the first parallel call.
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 from .. import _ops  # noqa: E402
-from . import conv, functional, norm  # noqa: E402
+from . import conv, conv_v4, functional, norm  # noqa: E402
 
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
+KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4)}
 
 
 def make_backend(versions=None):

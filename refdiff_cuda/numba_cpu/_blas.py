@@ -68,7 +68,7 @@ def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
 # 0.4 ms on one thread and 8 ms on two under load; a batch-8 UNet step 2.1 s vs 0.3 s). The
 # numba backend therefore never calls it: products run as single-threaded GEMMs, one per
 # column chunk (or per chunk of the summed dimension, partials added after) in a numba
-# parallel loop, so that numba's workqueue is the only thread pool in play.
+# parallel loop, so that numba's threading layer is the only thread pool in play.
 _SMALL = 1 << 20        # multiply-adds below which one serial GEMM call beats splitting
 
 
