@@ -5,8 +5,8 @@
 
 A full run is 1000 network evaluations plus 1000 `ddpm_step` updates (Ho et al. 2020,
 Alg. 2, sigma_t^2 = beta_t). Every step costs the same (same shapes), so only
-`--timed-steps` steps (the last ones of the chain, t = timed-steps .. 1) are timed, per
-backend, interleaved, and images/s = batch / (median step time x 1000): a scaled figure,
+`--timed-steps` steps (the last ones of the chain, t = timed-steps .. 1) are timed, one
+backend after the other (after an untimed warm-up step each), and images/s = batch / (median step time x 1000): a scaled figure,
 reported as such. Both backends start from the same noise and draw the same z; the JSON
 records how far apart their samples end (float32).
 """
@@ -47,11 +47,10 @@ def main(argv=None):
     zs = rng.standard_normal((a.timed_steps, a.batch, 1, size, size)).astype(np.float32)
     xs = {n: models[n].ops.asarray(x0) for n in names}
     times = {n: [] for n in names}
-    for n in names:                                   # warm-up (numba compiles here)
-        models[n].forward(xs[n][:2], np.full(2, 0.5))
-    for k, i in enumerate(range(a.timed_steps - 1, -1, -1)):   # i = step index, t = (i + 1) / N
-        for n in names:
-            m, ops = models[n], models[n].ops
+    for n in names:        # one backend at a time: a thread pool left spinning (OpenBLAS's, libgomp's)
+        m, ops = models[n], models[n].ops            # must not slow the other's steps
+        m.forward(xs[n], np.full(a.batch, 0.5))      # warm-up, untimed (numba compiles here)
+        for k, i in enumerate(range(a.timed_steps - 1, -1, -1)):   # i = step index, t = (i + 1) / N
             t0 = time.perf_counter()
             eps = m.forward(xs[n], np.full(a.batch, (i + 1) / N))
             z = ops.asarray(zs[k]) if i > 0 else None

@@ -146,13 +146,37 @@ def test_unet_samples_unchanged(sampler):
     ((2, 6, 1, 1), (5, 6, 3, 3), 1, 1, "dense"),      # its 1 x 1 mid stage: only the centre tap
     ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "dense"),      # the 3 -> 1 downsample
     ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "v2"),         # stride 2 on a large image: version 2
+    ((2, 17, 5, 6), (19, 17, 3, 3), 1, 1, "wide"),    # v5: channel blocks of 8, 8, 3 and 8, 8, 1 (dx)
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_conv2d_v4_paths(shape, w_shape, stride, padding, path, dtype):
-    """Each of conv2d v4's three paths is taken where its docstring says, and agrees."""
-    be = rc.get_backend("numba", versions={"conv2d": 4})
+@pytest.mark.parametrize("version", [4, 5])
+def test_conv2d_v4_v5_paths(shape, w_shape, stride, padding, path, dtype, version):
+    """Each of conv2d v4's three paths (v5: "simd" for v4's "wide", v4's own dense path) is
+    taken where its docstring says, and agrees with the reference."""
+    be = rc.get_backend("numba", versions={"conv2d": version})
     rng = np.random.default_rng(1)
     x, w, b = rng.standard_normal(shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
     _, cache = be.conv2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
+    if version == 5:
+        path = {"wide": "simd", "dense": "v4"}.get(path, path)
     assert cache[0] == path
     check_op("conv2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("MR, K, npix", [(1, 1, 1), (3, 5, 17), (8, 90, 840), (5, 2, 33)])
+def test_simd_kernel_is_a_gemm(dtype, MR, K, npix):
+    """The LLVM IR micro-kernel: y[r, n] = sum_k w[r, k] x[off[k] + n], whole vectors written,
+    against a float64 NumPy product (any offsets, including overlapping and unsorted ones)."""
+    from refdiff_cuda.numba_cpu import _simd
+    from refdiff_cuda.numba_cpu.conv_v5 import NV
+    rng = np.random.default_rng(MR * 1000 + K)
+    L = _simd.LANES[np.dtype(dtype)] * NV
+    npad = -(-npix // L) * L
+    x = rng.standard_normal(50 + npad).astype(dtype)
+    off = rng.integers(0, 50, K).astype(np.int64)
+    w = rng.standard_normal((MR, K)).astype(dtype)
+    y = np.full((MR, npad), np.nan, dtype)
+    _simd.call(MR, NV, x, off, K, w, K, y, npad, npix)
+    ref = w.astype(np.float64) @ np.stack([x[o:o + npad] for o in off]).astype(np.float64)
+    assert_agree(y, ref, TOL[np.dtype(dtype)], f"simd kernel MR={MR} K={K} npix={npix}")

@@ -26,7 +26,7 @@ def test_bad_versions():
     pytest.importorskip("numba")
     with pytest.raises(ValueError, match="no kernels for op 'softmax'"):
         rc.get_backend("numba", versions={"softmax": 1})
-    with pytest.raises(ValueError, match=r"'conv2d' has versions \[1, 2, 3, 4\]; got 7"):
+    with pytest.raises(ValueError, match=r"'conv2d' has versions \[1, 2, 3, 4, 5\]; got 7"):
         rc.get_backend("numba", versions={"conv2d_forward": 7})
     with pytest.raises(ValueError, match="versions must be"):
         rc.get_backend("numba", versions="fast")
