@@ -147,6 +147,7 @@ def test_unet_samples_unchanged(sampler):
     ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "dense"),      # the 3 -> 1 downsample
     ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "v2"),         # stride 2 on a large image: version 2
     ((2, 17, 5, 6), (19, 17, 3, 3), 1, 1, "wide"),    # v5: channel blocks of 8, 8, 3 and 8, 8, 1 (dx)
+    ((2, 3, 12, 13), (7, 3, 3, 3), 1, 1, "wide"),     # v5: SIMD dw (>= 128 wide pixels), 7 -> 8 rows, 27 -> 30 taps
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("version", [4, 5])

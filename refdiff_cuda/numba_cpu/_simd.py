@@ -88,6 +88,55 @@ def _ir(MR, NV, dtype):
     return "\n".join(lines)
 
 
+def _ir_dw(MR, KR, dtype):
+    """IR text of the weight-gradient kernel for MR rows x KR taps (see dw_kernel)."""
+    t = _TY[np.dtype(dtype)]
+    L = LANES[np.dtype(dtype)]
+    v = f"<{L} x {t}>"
+    sfx = f"v{L}{'f32' if t == 'float' else 'f64'}"
+    acc = [(r, j) for r in range(MR) for j in range(KR)]
+    lines = [f"declare {v} @llvm.fma.{sfx}({v}, {v}, {v})",
+             f"declare {t} @llvm.vector.reduce.fadd.{sfx}({t}, {v})",
+             f"define void @ukdw({t}* noalias %dy, i64 %lddy, {t}* noalias %x, i64* noalias %off, "
+             f"{t}* noalias %dw, i64 %lddw, i64 %npix) #0 {{",
+             "entry:"]
+    for j in range(KR):
+        lines += [f"  %op{j} = getelementptr i64, i64* %off, i64 {j}",
+                  f"  %o{j} = load i64, i64* %op{j}"]
+    lines += ["  br label %nloop", "nloop:", "  %n = phi i64 [0, %entry], [%nnext, %nloop]"]
+    for r, j in acc:
+        lines.append(f"  %a{r}_{j} = phi {v} [zeroinitializer, %entry], [%f{r}_{j}, %nloop]")
+    for r in range(MR):
+        lines += [f"  %dr{r} = mul i64 %lddy, {r}",
+                  f"  %di{r} = add i64 %dr{r}, %n",
+                  f"  %dp{r} = getelementptr {t}, {t}* %dy, i64 %di{r}",
+                  f"  %dq{r} = bitcast {t}* %dp{r} to {v}*",
+                  f"  %dv{r} = load {v}, {v}* %dq{r}, align 4"]
+    for j in range(KR):
+        lines += [f"  %xi{j} = add i64 %o{j}, %n",
+                  f"  %xp{j} = getelementptr {t}, {t}* %x, i64 %xi{j}",
+                  f"  %xq{j} = bitcast {t}* %xp{j} to {v}*",
+                  f"  %xv{j} = load {v}, {v}* %xq{j}, align 4"]
+    for r, j in acc:
+        lines.append(f"  %f{r}_{j} = call {v} @llvm.fma.{sfx}({v} %dv{r}, {v} %xv{j}, {v} %a{r}_{j})")
+    lines += [f"  %nnext = add i64 %n, {L}",
+              "  %ndone = icmp sge i64 %nnext, %npix",
+              "  br i1 %ndone, label %store, label %nloop",
+              "store:"]
+    for r, j in acc:
+        lines += [f"  %s{r}_{j} = call {t} @llvm.vector.reduce.fadd.{sfx}({t} {'0.0' if t == 'float' else '0.0'}, "
+                  f"{v} %f{r}_{j})",
+                  f"  %wr{r}_{j} = mul i64 %lddw, {r}",
+                  f"  %wi{r}_{j} = add i64 %wr{r}_{j}, {j}",
+                  f"  %wp{r}_{j} = getelementptr {t}, {t}* %dw, i64 %wi{r}_{j}",
+                  f"  %wo{r}_{j} = load {t}, {t}* %wp{r}_{j}",
+                  f"  %wn{r}_{j} = fadd {t} %wo{r}_{j}, %s{r}_{j}",
+                  f"  store {t} %wn{r}_{j}, {t}* %wp{r}_{j}"]
+    lines += ["  ret void", "}",
+              'attributes #0 = { "prefer-vector-width"="512" "min-legal-vector-width"="512" nounwind }']
+    return "\n".join(lines)
+
+
 @functools.lru_cache(maxsize=None)
 def _engine():
     import llvmlite.binding as ll
@@ -100,18 +149,39 @@ def _engine():
     return ll, tm, engine
 
 
-@functools.lru_cache(maxsize=None)
-def kernel(MR, NV, dtype):
-    """Address of the compiled kernel (K >= 1 and npix >= 1 required: the loops run at least once)."""
+def _compile(ir, name):
     ll, tm, engine = _engine()
-    mod = ll.parse_assembly(_ir(MR, NV, dtype).replace("@uk(", f"@uk_{MR}_{NV}_{np.dtype(dtype).char}("))
+    mod = ll.parse_assembly(ir)
     mod.verify()
-    pto = ll.create_pipeline_tuning_options(speed_level=3)
-    pb = ll.create_pass_builder(tm, pto)
+    pb = ll.create_pass_builder(tm, ll.create_pipeline_tuning_options(speed_level=3))
     pb.getModulePassManager().run(mod, pb)
     engine.add_module(mod)
     engine.finalize_object()
-    return engine.get_function_address(f"uk_{MR}_{NV}_{np.dtype(dtype).char}")
+    return engine.get_function_address(name)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(MR, NV, dtype):
+    """Address of the compiled kernel (K >= 1 and npix >= 1 required: the loops run at least once)."""
+    name = f"uk_{MR}_{NV}_{np.dtype(dtype).char}"
+    return _compile(_ir(MR, NV, dtype).replace("@uk(", f"@{name}("), name)
+
+
+@functools.lru_cache(maxsize=None)
+def dw_kernel(MR, KR, dtype):
+    """Address of   ukdw(dy, lddy, x, off, dw, lddw, npix):
+
+        dw[r, j] += sum_{n < npix rounded up to L} dy[r lddy + n] x[off[j] + n]    r < MR, j < KR
+
+    (the weight gradient of the conv: dy rows are output channels, widened with zeros; x is
+    read as in the forward). Each thread of the sum runs over one SIMD lane, n = lane, lane + L,
+    ...; the L lane sums are then added in lane order (llvm.vector.reduce.fadd, ordered)."""
+    name = f"ukdw_{MR}_{KR}_{np.dtype(dtype).char}"
+    return _compile(_ir_dw(MR, KR, dtype).replace("@ukdw(", f"@{name}("), name)
+
+
+DW_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 
 def call(MR, NV, x, off, K, w, ldw, y, ldy, npix):
