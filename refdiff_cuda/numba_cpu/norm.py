@@ -120,6 +120,40 @@ def group_norm_silu_backward_v1(dy, cache):
 
 
 # ============================ version 2: channel-major, parallel, fused ========================
+# Plane sums in float64 with reassociation allowed: without it each sum is one chain of
+# dependent adds (4 cycles each), which LLVM may not vectorise; measured 1.33 ms for a
+# group_norm forward on unet-seed's (128, 10, 28, 28) activations, most of it in these sums.
+_SUM = dict(cache=True, fastmath={"reassoc", "nsz", "arcp", "contract"})
+
+
+@njit(**_SUM)
+def _plane_sum(x, c, b):
+    acc = 0.0
+    for s in range(x.shape[2]):
+        acc += x[c, b, s]
+    return acc
+
+
+@njit(**_SUM)
+def _plane_sqdev(x, c, b, mu):
+    acc = 0.0
+    for s in range(x.shape[2]):
+        d = np.float64(x[c, b, s] - mu)
+        acc += d * d
+    return acc
+
+
+@njit(**_SUM)
+def _plane_bwd_sums(dy, x, c, b, mu, r):
+    """(sum dy xhat, sum dy) over one (channel, sample) plane, xhat = (x - mu) r in the dtype."""
+    pg, pb = 0.0, 0.0
+    for s in range(x.shape[2]):
+        d = np.float64(dy[c, b, s])
+        pg += d * np.float64((x[c, b, s] - mu) * r)
+        pb += d
+    return pg, pb
+
+
 @njit(parallel=True, **_JIT)
 def _gn_fwd_v2(x, G, gamma, beta, eps, half, one, with_silu, y, mean, rstd):
     C, B, S = x.shape
@@ -129,15 +163,12 @@ def _gn_fwd_v2(x, G, gamma, beta, eps, half, one, with_silu, y, mean, rstd):
         b, g = task // G, task % G
         acc = 0.0
         for c in range(g * Cg, (g + 1) * Cg):
-            for s in range(S):
-                acc += x[c, b, s]
+            acc += _plane_sum(x, c, b)
         mean[b, g] = acc / n                                # stored: rounded to the dtype
         mu = mean[b, g]
         acc = 0.0
         for c in range(g * Cg, (g + 1) * Cg):
-            for s in range(S):
-                d = x[c, b, s] - mu
-                acc += d * d
+            acc += _plane_sqdev(x, c, b, mu)
         rstd[b, g] = acc / n                                # var, rounded to the dtype
         r = one / math.sqrt(rstd[b, g] + eps)
         rstd[b, g] = r
@@ -161,6 +192,12 @@ def _gn_bwd_v2(dy, x, G, gamma, beta, mean, rstd, half, one, with_silu, dx, dgam
         sg, sgx = 0.0, 0.0
         for c in range(g * Cg, (g + 1) * Cg):
             ga, be = gamma[c], beta[c]
+            if not with_silu:                               # sum_s dy ga = ga pb; sum_s dy ga xh = ga pg
+                pg, pb = _plane_bwd_sums(dy, x, c, b, mu, r)
+                dgam_p[b, c], dbet_p[b, c] = pg, pb
+                sg += ga * pb
+                sgx += ga * pg
+                continue
             pg, pb = 0.0, 0.0
             for s in range(S):
                 xh = (x[c, b, s] - mu) * r
