@@ -181,3 +181,23 @@ def test_simd_kernel_is_a_gemm(dtype, MR, K, npix):
     _simd.call(MR, NV, x, off, K, w, K, y, npad, npix)
     ref = w.astype(np.float64) @ np.stack([x[o:o + npad] for o in off]).astype(np.float64)
     assert_agree(y, ref, TOL[np.dtype(dtype)], f"simd kernel MR={MR} K={K} npix={npix}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ns, npix", [(1, 1), (3, 40), (2, 64)])
+def test_simd_dw_kernel_is_a_sum_over_samples(dtype, ns, npix):
+    """The weight-gradient micro-kernel: dw[r, j] += sum_s sum_n dy[r, s, n] x[off[j] + s sx + n]."""
+    from refdiff_cuda.numba_cpu import _simd
+    from refdiff_cuda.numba_cpu.conv_v5 import DK, DR
+    rng = np.random.default_rng(ns * 100 + npix)
+    L = _simd.LANES[np.dtype(dtype)]
+    npad, sx = -(-npix // L) * L, 70
+    dy = rng.standard_normal((DR, ns, npad)).astype(dtype)
+    x = rng.standard_normal(ns * sx + 50 + npad).astype(dtype)
+    off = rng.integers(0, 50, DK).astype(np.int64)
+    dw = rng.standard_normal((DR, DK)).astype(dtype)
+    cols = np.stack([np.concatenate([x[o + s * sx:o + s * sx + npad] for s in range(ns)]) for o in off])
+    ref = dw.astype(np.float64) + dy.reshape(DR, -1).astype(np.float64) @ cols.astype(np.float64).T
+    f = _simd.DW_SIG(_simd.dw_kernel(DR, DK, np.dtype(dtype)))
+    f(dy.ctypes.data, ns * npad, x.ctypes.data, off.ctypes.data, dw.ctypes.data, DK, npix, ns, npad, sx)
+    assert_agree(dw, ref, TOL[np.dtype(dtype)], f"simd dw kernel ns={ns} npix={npix}")

@@ -98,22 +98,28 @@ def _ir_dw(MR, KR, dtype):
     lines = [f"declare {v} @llvm.fma.{sfx}({v}, {v}, {v})",
              f"declare {t} @llvm.vector.reduce.fadd.{sfx}({t}, {v})",
              f"define void @ukdw({t}* noalias %dy, i64 %lddy, {t}* noalias %x, i64* noalias %off, "
-             f"{t}* noalias %dw, i64 %lddw, i64 %npix) #0 {{",
+             f"{t}* noalias %dw, i64 %lddw, i64 %npix, i64 %ns, i64 %sdy, i64 %sx) #0 {{",
              "entry:"]
     for j in range(KR):
         lines += [f"  %op{j} = getelementptr i64, i64* %off, i64 {j}",
                   f"  %o{j} = load i64, i64* %op{j}"]
-    lines += ["  br label %nloop", "nloop:", "  %n = phi i64 [0, %entry], [%nnext, %nloop]"]
+    lines += ["  br label %sloop", "sloop:", "  %s = phi i64 [0, %entry], [%snext, %send]"]
     for r, j in acc:
-        lines.append(f"  %a{r}_{j} = phi {v} [zeroinitializer, %entry], [%f{r}_{j}, %nloop]")
+        lines.append(f"  %b{r}_{j} = phi {v} [zeroinitializer, %entry], [%f{r}_{j}, %send]")
+    lines += ["  %dys = mul i64 %s, %sdy", "  %xs = mul i64 %s, %sx",
+              "  br label %nloop", "nloop:", "  %n = phi i64 [0, %sloop], [%nnext, %nloop]"]
+    for r, j in acc:
+        lines.append(f"  %a{r}_{j} = phi {v} [%b{r}_{j}, %sloop], [%f{r}_{j}, %nloop]")
     for r in range(MR):
         lines += [f"  %dr{r} = mul i64 %lddy, {r}",
-                  f"  %di{r} = add i64 %dr{r}, %n",
+                  f"  %ds{r} = add i64 %dr{r}, %dys",
+                  f"  %di{r} = add i64 %ds{r}, %n",
                   f"  %dp{r} = getelementptr {t}, {t}* %dy, i64 %di{r}",
                   f"  %dq{r} = bitcast {t}* %dp{r} to {v}*",
                   f"  %dv{r} = load {v}, {v}* %dq{r}, align 4"]
     for j in range(KR):
-        lines += [f"  %xi{j} = add i64 %o{j}, %n",
+        lines += [f"  %xo{j} = add i64 %o{j}, %xs",
+                  f"  %xi{j} = add i64 %xo{j}, %n",
                   f"  %xp{j} = getelementptr {t}, {t}* %x, i64 %xi{j}",
                   f"  %xq{j} = bitcast {t}* %xp{j} to {v}*",
                   f"  %xv{j} = load {v}, {v}* %xq{j}, align 4"]
@@ -121,11 +127,14 @@ def _ir_dw(MR, KR, dtype):
         lines.append(f"  %f{r}_{j} = call {v} @llvm.fma.{sfx}({v} %dv{r}, {v} %xv{j}, {v} %a{r}_{j})")
     lines += [f"  %nnext = add i64 %n, {L}",
               "  %ndone = icmp sge i64 %nnext, %npix",
-              "  br i1 %ndone, label %store, label %nloop",
+              "  br i1 %ndone, label %send, label %nloop",
+              "send:",
+              "  %snext = add i64 %s, 1",
+              "  %sdone = icmp sge i64 %snext, %ns",
+              "  br i1 %sdone, label %store, label %sloop",
               "store:"]
     for r, j in acc:
-        lines += [f"  %s{r}_{j} = call {t} @llvm.vector.reduce.fadd.{sfx}({t} {'0.0' if t == 'float' else '0.0'}, "
-                  f"{v} %f{r}_{j})",
+        lines += [f"  %s{r}_{j} = call {t} @llvm.vector.reduce.fadd.{sfx}({t} 0.0, {v} %f{r}_{j})",
                   f"  %wr{r}_{j} = mul i64 %lddw, {r}",
                   f"  %wi{r}_{j} = add i64 %wr{r}_{j}, {j}",
                   f"  %wp{r}_{j} = getelementptr {t}, {t}* %dw, i64 %wi{r}_{j}",
@@ -169,19 +178,21 @@ def kernel(MR, NV, dtype):
 
 @functools.lru_cache(maxsize=None)
 def dw_kernel(MR, KR, dtype):
-    """Address of   ukdw(dy, lddy, x, off, dw, lddw, npix):
+    """Address of   ukdw(dy, lddy, x, off, dw, lddw, npix, ns, sdy, sx):
 
-        dw[r, j] += sum_{n < npix rounded up to L} dy[r lddy + n] x[off[j] + n]    r < MR, j < KR
+        dw[r, j] += sum_{s < ns} sum_{n < npix rounded up to L} dy[r lddy + s sdy + n] x[off[j] + s sx + n]
 
-    (the weight gradient of the conv: dy rows are output channels, widened with zeros; x is
-    read as in the forward). Each thread of the sum runs over one SIMD lane, n = lane, lane + L,
-    ...; the L lane sums are then added in lane order (llvm.vector.reduce.fadd, ordered)."""
+    for r < MR, j < KR: the weight gradient of the conv over ns samples (dy rows are output
+    channels, widened with zeros; x is read as in the forward). Each of the L SIMD lanes sums
+    its own terms n = lane, lane + L, ... over all samples; the L lane sums are then added in
+    lane order (llvm.vector.reduce.fadd, ordered). npix >= 1 and ns >= 1."""
     name = f"ukdw_{MR}_{KR}_{np.dtype(dtype).char}"
     return _compile(_ir_dw(MR, KR, dtype).replace("@ukdw(", f"@{name}("), name)
 
 
 DW_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                          ctypes.c_int64)
 
 
 def call(MR, NV, x, off, K, w, ldw, y, ldy, npix):

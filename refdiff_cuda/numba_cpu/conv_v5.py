@@ -13,7 +13,7 @@ call the kernel into a per-thread wide buffer, then its valid columns (plus bias
 Backward: dx is the same forward on dy padded by k - 1 - p with w flipped (Cin <-> Cout);
 dw[co, k] = sum_n dy_wide[co, n] x[off[k] + n] (dy widened with zeros in the garbage
 columns) by a second kernel holding 4 channels x 5 taps of vector partial sums (per-thread
-dw partials, added at the end), or version 4's BLAS dw on images under _DW_MIN_PIXELS. Tiny images take version 4's dense path, other convs
+dw partials, added at the end; one call sums a chunk of samples). Tiny images take version 4's dense path, other convs
 version 2.
 """
 from __future__ import annotations
@@ -28,14 +28,14 @@ from refdiff.nn.conv import _check_conv, _conv_out
 from . import _simd
 from ._layout import cm, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
-from .conv_v4 import (_chunk, _dense_applies, _pad_planes, _wide_applies, _wide_dw, conv2d_backward_v4,
-                      conv2d_forward_v4)
+from .conv_v4 import _dense_applies, _pad_planes, _wide_applies, conv2d_backward_v4, conv2d_forward_v4
 
 MR, NV = 8, 2        # forward: output channels x vectors of pixels per kernel call (fastest measured)
 DR, DK = 4, 5        # dw: output channels x taps per kernel call (4 x 5: 75 GFLOP/s on one core)
-# Below this many wide pixels per sample the dw kernel's 20 closing lane reductions cost more
-# than its sum (7 x 7 images, 63 pixels: 6.4 ms against 3.9 ms for version 4's BLAS dw).
-_DW_MIN_PIXELS = 128
+# Pixels per dw kernel call: one sample of a 7 x 7 image is 64 (wide, rounded up), too few to
+# pay for the kernel's 20 closing lane reductions (6.4 ms against 3.9 ms for version 4's BLAS
+# dw, measured); so a call sums several samples, up to about this many pixels.
+_DW_PIXELS = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,24 +44,29 @@ def _dw_loop(dtype):
     kdw = _simd.DW_SIG(_simd.dw_kernel(DR, DK, np.dtype(dtype)))
 
     @njit(parallel=True, cache=False)
-    def loop(xp, HpWp, Wp, off, dyc, dw_part, dyw_s, ldy):
+    def loop(xp, HpWp, Wp, off, dyc, cb, dw_part, dyw_s, ldy):
         Cout, B, Ho, Wo = dyc.shape
         Cp, Kp = dw_part.shape[1], dw_part.shape[2]
         xf = xp.reshape(-1)
-        for b in prange(B):
+        sdy = cb * ldy                       # row length of a thread's widened dy buffer
+        for ch in prange((B + cb - 1) // cb):
             tid = get_thread_id()
-            dyw = dyw_s[tid]                 # rows >= Cout and columns >= Ho Wp stay 0
+            b0 = ch * cb
+            nb = min(cb, B - b0)
+            dyw = dyw_s[tid]                 # rows >= Cout and each sample's columns >= Ho Wp stay 0
             for co in range(Cout):
-                for r in range(Ho):
-                    o = r * Wp
-                    for q in range(Wo):
-                        dyw[co, o + q] = dyc[co, b, r, q]
-                    for q in range(Wo, Wp):
-                        dyw[co, o + q] = 0.0
-            dyf, dwf, xb = dyw.reshape(-1), dw_part[tid].reshape(-1), xf[b * HpWp:]
+                for bb in range(nb):
+                    for r in range(Ho):
+                        o = bb * ldy + r * Wp
+                        for q in range(Wo):
+                            dyw[co, o + q] = dyc[co, b0 + bb, r, q]
+                        for q in range(Wo, Wp):
+                            dyw[co, o + q] = 0.0
+            dyf, dwf, xb = dyw.reshape(-1), dw_part[tid].reshape(-1), xf[b0 * HpWp:]
             for c0 in range(0, Cp, DR):
                 for k0 in range(0, Kp, DK):
-                    kdw(dyf[c0 * ldy:].ctypes, ldy, xb.ctypes, off[k0:].ctypes, dwf[c0 * Kp + k0:].ctypes, Kp, ldy)
+                    kdw(dyf[c0 * sdy:].ctypes, sdy, xb.ctypes, off[k0:].ctypes, dwf[c0 * Kp + k0:].ctypes, Kp,
+                        ldy, nb, ldy, HpWp)
     return loop
 
 
@@ -165,17 +170,12 @@ def conv2d_backward_v5(dy, cache):
     Hp, Wp = H + 2 * padding, W + 2 * padding
     K, L, nw = Cin * kH * kW, _simd.LANES[np.dtype(dt)], Ho * Wp
     T = get_num_threads()
-    if nw >= _DW_MIN_PIXELS:
-        off = _taps(Cin, kH, kW, xp.shape[1], Wp, DK)
-        ldy = -(-nw // L) * L
-        Cp = -(-Cout // DR) * DR
-        dw_part = np.zeros((T, Cp, len(off)), dt)        # padded rows / taps: computed, then dropped
-        _dw_loop(dt)(xp, Hp * Wp, Wp, off, dyc, dw_part, np.zeros((T, Cp, ldy), dt), ldy)
-    else:
-        cb = _chunk(K, nw, B)
-        dw_part = np.zeros((T, Cout, K), dt)
-        _wide_dw(xp, dyc, B, Hp, Wp, kH, kW, cb, dw_part, np.empty((T, K, cb * nw), dt),
-                 np.empty((T, Cout, cb * nw), dt))
+    off = _taps(Cin, kH, kW, xp.shape[1], Wp, DK)
+    ldy = -(-nw // L) * L
+    cb = max(1, min(-(-B // T), _DW_PIXELS // ldy))   # samples per kernel call
+    Cp = -(-Cout // DR) * DR
+    dw_part = np.zeros((T, Cp, len(off)), dt)        # padded rows / taps: computed, then dropped
+    _dw_loop(dt)(xp, Hp * Wp, Wp, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
     w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])   # (Cin, Cout, kH, kW)
     dX, _ = _simd_conv(dyc, w_adj, None, kH - 1 - padding, kW - 1 - padding)
     db = dyc.sum(axis=(1, 2, 3)) if has_b else None
