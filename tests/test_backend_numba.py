@@ -201,3 +201,18 @@ def test_simd_dw_kernel_is_a_sum_over_samples(dtype, ns, npix):
     f = _simd.DW_SIG(_simd.dw_kernel(DR, DK, np.dtype(dtype)))
     f(dy.ctypes.data, ns * npad, x.ctypes.data, off.ctypes.data, dw.ctypes.data, DK, npix, ns, npad, sx)
     assert_agree(dw, ref, TOL[np.dtype(dtype)], f"simd dw kernel ns={ns} npix={npix}")
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0, 1e3])
+def test_silu_v3_kernel_and_tail(scale):
+    """silu v3 on a size that is not a multiple of 16 (kernel body + scalar tail), with
+    NaN, +-inf, +-0 and values where exp(-x) overflows, against the reference."""
+    be = rc.get_backend("numba", versions={"silu": 3})
+    rng = np.random.default_rng(int(scale * 7))
+    x = rng.standard_normal((3, 5, 33, 7)) * scale
+    flat = x.reshape(-1)
+    flat[[0, 17, 100, -1, -2, -3, -9]] = [np.nan, np.inf, -np.inf, 0.0, -0.0, -100.0, 100.0]
+    with np.errstate(invalid="ignore"):        # the reference's -inf x 0 and inf - inf: expected NaNs
+        check_op("silu", be, [x], np.float32)
+    y, _ = be.silu_forward(x.astype(np.float32))
+    assert np.isnan(y.reshape(-1)[[0, 100]]).all() and y.reshape(-1)[17] == np.inf

@@ -146,6 +146,80 @@ def _ir_dw(MR, KR, dtype):
     return "\n".join(lines)
 
 
+# Cephes' expf: exp(a) = 2^n p(r), n = round(a / ln 2), r = a - n ln 2 (ln 2 in two parts,
+# so r is exact), p a degree-7 polynomial; about 1 ulp over the clamped range.
+_EXP_P = ["1.9875691500E-4", "1.3981999507E-3", "8.3334519073E-3", "4.1665795894E-2",
+          "1.6666665459E-1", "5.0000001201E-1"]
+
+
+def _f32(c):
+    """A float32 constant as LLVM IR spells it (the double with the same value, in hex)."""
+    import struct
+    return "0x" + struct.pack(">d", float(np.float32(c))).hex().upper()   # inf: 0x7FF0000000000000
+
+
+def _ir_silu():
+    """IR text of silu32(x, y, s, n): s = sigmoid(x) = 1 / (1 + exp(-x)), y = x s, float32,
+    n a multiple of 16."""
+    v = "<16 x float>"
+
+    def splat(c):
+        return "<" + ", ".join([f"float {_f32(c)}"] * 16) + ">"
+    lines = [f"declare {v} @llvm.minnum.v16f32({v}, {v})",
+             f"declare {v} @llvm.maxnum.v16f32({v}, {v})",
+             f"declare {v} @llvm.rint.v16f32({v})",
+             f"declare {v} @llvm.fma.v16f32({v}, {v}, {v})",
+             "define void @silu32(float* noalias %x, float* noalias %y, float* noalias %s, i64 %n) #0 {",
+             "entry:",
+             "  %empty = icmp sle i64 %n, 0",
+             "  br i1 %empty, label %exit, label %loop",
+             "loop:",
+             "  %i = phi i64 [0, %entry], [%inext, %loop]",
+             "  %xp = getelementptr float, float* %x, i64 %i",
+             f"  %xq = bitcast float* %xp to {v}*",
+             f"  %xv = load {v}, {v}* %xq, align 4",
+             f"  %na = fneg {v} %xv",
+             f"  %a0 = call {v} @llvm.minnum.v16f32({v} %na, {v} {splat(88.0)})",
+             f"  %a = call {v} @llvm.maxnum.v16f32({v} %a0, {v} {splat(-87.0)})",
+             f"  %t = fmul {v} %a, {splat(1.44269504088896341)}",
+             f"  %nf = call {v} @llvm.rint.v16f32({v} %t)",
+             f"  %r0 = call {v} @llvm.fma.v16f32({v} %nf, {v} {splat(-0.693359375)}, {v} %a)",
+             f"  %r = call {v} @llvm.fma.v16f32({v} %nf, {v} {splat(2.12194440e-4)}, {v} %r0)",
+             f"  %p0 = call {v} @llvm.fma.v16f32({v} {splat(_EXP_P[0])}, {v} %r, {v} {splat(_EXP_P[1])})"]
+    for k, c in enumerate(_EXP_P[2:], start=1):
+        lines.append(f"  %p{k} = call {v} @llvm.fma.v16f32({v} %p{k - 1}, {v} %r, {v} {splat(c)})")
+    last = len(_EXP_P) - 2
+    lines += [f"  %rr = fmul {v} %r, %r",
+              f"  %q0 = call {v} @llvm.fma.v16f32({v} %p{last}, {v} %rr, {v} %r)",
+              f"  %q = fadd {v} %q0, {splat(1.0)}",
+              "  %ni = fptosi <16 x float> %nf to <16 x i32>",
+              "  %nb = add <16 x i32> %ni, " + "<" + ", ".join(["i32 127"] * 16) + ">",
+              "  %bits = shl <16 x i32> %nb, " + "<" + ", ".join(["i32 23"] * 16) + ">",
+              f"  %pw = bitcast <16 x i32> %bits to {v}",
+              f"  %e0 = fmul {v} %q, %pw",
+              f"  %big = fcmp ogt {v} %na, {splat(88.0)}",               # exp(-x) overflows: s = 0
+              f"  %e = select <16 x i1> %big, {v} {splat(np.inf)}, {v} %e0",
+              f"  %den = fadd {v} %e, {splat(1.0)}",
+              f"  %s0 = fdiv {v} {splat(1.0)}, %den",
+              f"  %nan = fcmp uno {v} %xv, %xv",                         # NaN in, NaN out (as tanh)
+              f"  %sv = select <16 x i1> %nan, {v} %xv, {v} %s0",
+              f"  %yv = fmul {v} %xv, %sv",
+              "  %yp = getelementptr float, float* %y, i64 %i",
+              f"  %yq = bitcast float* %yp to {v}*",
+              f"  store {v} %yv, {v}* %yq, align 4",
+              "  %sp = getelementptr float, float* %s, i64 %i",
+              f"  %sq = bitcast float* %sp to {v}*",
+              f"  store {v} %sv, {v}* %sq, align 4",
+              "  %inext = add i64 %i, 16",
+              "  %done = icmp sge i64 %inext, %n",
+              "  br i1 %done, label %exit, label %loop",
+              "exit:",
+              "  ret void",
+              "}",
+              'attributes #0 = { "prefer-vector-width"="512" "min-legal-vector-width"="512" nounwind }']
+    return "\n".join(lines)
+
+
 @functools.lru_cache(maxsize=None)
 def _engine():
     import llvmlite.binding as ll
@@ -190,6 +264,13 @@ def dw_kernel(MR, KR, dtype):
     return _compile(_ir_dw(MR, KR, dtype).replace("@ukdw(", f"@{name}("), name)
 
 
+@functools.lru_cache(maxsize=None)
+def silu_kernel():
+    """Address of silu32(x, y, s, n) (float32; n a multiple of 16; see _ir_silu)."""
+    return _compile(_ir_silu(), "silu32")
+
+
+SILU_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 DW_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                           ctypes.c_int64)
