@@ -37,15 +37,16 @@ def pin_scipy_blas_to_one_thread():
 
 
 @njit(cache=False)     # ctypes function pointers cannot be cached
-def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
-    """Row-major C[c_off:] (M x N, ld ldc) = A[a_off:] (M x K, ld lda) op(B)[b_off:] + beta C.
+def gemm_t(M, N, K, a, a_off, lda, transa, b, b_off, ldb, transb, c, c_off, ldc, beta):
+    """Row-major C[c_off:] (M x N, ld ldc) = op(A) op(B) + beta C, op(A) (M x K), op(B) (K x N);
+    transa: A is stored (K x M, ld lda) and read transposed; transb likewise B (N x K, ld ldb).
 
     a, b, c: 1-D C-contiguous arrays of one dtype (float32 -> sgemm, float64 -> dgemm)."""
     if M == 0 or N == 0:
         return
     ch = np.empty(2, np.uint8)
-    ch[0] = 84 if transb else 78               # column-major: C^T = op(B)^T A^T; 'T' / 'N'
-    ch[1] = 78
+    ch[0] = 84 if transb else 78               # column-major: C^T = op(B)^T op(A)^T; 'T' / 'N'
+    ch[1] = 84 if transa else 78
     ints = np.empty(6, np.int32)
     ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] = N, M, K, ldb, lda, ldc
     if a.itemsize == 4:                         # float32 (else float64)
@@ -60,6 +61,12 @@ def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
         _dgemm(ch[0:].ctypes, ch[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, sd[0:].ctypes,
                b[b_off:].ctypes, ints[3:].ctypes, a[a_off:].ctypes, ints[4:].ctypes, sd[1:].ctypes,
                c[c_off:].ctypes, ints[5:].ctypes)
+
+
+@njit(cache=False)
+def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
+    """gemm_t with A read as stored (M x K, ld lda)."""
+    gemm_t(M, N, K, a, a_off, lda, False, b, b_off, ldb, transb, c, c_off, ldc, beta)
 
 
 # --- whole matrix products on numba's threads ---------------------------------------------------
@@ -114,6 +121,30 @@ def matmul(a, b):
         _mm_serial(a, b, c)
     else:
         _mm_par(a, b, c, numba.get_num_threads())
+    return c
+
+
+@njit(parallel=True, cache=False)
+def _mm_t_par(a, transa, b, transb, c, chunks):
+    M, N = c.shape
+    K = a.shape[0] if transa else a.shape[1]
+    step = (N + chunks - 1) // chunks
+    for t in prange(chunks):
+        j0 = t * step
+        nc = min(step, N - j0)
+        if nc > 0:
+            gemm_t(M, nc, K, a.reshape(-1), 0, a.shape[1], transa, b.reshape(-1), j0 * b.shape[1] if transb else j0,
+                   b.shape[1], transb, c.reshape(-1), j0, N, 0.0)
+
+
+def matmul_t(a, transa, b, transb):
+    """op(a) @ op(b) (op = transpose where the flag is set) without copying a transpose;
+    columns of the result split over numba's threads."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b, dtype=np.asarray(a).dtype)
+    M = a.shape[1] if transa else a.shape[0]
+    N = b.shape[0] if transb else b.shape[1]
+    c = np.empty((M, N), a.dtype)
+    _mm_t_par(a, transa, b, transb, c, numba.get_num_threads() if N >= 2 * numba.get_num_threads() else 1)
     return c
 
 

@@ -35,7 +35,7 @@ from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn.conv import _check_conv, _conv_out
 
-from ._blas import gemm, matmul
+from ._blas import gemm, matmul, matmul_t
 from ._layout import cm, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
 
@@ -226,8 +226,8 @@ def conv2d_backward_v4(dy, cache):
         Cout, Cin, kH, kW = wshape
         B = X.shape[0]
         dY = np.ascontiguousarray(dy, dtype=X.dtype).reshape(B, Cout * Ho * Wo)
-        dx = matmul(dY, wdT.T).reshape(B, Cin, H, W)
-        dwd = matmul(X.T, dY)                                            # (Cin H W, Cout Ho Wo)
+        dx = matmul_t(dY, False, wdT, True).reshape(B, Cin, H, W)       # dY Wd^T, no transposed copy
+        dwd = matmul_t(X, True, dY, False)                               # X^T dY: (Cin H W, Cout Ho Wo)
         dw = _dense_fold(dwd, Cout, Cin, kH, kW, H, W, Ho, Wo, stride, padding)
         db = dY.reshape(B, Cout, Ho * Wo).sum(axis=(0, 2)) if has_b else None
         return dx, dw, db
