@@ -216,3 +216,21 @@ def test_silu_v3_kernel_and_tail(scale):
         check_op("silu", be, [x], np.float32)
     y, _ = be.silu_forward(x.astype(np.float32))
     assert np.isnan(y.reshape(-1)[[0, 100]]).all() and y.reshape(-1)[17] == np.inf
+
+
+@pytest.mark.parametrize("shape, w_shape, stride, padding, path", [
+    ((3, 4, 14, 14), (4, 5, 4, 4), 2, 1, "up"),       # unet-seed's 14 -> 28 upsample
+    ((2, 3, 1, 1), (3, 6, 4, 4), 2, 1, "up"),         # 1 -> 2: conv2d's dense path underneath
+    ((2, 3, 3, 3), (3, 4, 4, 4), 2, 1, "v2"),         # 3 -> 6: version 2 (measured faster)
+    ((2, 3, 5, 4), (3, 2, 3, 3), 1, 0, "up"),         # stride 1: no zeros inserted
+    ((2, 3, 15, 14), (3, 2, 3, 2), 2, 1, "v2"),       # non-square kernel: version 2
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_transpose2d_v3_paths(shape, w_shape, stride, padding, path, dtype):
+    """conv_transpose2d v3 takes the upsample route where its docstring says, and agrees."""
+    be = rc.get_backend("numba", versions={"conv_transpose2d": 3})
+    rng = np.random.default_rng(2)
+    x, w, b = rng.standard_normal(shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[1])
+    _, cache = be.conv_transpose2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
+    assert cache[0] == path
+    check_op("conv_transpose2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))

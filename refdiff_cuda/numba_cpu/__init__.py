@@ -9,6 +9,7 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
                    (3 = im2col fused with a per-chunk GEMM in the core's L2 cache)
     conv_v4.py     conv2d 4 (wide-row im2col per chunk; a dense matrix for tiny images)
     conv_v5.py     conv2d 5 (4 with an implicit-GEMM SIMD micro-kernel, _simd.py: LLVM IR via llvmlite)
+    convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
     norm.py        group_norm 1,2  group_norm_silu 1,2
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
@@ -41,11 +42,13 @@ if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 from .. import _ops  # noqa: E402
-from . import conv, conv_v4, conv_v5, functional, norm, silu_v3  # noqa: E402
+from . import conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3  # noqa: E402
 
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
                      5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5)}
+KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
+                               3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3)}
 KERNELS["silu"] = {**functional.KERNELS["silu"], 3: (silu_v3.silu_forward_v3, silu_v3.silu_backward_v3)}
 
 
