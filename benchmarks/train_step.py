@@ -4,10 +4,11 @@
                                     [--out benchmarks/results/train_step.json]
 
 Every implementation takes the same step on the same data (eps-prediction MSE, Adam lr
-1e-4). Rounds take each implementation in turn for a block of `--block` timed steps after
-one untimed step (medians over all blocks), so that the ratios come from one run under the
-same machine load, while no implementation's first step pays for the thread pool the
-previous one left spinning. The NumPy reference runs in `--ref-rounds` rounds only (slow). PyTorch 2.x CPU is timed when importable, on an
+1e-4), each in its own worker process (so that no library's thread pool or OpenMP runtime
+sits in another's process). Rounds take the workers in turn for a block of `--block` timed
+steps after one untimed step (medians over all blocks), so that the ratios come from one
+run under the same machine load. The NumPy reference runs in `--ref-rounds` rounds only
+(slow). PyTorch 2.x CPU is timed when importable, on an
 equivalent network (torch_unet.py) loaded with the same weights and checked to produce
 the same output first; skipped otherwise. GFLOP/s use 181 MFLOP per image (forward 30.17 M
 multiply-adds, x2 flops, x3 for forward + backward) against the float32 GEMM rate of
@@ -72,55 +73,99 @@ def torch_step(model_ref, x, t, eps):
     return step, float(diff)
 
 
+def _data(B):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (B, 1, 28, 28)).astype(np.float32)
+    t = (rng.integers(0, 1000, B) + 1) / 1000.0
+    eps = rng.standard_normal(x.shape).astype(np.float32)
+    return x, t, eps
+
+
+def _worker(conn, name, B, threads):
+    """One implementation in its own process: build, warm up, then run timed blocks on request.
+
+    A process each, because libraries interfere inside one: with torch imported, numba's
+    steps took 0.36-0.42 s instead of 0.31-0.34 s (torch loads a second libgomp)."""
+    try:
+        from _common import median_time, set_threads
+        import refdiff_cuda  # noqa: F401  (sets numba's threading layer before anything runs)
+        set_threads(threads)
+        x, t, eps = _data(B)
+        note = None
+        if name == "torch":
+            from refdiff.nn import make_model
+            step, diff = torch_step(make_model("unet-seed"), x, t, eps)
+            note = diff
+            if diff > 1e-3:
+                raise RuntimeError(f"torch network differs from refdiff's by {diff}")
+        else:
+            _, step = refdiff_step(name, x, t, eps)
+        step()                                   # compile / warm up
+        conn.send(("ready", note))
+        while True:
+            n = conn.recv()
+            if n is None:
+                return
+            step()                               # untimed: absorbs the switch from the previous process
+            conn.send(("times", median_time(step, n)[1]))
+    except ImportError as exc:
+        conn.send(("skipped", str(exc)))
+    except Exception as exc:                     # report, do not hang the parent
+        conn.send(("error", repr(exc)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--block", type=int, default=4, help="timed steps per implementation per round")
-    ap.add_argument("--ref-rounds", type=int, default=2, help="rounds that also time the (slow) reference")
+    ap.add_argument("--ref-rounds", type=int, default=3, help="rounds that also time the (slow) reference")
     ap.add_argument("--threads", type=int, default=2, help="threads of numba, NumPy's BLAS and torch alike")
     ap.add_argument("--backends", default="numba", help="comma-separated refdiff_cuda backends besides numpy")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.json"))
     a = ap.parse_args(argv)
-    from _common import environment, gemm_peak_gflops, median_time, set_threads, write_json
+    import multiprocessing as mp
+    from _common import environment, gemm_peak_gflops, set_threads, write_json
 
-    rng = np.random.default_rng(0)
     B = a.batch
-    x = rng.uniform(-1, 1, (B, 1, 28, 28)).astype(np.float32)
-    t = (rng.integers(0, 1000, B) + 1) / 1000.0
-    eps = rng.standard_normal(x.shape).astype(np.float32)
-
-    steps, notes = {}, {}
-    import refdiff_cuda  # noqa: F401  (sets numba's threading layer before anything runs)
+    names = a.backends.split(",") + ([] if a.no_torch else ["torch"]) + ["numpy"]
+    ctx = mp.get_context("spawn")
+    workers, notes = {}, {}
+    for name in names:                           # one at a time: warm-ups must not overlap
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, name, B, a.threads), daemon=True)
+        proc.start()
+        kind, value = parent.recv()
+        if kind == "ready":
+            workers[name] = (proc, parent)
+            if name == "torch":
+                notes["torch_vs_refdiff_max_abs_output_diff"] = value
+        elif kind == "skipped":
+            notes[name] = f"skipped: {value}"
+        else:
+            raise RuntimeError(f"{name} worker failed: {value}")
     set_threads(a.threads)
-    for name in a.backends.split(","):
-        model, steps[name] = refdiff_step(name, x, t, eps)
-        steps[name]()                            # compile / warm up
-    ref_model, ref_step = refdiff_step("numpy", x, t, eps)
-    if not a.no_torch:
-        try:
-            steps["torch"], diff = torch_step(ref_model, x, t, eps)
-            notes["torch_vs_refdiff_max_abs_output_diff"] = diff
-            if diff > 1e-3:
-                raise RuntimeError(f"torch network differs from refdiff's by {diff}")
-            steps["torch"]()
-        except ImportError as exc:
-            notes["torch"] = f"skipped: {exc}"
     peak = gemm_peak_gflops()
 
-    steps["numpy"] = ref_step
-    times = {k: [] for k in steps}
-    for r in range(a.rounds):        # blocks, not single steps, in turn: a thread pool that has just
-        for k, f in steps.items():   # run (libgomp's spinning workers, OpenBLAS's) slows the next one's first step
+    times = {k: [] for k in workers}
+    for r in range(a.rounds):        # blocks in turn, each in its own process (see _worker)
+        for k, (_, conn) in workers.items():
             if r < a.ref_rounds or k != "numpy":
-                f()                  # untimed: absorbs the switch from the previous implementation
-                times[k] += median_time(f, a.block)[1]
+                conn.send(a.block)
+                kind, value = conn.recv()
+                if kind != "times":
+                    raise RuntimeError(f"{k} worker failed: {value}")
+                times[k] += value
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join(timeout=30)
     res = {k: float(np.median(v)) for k, v in times.items()}
     best = {k: float(np.min(v)) for k, v in times.items()}
     gflops = {k: MFLOP_PER_IMAGE * B / 1e3 / v for k, v in res.items()}
     out = dict(benchmark="unet-seed training step (forward + backward + Adam), float32", batch=B,
-               threads=a.threads, rounds=a.rounds, block=a.block, ref_rounds=a.ref_rounds, seconds_median=res, seconds_min=best, seconds_all=times,
+               threads=a.threads, rounds=a.rounds, block=a.block, ref_rounds=a.ref_rounds,
+               seconds_median=res, seconds_min=best, seconds_all=times,
                gflops=gflops, gemm_peak_gflops_float32=peak,
                fraction_of_peak={k: v / peak for k, v in gflops.items()},
                speedup_vs_reference={k: res["numpy"] / v for k, v in res.items()},
