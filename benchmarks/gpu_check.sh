@@ -28,7 +28,7 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/gpu_check_test
 TESTS_RC=$?
 tail -3 "$OUT/gpu_check_tests.log"
 
-timeout 90 $PY benchmarks/train_step.py --backends cupy,numba-cuda --no-torch --repeats 5 --ref-repeats 1 \
+timeout 150 $PY benchmarks/train_step.py --backends cupy,numba-cuda --no-torch --rounds 3 --block 3 --ref-rounds 1 \
   --out "$OUT/gpu_train_step.json" > "$OUT/gpu_train_step.log" 2>&1
 BENCH_RC=$?
 timeout 40 $PY benchmarks/sampling.py --backends cupy,numba-cuda --batch 256 --timed-steps 20 \
