@@ -145,8 +145,10 @@ def test_unet_samples_unchanged(sampler):
     ((2, 6, 3, 3), (5, 6, 3, 3), 1, 1, "dense"),      # unet-seed's 3 x 3 stage
     ((2, 6, 1, 1), (5, 6, 3, 3), 1, 1, "dense"),      # its 1 x 1 mid stage: only the centre tap
     ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "dense"),      # the 3 -> 1 downsample
-    ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "v2"),         # stride 2, 3 x 3 output: version 2
-    ((2, 3, 16, 15), (4, 3, 4, 4), 2, 1, "strided"),  # stride 2, 8 x 7 output: v5 keeps every 2nd of stride 1
+    ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "strided"),    # stride 2: v4 runs version 2, v5 the polyphase conv
+    ((2, 3, 16, 15), (4, 3, 4, 4), 2, 1, "strided"),  # unet-seed's 28 -> 14 downsample, smaller
+    ((2, 3, 11, 10), (4, 3, 3, 2), 3, 2, "strided"),  # stride 3, kernel not a multiple of it, odd sizes
+    ((2, 3, 5, 5), (2, 3, 2, 2), 1, 2, "v2"),         # padding > k - 1: version 2 in both
     ((2, 17, 5, 6), (19, 17, 3, 3), 1, 1, "wide"),    # v5: channel blocks of 8, 8, 3 and 8, 8, 1 (dx)
     ((2, 3, 12, 13), (7, 3, 3, 3), 1, 1, "wide"),     # v5: SIMD dw (>= 128 wide pixels), 7 -> 8 rows, 27 -> 30 taps
 ])
@@ -159,7 +161,7 @@ def test_conv2d_v4_v5_paths(shape, w_shape, stride, padding, path, dtype, versio
     rng = np.random.default_rng(1)
     x, w, b = rng.standard_normal(shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
     _, cache = be.conv2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
-    path = ({"wide": "simd", "dense": "v4", "strided": "simd"} if version == 5 else {"strided": "v2"}).get(path, path)
+    path = ({"wide": "simd", "dense": "v4", "strided": "poly"} if version == 5 else {"strided": "v2"}).get(path, path)
     assert cache[0] == path
     check_op("conv2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))
 
