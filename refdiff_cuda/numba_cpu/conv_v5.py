@@ -33,7 +33,7 @@ from ._layout import cm, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
 from .conv_v4 import _dense_applies, _pad_planes, _wide_applies, conv2d_backward_v4, conv2d_forward_v4
 
-MR, NV = 8, 2        # forward: output channels x vectors of pixels per kernel call (fastest measured)
+MR, NV = 8, 2        # forward: at most MR output channels x NV vectors of pixels per kernel call
 DR, DK = 4, 5        # dw: output channels x taps per kernel call (4 x 5: 75 GFLOP/s on one core)
 # Pixels per dw kernel call: one sample of a 7 x 7 image is 64 (wide, rounded up), too few to
 # pay for the kernel's 20 closing lane reductions (6.4 ms against 3.9 ms for version 4's BLAS
@@ -88,8 +88,10 @@ def _forward_loop(dtype):
             yw = yw_s[get_thread_id()]
             ywf = yw.reshape(-1)
             xb = xf[b * HpWp:]
-            for c0 in range(0, Cout, MR):
-                m = min(MR, Cout - c0)
+            nblk = (Cout + MR - 1) // MR             # balanced blocks: 10 = 5 + 5, not 8 + 2
+            for blk in range(nblk):
+                c0 = blk * (Cout // nblk) + min(blk, Cout % nblk)
+                m = Cout // nblk + (1 if blk < Cout % nblk else 0)
                 wp, yp = wf[c0 * K:], ywf[c0 * ldy:]
                 if m == 8:
                     k8(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
