@@ -147,7 +147,8 @@ def test_unet_samples_unchanged(sampler):
     ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "dense"),      # the 3 -> 1 downsample
     ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "strided"),    # stride 2: v4 runs version 2, v5 the polyphase conv
     ((2, 3, 16, 15), (4, 3, 4, 4), 2, 1, "strided"),  # unet-seed's 28 -> 14 downsample, smaller
-    ((2, 3, 11, 10), (4, 3, 3, 2), 3, 2, "strided"),  # stride 3, kernel not a multiple of it, odd sizes
+    ((2, 3, 11, 10), (4, 3, 3, 2), 3, 2, "v2"),       # stride 3 not dividing the kernel: version 2
+    ((2, 3, 11, 13), (4, 3, 3, 6), 3, 2, "strided"),  # stride 3 dividing a non-square kernel, odd sizes
     ((2, 3, 5, 5), (2, 3, 2, 2), 1, 2, "v2"),         # padding > k - 1: version 2 in both
     ((2, 17, 5, 6), (19, 17, 3, 3), 1, 1, "wide"),    # v5: channel blocks of 8, 8, 3 and 8, 8, 1 (dx)
     ((2, 3, 12, 13), (7, 3, 3, 3), 1, 1, "wide"),     # v5: SIMD dw (>= 128 wide pixels), 7 -> 8 rows, 27 -> 30 taps
@@ -236,3 +237,66 @@ def test_conv_transpose2d_v3_paths(shape, w_shape, stride, padding, path, dtype)
     _, cache = be.conv_transpose2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
     assert cache[0] == path
     check_op("conv_transpose2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))
+
+
+def _inf_at(shape, index, seed=0):
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    a[index] = np.inf
+    return a
+
+
+def _dy_inf(y):
+    d = np.ones_like(y)
+    d.reshape(-1)[d.size // 3] = np.inf
+    return d
+
+
+@pytest.mark.parametrize("op, x, w, stride, padding, dy", [
+    # an inf pixel read only by garbage columns of the wide frame (stride 1, no padding)
+    ("conv2d", _inf_at((2, 1, 6, 6), (1, 0, 0, 0)), np.ones((1, 1, 3, 3), np.float32), 1, 0, None),
+    # the dense path's structural zeros (3 x 3 image)
+    ("conv2d", _inf_at((1, 1, 3, 3), (0, 0, 2, 2)), np.ones((1, 1, 3, 3), np.float32), 1, 1, None),
+    # strided: polyphase (4 x 4, stride 2) and version 2 (3 x 3, stride 2); inf in x, then in dy
+    ("conv2d", _inf_at((2, 3, 16, 16), (0, 1, 5, 7)), np.ones((4, 3, 4, 4), np.float32), 2, 1, None),
+    ("conv2d", _inf_at((1, 1, 4, 4), (0, 0, 1, 1)), np.ones((1, 1, 3, 3), np.float32), 2, 1, None),
+    ("conv2d", np.ones((2, 3, 16, 16), np.float32), np.ones((4, 3, 4, 4), np.float32), 2, 1, _dy_inf),
+    ("conv2d", np.ones((2, 3, 9, 9), np.float32), np.ones((4, 3, 3, 3), np.float32), 1, 1, _dy_inf),
+    ("conv2d", _inf_at((2, 3, 9, 9), (1, 2, 4, 4)) * np.nan, np.ones((4, 3, 3, 3), np.float32), 1, 1, None),
+    # conv_transpose2d v3: inserted zeros times an inf weight, and times an inf in dy
+    ("conv_transpose2d", np.ones((2, 3, 14, 14), np.float32), _inf_at((3, 3, 4, 4), (0, 0, 1, 2)), 2, 1, None),
+    ("conv_transpose2d", np.ones((2, 3, 7, 7), np.float32), np.ones((3, 4, 4, 4), np.float32), 2, 1, _dy_inf),
+])
+def test_nonfinite_inputs_give_the_references_nan_and_inf(op, x, w, stride, padding, dy):
+    """The fast paths multiply zeros the reference does not (and the reference multiplies its own
+    frame's garbage columns), so with an inf among the inputs 0 x inf lands elsewhere; such
+    results are recomputed by the literal port, and NaN / inf come out where the reference's do
+    (assert_agree compares the non-finite pattern exactly)."""
+    from refdiff.nn import functional as F
+    with np.errstate(all="ignore"):
+        y0, c0 = getattr(F, op + "_forward")(x, w, None, stride, padding)
+        y1, c1 = getattr(BACKEND, op + "_forward")(x, w, None, stride, padding)
+        d = np.ones_like(y0) if dy is None else dy(y0)
+        g0, g1 = getattr(F, op + "_backward")(d, c0), getattr(BACKEND, op + "_backward")(d, c1)
+        tol = TOL[np.dtype(np.float32)]
+        assert_agree(y1, y0, tol, f"{op} y")
+        assert_agree(g1[0], g0[0], tol, f"{op} dx")
+        assert_agree(g1[1], g0[1], tol, f"{op} dw")
+
+
+def test_conv2d_v5_rejects_a_kernel_larger_than_the_input():
+    """The stride-1 SIMD path checks the output size as the reference does (it used to run the
+    kernel on an empty output and write past it)."""
+    x, w = np.ones((2, 3, 2, 20), np.float32), np.ones((4, 3, 3, 3), np.float32)
+    for be in (rc.get_backend("numba", versions={"conv2d": 5}), rc.get_backend("numpy")):
+        with pytest.raises(ValueError, match="kernel 3 larger than the padded input"):
+            be.conv2d_forward(x, w, None, 1, 0)
+
+
+def test_non_native_byte_order_is_accepted():
+    """Big-endian input (e.g. read from a file) works as in the reference."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(">f4")
+    w = np.ones((2, 3, 3, 3), np.float32)
+    ref = rc.get_backend("numpy")
+    assert_agree(BACKEND.conv2d_forward(x, w, None, 1, 1)[0], ref.conv2d_forward(x, w, None, 1, 1)[0],
+                 TOL[np.dtype(np.float32)], "conv2d >f4")
+    assert_agree(BACKEND.silu_forward(x)[0], ref.silu_forward(x)[0], TOL[np.dtype(np.float32)], "silu >f4")

@@ -26,7 +26,8 @@ Cout Ho Wo outputs. Written as one matrix Wd (Cin H W, Cout Ho Wo) it costs
 2 B Cin H W Cout Ho Wo flops: no more than im2col's 2 B Cin kH kW Cout Ho Wo when
 H W <= kH kW, and it is a single large GEMM on the NCHW batch, no im2col at all:
 y = x Wd, dx = dy Wd^T, dWd = x^T dy, and dw folds dWd back onto the taps.
-Other convs use version 2.
+Other convs use version 2. A NaN in a dense-path result is recomputed by version 1 (see
+_v1_redo: NaN and inf then come out as the reference's).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from refdiff.nn.conv import _check_conv, _conv_out
 
 from ._blas import gemm, matmul, matmul_t
 from ._layout import cm, nchw
-from .conv import conv2d_backward_v2, conv2d_forward_v2
+from .conv import conv2d_backward_v1, conv2d_backward_v2, conv2d_forward_v1, conv2d_forward_v2
 
 _JIT = dict(cache=True, fastmath=False)
 _L2_FLOATS = 32768           # per-thread column buffer cap (128 KB of float32); see _chunk
@@ -147,14 +148,14 @@ def _wide_applies(stride, padding, kH, kW):
 
 
 # ================================ path B: dense matrix =========================================
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def _dense_weight(w, H, W, Ho, Wo, stride, pad):
     """WdT (Cin H W, Cout Ho Wo): WdT[(ci, ri, qi), (co, ro, qo)] = w[co, ci, ri - ro s + p, qi - qo s + p]
     when that tap exists, else 0."""
     Cout, Cin, kH, kW = w.shape
     Pi, Po = H * W, Ho * Wo
     wd = np.zeros((Cin * Pi, Cout * Po), w.dtype)
-    for ci in range(Cin):
+    for ci in prange(Cin):                        # each ci fills its own rows
         for ro in range(Ho):
             for qo in range(Wo):
                 for i in range(kH):
@@ -170,12 +171,12 @@ def _dense_weight(w, H, W, Ho, Wo, stride, pad):
     return wd
 
 
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def _dense_fold(dwd, Cout, Cin, kH, kW, H, W, Ho, Wo, stride, pad):
     """Adjoint of _dense_weight: dw[co, ci, i, j] = sum of dWd over the entries tap (i, j) fills."""
     Pi, Po = H * W, Ho * Wo
     dw = np.zeros((Cout, Cin, kH, kW), dwd.dtype)
-    for ci in range(Cin):
+    for ci in prange(Cin):                        # each ci sums into its own dw[:, ci]
         for ro in range(Ho):
             for qo in range(Wo):
                 for i in range(kH):
@@ -196,9 +197,29 @@ def _dense_applies(H, W, kH, kW):
 
 
 # ================================ the op pair ==================================================
+def native(x):
+    """x as an array in the machine's byte order (the kernels are compiled for it)."""
+    x = np.asarray(x)
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
+def _v1_redo(x, w, b, stride, padding, dy=None):
+    """Version 1's result (forward, or backward when dy is given) for the same inputs.
+
+    Fast paths multiply zeros the reference does not (the dense matrix's structural zeros, the
+    garbage columns of their wide frames, inserted zeros), and the reference multiplies some
+    that they do not (its own frame's garbage columns). With an inf among the inputs, 0 x inf
+    then puts NaN in different places. A NaN in a fast result sends the op here: version 1 is
+    the literal port, with the reference's frame, so NaN and inf come out where the
+    reference's do. Finite inputs never take this path."""
+    y, cache = conv2d_forward_v1(x, w, b, stride, padding)
+    return (y, ("v1", cache)) if dy is None else conv2d_backward_v1(dy, cache)
+
+
 def conv2d_forward_v4(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-    dt = np.asarray(x).dtype
+    x = native(x)
+    dt = x.dtype
     B, Cin, H, W = x.shape
     Cout, _, kH, kW = w.shape
     Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
@@ -209,7 +230,9 @@ def conv2d_forward_v4(x, w, b, stride=1, padding=0):
         y = matmul(X, wdT).reshape(B, Cout, Ho, Wo)
         if b is not None:
             y += np.asarray(b, dtype=dt).reshape(1, Cout, 1, 1)
-        return y, ("dense", (X, wdT, w.shape, (H, W, Ho, Wo), stride, padding, b is not None))
+        if np.isnan(y).any():
+            return _v1_redo(x, w, b, stride, padding)
+        return y, ("dense", (X, wdT, w, (H, W, Ho, Wo), stride, padding, b))
     if _wide_applies(stride, padding, kH, kW):
         Y, xp = _wide_conv(cm(x), w, b, padding, padding)
         return nchw(Y), ("wide", (xp, w, (B, Cin, H, W), padding, b is not None))
@@ -221,15 +244,19 @@ def conv2d_backward_v4(dy, cache):
     kind, cache = cache
     if kind == "v2":
         return conv2d_backward_v2(dy, cache)
+    if kind == "v1":
+        return conv2d_backward_v1(dy, cache)
     if kind == "dense":
-        X, wdT, wshape, (H, W, Ho, Wo), stride, padding, has_b = cache
-        Cout, Cin, kH, kW = wshape
+        X, wdT, w, (H, W, Ho, Wo), stride, padding, b = cache
+        Cout, Cin, kH, kW = w.shape
         B = X.shape[0]
         dY = np.ascontiguousarray(dy, dtype=X.dtype).reshape(B, Cout * Ho * Wo)
         dx = matmul_t(dY, False, wdT, True).reshape(B, Cin, H, W)       # dY Wd^T, no transposed copy
         dwd = matmul_t(X, True, dY, False)                               # X^T dY: (Cin H W, Cout Ho Wo)
         dw = _dense_fold(dwd, Cout, Cin, kH, kW, H, W, Ho, Wo, stride, padding)
-        db = dY.reshape(B, Cout, Ho * Wo).sum(axis=(0, 2)) if has_b else None
+        if np.isnan(dx).any() or np.isnan(dw).any():
+            return _v1_redo(X.reshape(B, Cin, H, W), w, b, stride, padding, dy)
+        db = dY.reshape(B, Cout, Ho * Wo).sum(axis=(0, 2)) if b is not None else None
         return dx, dw, db
     xp, w, (B, Cin, H, W), padding, has_b = cache
     Cout, _, kH, kW = w.shape

@@ -15,9 +15,11 @@ dw[co, k] = sum_n dy_wide[co, n] x[off[k] + n] (dy widened with zeros in the gar
 columns) by a second kernel holding 4 channels x 5 taps of vector partial sums (per-thread
 dw partials, added at the end; one call sums a chunk of samples). Tiny images take version 4's
 dense path. A stride-s conv is a stride-1 conv of the s^2 polyphase components of its padded
-input, with kernels of ceil(k/s) taps a side (see _to_phases): unet-seed's 4 x 4 stride-2
-downsamples become 2 x 2 convs over 4 Cin channels, no extra multiply-adds. Other convs
-(padding > k - 1) use version 2.
+input, with kernels of k/s taps a side (see _to_phases), when s divides k (else the phase
+kernels would hold zero taps, extra work that can also turn 0 x inf into NaN): unet-seed's
+4 x 4 stride-2 downsamples become 2 x 2 convs over 4 Cin channels, no extra multiply-adds.
+Other convs use version 2. NaN in a fast result (an inf among the inputs, multiplied by a
+zero the reference never multiplies) is recomputed by version 1, see conv_v4._v1_redo.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from refdiff.nn.conv import _check_conv, _conv_out
 from . import _simd
 from ._layout import cm, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
-from .conv_v4 import _dense_applies, _pad_planes, _wide_applies, conv2d_backward_v4, conv2d_forward_v4
+from .conv_v4 import (_dense_applies, _pad_planes, _v1_redo, _wide_applies, conv2d_backward_v4, conv2d_forward_v4,
+                      native)
 
 MR, NV = 8, 2        # forward: at most MR output channels x NV vectors of pixels per kernel call
 DR, DK = 4, 5        # dw: output channels x taps per kernel call (4 x 5: 75 GFLOP/s on one core)
@@ -133,6 +136,7 @@ def _simd_conv(xc, w, b, ph, pw):
     Cout, _, kH, kW = w.shape
     Hp, Wp = H + 2 * ph, W + 2 * pw
     Ho, Wo = Hp - kH + 1, Wp - kW + 1
+    assert Ho >= 1 and Wo >= 1 and C * kH * kW >= 1, "the kernels' loops run at least once"
     dt = xc.dtype
     L = _simd.LANES[np.dtype(dt)] * NV
     xp = _pad_planes(xc, ph, pw, kW - 1 + L)            # slack: the kernel reads whole vectors
@@ -221,39 +225,51 @@ def _phase_weight_grad(dwq, s, wshape):
 
 def conv2d_forward_v5(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    x = native(x)
     B, Cin, H, W = x.shape
     Cout, _, kH, kW = w.shape
+    Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
     if _dense_applies(H, W, kH, kW):
         y, cache = conv2d_forward_v4(x, w, b, stride, padding)
         return y, ("v4", cache)
-    dt = np.asarray(x).dtype
+    dt = x.dtype
     w = np.asarray(w, dtype=dt)
-    if stride > 1:                                       # polyphase: a stride-1 conv (see the docstring)
-        Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
-        kq, lq = -(-kH // stride), -(-kW // stride)
+    if stride > 1 and not np.isfinite(x).all():          # strided paths sum other zeros than the reference
+        return _v1_redo(x, w, b, stride, padding)        # (see conv_v4._v1_redo); 3 such convs per UNet step
+    if stride > 1 and kH % stride == 0 and kW % stride == 0:   # polyphase: a stride-1 conv (see the docstring)
+        kq, lq = kH // stride, kW // stride
         xq = _to_phases(cm(x), stride, padding, Ho + kq - 1, Wo + lq - 1)
         wq = _phase_weight(w, stride)
         Y, xp = _simd_conv(xq, wq, b, 0, 0)
-        inner = (xp, wq, (B,) + xq.shape[:1] + xq.shape[2:], 0, b is not None)     # conv2d v5's own cache
-        return nchw(Y), ("poly", (inner, stride, padding, (B, Cin, H, W), w.shape))
-    if not _wide_applies(1, padding, kH, kW):
+        inner = (xp, wq, (B,) + xq.shape[:1] + xq.shape[2:], 0, b)     # conv2d v5's own cache
+        return nchw(Y), ("poly", (inner, stride, padding, x, w, b))
+    if stride > 1 or not _wide_applies(1, padding, kH, kW):
         y, cache = conv2d_forward_v2(x, w, b, stride, padding)
-        return y, ("v2", cache)
+        return y, ("v2", (cache, (x, w, b, stride, padding)))
     Y, xp = _simd_conv(cm(x), w, b, padding, padding)
-    return nchw(Y), ("simd", (xp, w, (B, Cin, H, W), padding, b is not None))
+    return nchw(Y), ("simd", (xp, w, (B, Cin, H, W), padding, b))
 
 
 def conv2d_backward_v5(dy, cache):
     kind, cache = cache
-    if kind == "v4":
-        return conv2d_backward_v4(dy, cache)
+    if kind in ("v4", "v1"):
+        return conv2d_backward_v4(dy, (kind, cache) if kind == "v1" else cache)
     if kind == "v2":
+        cache, args = cache
+        if not np.isfinite(dy).all():
+            return _v1_redo(*args, dy)
         return conv2d_backward_v2(dy, cache)
     if kind == "poly":
-        inner, s, p, (B, Cin, H, W), wshape = cache
+        inner, s, p, x, w, b = cache
+        if not np.isfinite(dy).all():
+            return _v1_redo(x, w, b, s, p, dy)
         dxq, dwq, db = conv2d_backward_v5(dy, ("simd", inner))
-        return nchw(_from_phases(cm(dxq), s, p, H, W)), _phase_weight_grad(dwq, s, wshape), db
-    xp, w, (B, Cin, H, W), padding, has_b = cache
+        dx, dw = nchw(_from_phases(cm(dxq), s, p, *x.shape[2:])), _phase_weight_grad(dwq, s, w.shape)
+        if np.isnan(dw).any() or np.isnan(dx).any():       # see conv_v4._v1_redo
+            return _v1_redo(x, w, b, s, p, dy)
+        return dx, dw, db
+    xp, w, (B, Cin, H, W), padding, b = cache
+    has_b = b is not None
     Cout, _, kH, kW = w.shape
     dt = xp.dtype
     dyc = cm(dy, dt)                                                     # (Cout, B, Ho, Wo)
@@ -269,5 +285,9 @@ def conv2d_backward_v5(dy, cache):
     _dw_loop(dt)(xp, Hp * Wp, Wp, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
     w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])   # (Cin, Cout, kH, kW)
     dX, _ = _simd_conv(dyc, w_adj, None, kH - 1 - padding, kW - 1 - padding)
+    dw = np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(w.shape)
+    if np.isnan(dw).any():               # garbage columns x 0 (see conv_v4._v1_redo); x from the padded planes
+        x = nchw(xp[:, :B * Hp * Wp].reshape(Cin, B, Hp, Wp)[:, :, padding:padding + H, padding:padding + W])
+        return _v1_redo(x, w, b, 1, padding, dy)
     db = dyc.sum(axis=(1, 2, 3)) if has_b else None
-    return nchw(dX), np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(w.shape), db
+    return nchw(dX), dw, db

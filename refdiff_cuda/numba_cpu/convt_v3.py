@@ -24,7 +24,9 @@ from numba import njit, prange
 from refdiff.nn.conv import _check_conv, _convt_out
 
 from ._layout import cm, nchw
-from .conv import conv_transpose2d_backward_v2, conv_transpose2d_forward_v2
+from .conv import (conv_transpose2d_backward_v1, conv_transpose2d_backward_v2, conv_transpose2d_forward_v1,
+                   conv_transpose2d_forward_v2)
+from .conv_v4 import native
 from .conv_v5 import conv2d_backward_v5, conv2d_forward_v5
 
 
@@ -53,25 +55,40 @@ def _applies(kH, kW, padding, stride, H, W, Ho, Wo):
 
 def conv_transpose2d_forward_v3(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv_transpose2d", x, w, b, stride, padding, cin_axis=0)
+    x = native(x)
     _, _, kH, kW = w.shape
     H, W = x.shape[2:]
     Ho, Wo = _convt_out(H, kH, stride, padding), _convt_out(W, kW, stride, padding)
     if not _applies(kH, kW, padding, stride, H, W, Ho, Wo):
         y, cache = conv_transpose2d_forward_v2(x, w, b, stride, padding)
         return y, ("v2", cache)
-    dt = np.asarray(x).dtype
+    dt = x.dtype
     w_conv = np.ascontiguousarray(np.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     up = nchw(_upsample(cm(x), stride)) if stride > 1 else x
     y, cache = conv2d_forward_v5(up, w_conv, b, 1, kH - 1 - padding)
-    return y, ("up", (cache, stride))
+    if np.isnan(y).any():                     # inserted zeros x inf: see _redo
+        return _redo(x, w, b, stride, padding)
+    return y, ("up", (cache, stride, (x, w, b, padding)))
 
 
 def conv_transpose2d_backward_v3(dy, cache):
     kind, cache = cache
     if kind == "v2":
         return conv_transpose2d_backward_v2(dy, cache)
-    conv_cache, s = cache
+    if kind == "v1":
+        return conv_transpose2d_backward_v1(dy, cache)
+    conv_cache, s, (x, w, b, padding) = cache
     dup, dw_conv, db = conv2d_backward_v5(dy, conv_cache)
     dx = dup[:, :, ::s, ::s] if s > 1 else dup
     dw = np.ascontiguousarray(dw_conv[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    if np.isnan(dw).any() or np.isnan(dx).any():
+        return _redo(x, w, b, s, padding, dy)
     return dx, dw, db
+
+
+def _redo(x, w, b, stride, padding, dy=None):
+    """Version 1's result (the literal port) for the same inputs, when the fast one holds a NaN:
+    the inserted zeros multiply the weights and dy, and 0 x inf is NaN where the reference has a
+    number (see conv_v4._v1_redo). Finite inputs never come here."""
+    y, cache = conv_transpose2d_forward_v1(x, w, b, stride, padding)
+    return (y, ("v1", cache)) if dy is None else conv_transpose2d_backward_v1(dy, cache)

@@ -21,6 +21,7 @@ from numba import njit, prange
 
 from . import _simd
 from ._layout import flat_pair
+from .conv_v4 import native
 from .functional import silu_backward_v2, silu_forward_v2
 
 _CHUNK = 16384        # elements per kernel call (a multiple of 16)
@@ -47,7 +48,7 @@ def _loop():
 
 
 def silu_forward_v3(x):
-    xf, _, back = flat_pair(x)
+    xf, _, back = flat_pair(native(x))
     if xf.dtype != np.float32:
         return silu_forward_v2(x)
     y, s = np.empty_like(xf), np.empty_like(xf)
