@@ -30,6 +30,15 @@ _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, 
                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 
+def _vec(op, name, t, v, ptr, index, value=None):
+    """IR lines that load (op "load") a vector into %name, or store (op "store") value, at ptr[index]."""
+    lines = [f"  %{name}_p = getelementptr {t}, {t}* %{ptr}, i64 {index}",
+             f"  %{name}_q = bitcast {t}* %{name}_p to {v}*"]
+    if op == "load":
+        return lines + [f"  %{name} = load {v}, {v}* %{name}_q, align 4"]
+    return lines + [f"  store {v} {value}, {v}* %{name}_q, align 4"]
+
+
 def _ir(MR, NV, dtype):
     """IR text of the kernel for MR rows x NV vectors of L lanes."""
     t = _TY[np.dtype(dtype)]
@@ -53,10 +62,7 @@ def _ir(MR, NV, dtype):
               "  %o = load i64, i64* %offp",
               "  %xb = add i64 %o, %n0"]
     for j in range(NV):
-        lines += [f"  %xi{j} = add i64 %xb, {j * L}",
-                  f"  %xp{j} = getelementptr {t}, {t}* %x, i64 %xi{j}",
-                  f"  %xq{j} = bitcast {t}* %xp{j} to {v}*",
-                  f"  %xv{j} = load {v}, {v}* %xq{j}, align 4"]
+        lines += [f"  %xi{j} = add i64 %xb, {j * L}"] + _vec("load", f"xv{j}", t, v, "x", f"%xi{j}")
     for r in range(MR):
         lines += [f"  %wr{r} = mul i64 %ldw, {r}",
                   f"  %wi{r} = add i64 %wr{r}, %k",
@@ -74,10 +80,8 @@ def _ir(MR, NV, dtype):
     for r, j in acc:
         lines += [f"  %yr{r}_{j} = mul i64 %ldy, {r}",
                   f"  %yi{r}_{j} = add i64 %yr{r}_{j}, %n0",
-                  f"  %yj{r}_{j} = add i64 %yi{r}_{j}, {j * L}",
-                  f"  %yp{r}_{j} = getelementptr {t}, {t}* %y, i64 %yj{r}_{j}",
-                  f"  %yq{r}_{j} = bitcast {t}* %yp{r}_{j} to {v}*",
-                  f"  store {v} %f{r}_{j}, {v}* %yq{r}_{j}, align 4"]
+                  f"  %yj{r}_{j} = add i64 %yi{r}_{j}, {j * L}"] + _vec("store", f"y{r}_{j}", t, v, "y", f"%yj{r}_{j}",
+                                                                         f"%f{r}_{j}")
     lines += [f"  %n0next = add i64 %n0, {NV * L}",
               "  %ndone = icmp sge i64 %n0next, %npix",
               "  br i1 %ndone, label %exit, label %nloop",
@@ -113,16 +117,10 @@ def _ir_dw(MR, KR, dtype):
     for r in range(MR):
         lines += [f"  %dr{r} = mul i64 %lddy, {r}",
                   f"  %ds{r} = add i64 %dr{r}, %dys",
-                  f"  %di{r} = add i64 %ds{r}, %n",
-                  f"  %dp{r} = getelementptr {t}, {t}* %dy, i64 %di{r}",
-                  f"  %dq{r} = bitcast {t}* %dp{r} to {v}*",
-                  f"  %dv{r} = load {v}, {v}* %dq{r}, align 4"]
+                  f"  %di{r} = add i64 %ds{r}, %n"] + _vec("load", f"dv{r}", t, v, "dy", f"%di{r}")
     for j in range(KR):
         lines += [f"  %xo{j} = add i64 %o{j}, %xs",
-                  f"  %xi{j} = add i64 %xo{j}, %n",
-                  f"  %xp{j} = getelementptr {t}, {t}* %x, i64 %xi{j}",
-                  f"  %xq{j} = bitcast {t}* %xp{j} to {v}*",
-                  f"  %xv{j} = load {v}, {v}* %xq{j}, align 4"]
+                  f"  %xi{j} = add i64 %xo{j}, %n"] + _vec("load", f"xv{j}", t, v, "x", f"%xi{j}")
     for r, j in acc:
         lines.append(f"  %f{r}_{j} = call {v} @llvm.fma.{sfx}({v} %dv{r}, {v} %xv{j}, {v} %a{r}_{j})")
     lines += [f"  %nnext = add i64 %n, {L}",
@@ -175,9 +173,7 @@ def _ir_silu():
              "  br i1 %empty, label %exit, label %loop",
              "loop:",
              "  %i = phi i64 [0, %entry], [%inext, %loop]",
-             "  %xp = getelementptr float, float* %x, i64 %i",
-             f"  %xq = bitcast float* %xp to {v}*",
-             f"  %xv = load {v}, {v}* %xq, align 4",
+             *_vec("load", "xv", "float", v, "x", "%i"),
              f"  %na = fneg {v} %xv",
              f"  %a0 = call {v} @llvm.minnum.v16f32({v} %na, {v} {splat(88.0)})",
              f"  %a = call {v} @llvm.maxnum.v16f32({v} %a0, {v} {splat(-87.0)})",
@@ -204,12 +200,8 @@ def _ir_silu():
               f"  %nan = fcmp uno {v} %xv, %xv",                         # NaN in, NaN out (as tanh)
               f"  %sv = select <16 x i1> %nan, {v} %xv, {v} %s0",
               f"  %yv = fmul {v} %xv, %sv",
-              "  %yp = getelementptr float, float* %y, i64 %i",
-              f"  %yq = bitcast float* %yp to {v}*",
-              f"  store {v} %yv, {v}* %yq, align 4",
-              "  %sp = getelementptr float, float* %s, i64 %i",
-              f"  %sq = bitcast float* %sp to {v}*",
-              f"  store {v} %sv, {v}* %sq, align 4",
+              *_vec("store", "yst", "float", v, "y", "%i", "%yv"),
+              *_vec("store", "sst", "float", v, "s", "%i", "%sv"),
               "  %inext = add i64 %i, 16",
               "  %done = icmp sge i64 %inext, %n",
               "  br i1 %done, label %exit, label %loop",

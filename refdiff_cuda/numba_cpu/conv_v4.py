@@ -94,6 +94,21 @@ def _wide_fwd(xp, B, Hp, Wp, kH, kW, Ho, Wo, w2, bias, has_b, cb, Y, cols_s, yw_
                         Y[co, b0 + bb, r, q] = yw[co, o + q] + bc
 
 
+@njit(**_JIT)
+def _widen(dyc, b0, nb, Wp, sample_stride, dyw):
+    """dyw[co, bb sample_stride + r Wp + q] = dy[co, b0 + bb, r, q] for q < Wo, 0 for Wo <= q < Wp:
+    dy in the wide frame, zero in the garbage columns (so they add nothing to dw)."""
+    Cout, _, Ho, Wo = dyc.shape
+    for co in range(Cout):
+        for bb in range(nb):
+            for r in range(Ho):
+                o = bb * sample_stride + r * Wp
+                for q in range(Wo):
+                    dyw[co, o + q] = dyc[co, b0 + bb, r, q]
+                for q in range(Wo, Wp):
+                    dyw[co, o + q] = 0.0
+
+
 @njit(parallel=True, cache=False)
 def _wide_dw(xp, dyc, B, Hp, Wp, kH, kW, cb, dw_part, cols_s, dyw_s):
     """dw_part[thread] += dy_wide cols^T over that thread's chunks (dy_wide: 0 in garbage columns)."""
@@ -106,14 +121,7 @@ def _wide_dw(xp, dyc, B, Hp, Wp, kH, kW, cb, dw_part, cols_s, dyw_s):
         nb = min(cb, B - b0)
         cols, dyw = cols_s[tid], dyw_s[tid]
         _wide_cols(xp, B, Hp * Wp, Wp, kH, kW, nw, b0, nb, cols)
-        for co in range(Cout):
-            for bb in range(nb):
-                for r in range(Ho):
-                    o = bb * nw + r * Wp
-                    for q in range(Wo):
-                        dyw[co, o + q] = dyc[co, b0 + bb, r, q]
-                    for q in range(Wo, Wp):
-                        dyw[co, o + q] = 0.0
+        _widen(dyc, b0, nb, Wp, nw, dyw)
         gemm(Cout, K, nb * nw, dyw.reshape(-1), 0, cb * nw, cols.reshape(-1), 0, cb * nw, True,
              dw_part[tid].reshape(-1), 0, K, 1.0)
 
@@ -149,13 +157,15 @@ def _wide_applies(stride, padding, kH, kW):
 
 # ================================ path B: dense matrix =========================================
 @njit(parallel=True, **_JIT)
-def _dense_weight(w, H, W, Ho, Wo, stride, pad):
-    """WdT (Cin H W, Cout Ho Wo): WdT[(ci, ri, qi), (co, ro, qo)] = w[co, ci, ri - ro s + p, qi - qo s + p]
-    when that tap exists, else 0."""
+def _dense_map(w, wd, H, W, Ho, Wo, stride, pad, fold):
+    """The one correspondence between taps and dense-matrix entries, both ways:
+    wd[(ci, ri, qi), (co, ro, qo)] <-> w[co, ci, ri - ro s + p, qi - qo s + p] (where that tap
+    exists). fold=False writes w's entries into wd (the other entries stay 0); fold=True, the
+    adjoint, adds each wd entry into its tap of w. Parallel over ci: each owns its rows of wd
+    and its slice w[:, ci]."""
     Cout, Cin, kH, kW = w.shape
     Pi, Po = H * W, Ho * Wo
-    wd = np.zeros((Cin * Pi, Cout * Po), w.dtype)
-    for ci in prange(Cin):                        # each ci fills its own rows
+    for ci in prange(Cin):
         for ro in range(Ho):
             for qo in range(Wo):
                 for i in range(kH):
@@ -166,29 +176,26 @@ def _dense_weight(w, H, W, Ho, Wo, stride, pad):
                         qi = qo * stride + j - pad
                         if qi < 0 or qi >= W:
                             continue
+                        row = ci * Pi + ri * W + qi
                         for co in range(Cout):
-                            wd[ci * Pi + ri * W + qi, co * Po + ro * Wo + qo] = w[co, ci, i, j]
+                            if fold:
+                                w[co, ci, i, j] += wd[row, co * Po + ro * Wo + qo]
+                            else:
+                                wd[row, co * Po + ro * Wo + qo] = w[co, ci, i, j]
+
+
+def _dense_weight(w, H, W, Ho, Wo, stride, pad):
+    """WdT (Cin H W, Cout Ho Wo) of the conv with weights w (0 where no tap reaches)."""
+    Cout, Cin = w.shape[:2]
+    wd = np.zeros((Cin * H * W, Cout * Ho * Wo), w.dtype)
+    _dense_map(w, wd, H, W, Ho, Wo, stride, pad, False)
     return wd
 
 
-@njit(parallel=True, **_JIT)
 def _dense_fold(dwd, Cout, Cin, kH, kW, H, W, Ho, Wo, stride, pad):
     """Adjoint of _dense_weight: dw[co, ci, i, j] = sum of dWd over the entries tap (i, j) fills."""
-    Pi, Po = H * W, Ho * Wo
     dw = np.zeros((Cout, Cin, kH, kW), dwd.dtype)
-    for ci in prange(Cin):                        # each ci sums into its own dw[:, ci]
-        for ro in range(Ho):
-            for qo in range(Wo):
-                for i in range(kH):
-                    ri = ro * stride + i - pad
-                    if ri < 0 or ri >= H:
-                        continue
-                    for j in range(kW):
-                        qi = qo * stride + j - pad
-                        if qi < 0 or qi >= W:
-                            continue
-                        for co in range(Cout):
-                            dw[co, ci, i, j] += dwd[ci * Pi + ri * W + qi, co * Po + ro * Wo + qo]
+    _dense_map(dw, dwd, H, W, Ho, Wo, stride, pad, True)
     return dw
 
 
@@ -212,8 +219,13 @@ def _v1_redo(x, w, b, stride, padding, dy=None):
     then puts NaN in different places. A NaN in a fast result sends the op here: version 1 is
     the literal port, with the reference's frame, so NaN and inf come out where the
     reference's do. Finite inputs never take this path."""
-    y, cache = conv2d_forward_v1(x, w, b, stride, padding)
-    return (y, ("v1", cache)) if dy is None else conv2d_backward_v1(dy, cache)
+    return redo_with((conv2d_forward_v1, conv2d_backward_v1), x, w, b, stride, padding, dy)
+
+
+def redo_with(pair, x, w, b, stride, padding, dy=None):
+    """pair's forward (tagged "v1" for the backward), or its backward for dy, on these inputs."""
+    y, cache = pair[0](x, w, b, stride, padding)
+    return (y, ("v1", cache)) if dy is None else pair[1](dy, cache)
 
 
 def conv2d_forward_v4(x, w, b, stride=1, padding=0):

@@ -33,8 +33,8 @@ from refdiff.nn.conv import _check_conv, _conv_out
 from . import _simd
 from ._layout import cm, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
-from .conv_v4 import (_dense_applies, _pad_planes, _v1_redo, _wide_applies, conv2d_backward_v4, conv2d_forward_v4,
-                      native)
+from .conv_v4 import (_dense_applies, _pad_planes, _v1_redo, _wide_applies, _widen, conv2d_backward_v4,
+                      conv2d_forward_v4, native)
 
 MR, NV = 8, 2        # forward: at most MR output channels x NV vectors of pixels per kernel call
 DR, DK = 4, 5        # dw: output channels x taps per kernel call (4 x 5: 75 GFLOP/s on one core)
@@ -60,14 +60,7 @@ def _dw_loop(dtype):
             b0 = ch * cb
             nb = min(cb, B - b0)
             dyw = dyw_s[tid]                 # rows >= Cout and each sample's columns >= Ho Wp stay 0
-            for co in range(Cout):
-                for bb in range(nb):
-                    for r in range(Ho):
-                        o = bb * ldy + r * Wp
-                        for q in range(Wo):
-                            dyw[co, o + q] = dyc[co, b0 + bb, r, q]
-                        for q in range(Wo, Wp):
-                            dyw[co, o + q] = 0.0
+            _widen(dyc, b0, nb, Wp, ldy, dyw)
             dyf, dwf, xb = dyw.reshape(-1), dw_part[tid].reshape(-1), xf[b0 * HpWp:]
             for c0 in range(0, Cp, DR):
                 for k0 in range(0, Kp, DK):
@@ -157,11 +150,13 @@ def _simd_conv(xc, w, b, ph, pw):
 # xq[(c, py, px), R, Q] = xpad[c, R s + py, Q s + px] with the kernel
 # wq[(c, py, px), a, b] = w[c, a s + py, b s + px] (0 past the kernel), ceil(k/s) taps a side.
 @njit(parallel=True, cache=True)
-def _to_phases(x, s, p, Hq, Wq):
-    """x (C, B, H, W) -> xq (C s s, B, Hq, Wq); pixels no output reads (past Hq, Wq) are dropped.
-    Loops run over the phases' rows (no integer division per pixel: that made it 5 ms)."""
+def _phase_map(x, xq, s, p, to_phases):
+    """x (C, B, H, W) <-> xq (C s s, B, Hq, Wq), xq[(c, py, px), b, R, Q] = x[c, b, R s + py - p, Q s + px - p]:
+    to_phases copies x into xq, else xq into x (its adjoint: each pixel has one phase entry, and
+    pixels past Hq, Wq, which no output reads, are left as they are: 0). Loops over the phases'
+    rows: an integer division per pixel made it 5 ms."""
     C, B, H, W = x.shape
-    xq = np.zeros((C * s * s, B, Hq, Wq), x.dtype)
+    Hq, Wq = xq.shape[2], xq.shape[3]
     for task in prange(C * B):
         c, b = task // B, task % B
         for py in range(s):
@@ -174,29 +169,23 @@ def _to_phases(x, s, p, Hq, Wq):
                     for Q in range(Wq):
                         q = Q * s + px - p
                         if q >= 0 and q < W:
-                            xq[k, b, R, Q] = x[c, b, r, q]
+                            if to_phases:
+                                xq[k, b, R, Q] = x[c, b, r, q]
+                            else:
+                                x[c, b, r, q] = xq[k, b, R, Q]
+
+
+def _to_phases(x, s, p, Hq, Wq):
+    C, B = x.shape[:2]
+    xq = np.zeros((C * s * s, B, Hq, Wq), x.dtype)
+    _phase_map(x, xq, s, p, True)
     return xq
 
 
-@njit(parallel=True, cache=True)
 def _from_phases(dxq, s, p, H, W):
-    """Adjoint of _to_phases: dx (C, B, H, W) from dxq (C s s, B, Hq, Wq) (0 for dropped pixels)."""
-    Cs, B, Hq, Wq = dxq.shape
-    C = Cs // (s * s)
-    dx = np.zeros((C, B, H, W), dxq.dtype)
-    for task in prange(C * B):
-        c, b = task // B, task % B
-        for py in range(s):
-            for px in range(s):
-                k = (c * s + py) * s + px
-                for R in range(Hq):
-                    r = R * s + py - p
-                    if r < 0 or r >= H:
-                        continue
-                    for Q in range(Wq):
-                        q = Q * s + px - p
-                        if q >= 0 and q < W:
-                            dx[c, b, r, q] = dxq[k, b, R, Q]
+    Cs, B = dxq.shape[:2]
+    dx = np.zeros((Cs // (s * s), B, H, W), dxq.dtype)
+    _phase_map(dx, dxq, s, p, False)
     return dx
 
 

@@ -26,7 +26,7 @@ from refdiff.nn.conv import _check_conv, _convt_out
 from ._layout import cm, nchw
 from .conv import (conv_transpose2d_backward_v1, conv_transpose2d_backward_v2, conv_transpose2d_forward_v1,
                    conv_transpose2d_forward_v2)
-from .conv_v4 import native
+from .conv_v4 import native, redo_with
 from .conv_v5 import conv2d_backward_v5, conv2d_forward_v5
 
 
@@ -90,5 +90,4 @@ def _redo(x, w, b, stride, padding, dy=None):
     """Version 1's result (the literal port) for the same inputs, when the fast one holds a NaN:
     the inserted zeros multiply the weights and dy, and 0 x inf is NaN where the reference has a
     number (see conv_v4._v1_redo). Finite inputs never come here."""
-    y, cache = conv_transpose2d_forward_v1(x, w, b, stride, padding)
-    return (y, ("v1", cache)) if dy is None else conv_transpose2d_backward_v1(dy, cache)
+    return redo_with((conv_transpose2d_forward_v1, conv_transpose2d_backward_v1), x, w, b, stride, padding, dy)
