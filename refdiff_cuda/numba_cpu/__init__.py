@@ -8,20 +8,23 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     conv.py        conv2d 1,2,3  conv_transpose2d 1,2  max_pool2d 1
                    (3 = im2col fused with a per-chunk GEMM in the core's L2 cache)
     conv_v4.py     conv2d 4 (wide-row im2col per chunk; a dense matrix for tiny images)
-    conv_v5.py     conv2d 5 (4 with an implicit-GEMM SIMD micro-kernel, _simd.py: LLVM IR via llvmlite)
+    conv_v5.py     conv2d 5 (implicit GEMM by SIMD micro-kernels, _simd.py: LLVM IR compiled by
+                   llvmlite; strided convs as polyphase stride-1 convs; tiny images: v4's dense path)
     convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
     norm.py        group_norm 1,2  group_norm_silu 1,2
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
-Threads: numba's threading layer (omp where available, see below) is the only thread pool; scipy's OpenBLAS,
-which the kernels call, is pinned to one thread, and NumPy's is never called by versions
->= 2. Results of reductions split across threads (weight gradients) depend on the
+Threads: numba's threading layer (omp where available, see below) is the only thread
+pool; scipy's OpenBLAS, which some kernels call, is pinned to one thread, and NumPy's is
+never called by versions >= 2. Results of reductions split across threads (weight gradients) depend on the
 thread count in the last bits; they agree with the reference within refdiff_cuda.testing.TOL.
 Not thread-safe: do not call the backend from several Python threads at once.
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
 ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
+Non-finite inputs: conv results holding NaN are recomputed by version 1, so that NaN and inf
+land where the reference's do (conv_v4._v1_redo).
 """
 from __future__ import annotations
 
