@@ -110,7 +110,10 @@ def check_op(op, backend, inputs, dtype, kwargs=None, seed=0):
         conv = lambda a: [_cast(x, dtype) for x in a] if isinstance(a, list) else (_cast(a, dtype) if isinstance(a, np.ndarray) else a)
         inputs32 = [conv(a) for a in inputs]
     host, y_ref, _ = _run_ref(op, inputs32, dtype, kwargs)
-    dy = None if op == "mse" else np.random.default_rng(seed).standard_normal(np.shape(y_ref))
+    # dy from its own stream: default_rng(seed) is also what op_case's arrays use for a drawn
+    # seed, and once hypothesis drew seed 0 at scale 1e3, x = 1000 dy, so dy lay in the span a
+    # group norm's backward projects out: dx was rounding noise on both sides, and compared so.
+    dy = None if op == "mse" else np.random.default_rng([seed, 1]).standard_normal(np.shape(y_ref))
     _, y_ref, g_ref = _run_ref(op, inputs32, dtype, kwargs, dy)
     if dtype == np.float32:
         _, y_64, g_64 = _run_ref(op, inputs32, np.float64, kwargs, dy)
