@@ -162,17 +162,18 @@ def _phase_map(x, xq, s, p, to_phases):
         for py in range(s):
             for px in range(s):
                 k = (c * s + py) * s + px
+                Q0 = max(0, (p - px + s - 1) // s)                 # q = Q s + px - p in [0, W)
+                Q1 = min(Wq, (W - 1 + p - px) // s + 1) if W - 1 + p - px >= 0 else 0
                 for R in range(Hq):
                     r = R * s + py - p
                     if r < 0 or r >= H:
                         continue
-                    for Q in range(Wq):
+                    for Q in range(Q0, Q1):
                         q = Q * s + px - p
-                        if q >= 0 and q < W:
-                            if to_phases:
-                                xq[k, b, R, Q] = x[c, b, r, q]
-                            else:
-                                x[c, b, r, q] = xq[k, b, R, Q]
+                        if to_phases:
+                            xq[k, b, R, Q] = x[c, b, r, q]
+                        else:
+                            x[c, b, r, q] = xq[k, b, R, Q]
 
 
 def _to_phases(x, s, p, Hq, Wq):
