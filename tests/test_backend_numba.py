@@ -300,3 +300,22 @@ def test_non_native_byte_order_is_accepted():
     assert_agree(BACKEND.conv2d_forward(x, w, None, 1, 1)[0], ref.conv2d_forward(x, w, None, 1, 1)[0],
                  TOL[np.dtype(np.float32)], "conv2d >f4")
     assert_agree(BACKEND.silu_forward(x)[0], ref.silu_forward(x)[0], TOL[np.dtype(np.float32)], "silu >f4")
+
+
+def test_polyphase_map_is_the_slicing_and_its_adjoint():
+    """conv2d v5's _to_phases against its definition by slicing (xq[(c, py, px)] = xpad[c, :,
+    py::s, px::s]), and _from_phases as its adjoint (<to(x), y> = <x, from(y)>), on random
+    shapes, strides and paddings, including phases that keep none of the image."""
+    from refdiff_cuda.numba_cpu.conv_v5 import _from_phases, _to_phases
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        C, B, H, W = (int(v) for v in rng.integers(1, 9, 4) % np.array([3, 3, 9, 9]) + 1)
+        s, p, Hq, Wq = int(rng.integers(1, 4)), int(rng.integers(0, 3)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        x = rng.standard_normal((C, B, H, W))
+        xpad = np.zeros((C, B, p + H + (Hq + 1) * s, p + W + (Wq + 1) * s))
+        xpad[:, :, p:p + H, p:p + W] = x
+        ref = np.stack([xpad[c, :, py::s, px::s][:, :Hq, :Wq] for c in range(C) for py in range(s) for px in range(s)])
+        xq = _to_phases(x, s, p, Hq, Wq)
+        np.testing.assert_array_equal(xq, ref)
+        y = rng.standard_normal(xq.shape)
+        np.testing.assert_allclose((xq * y).sum(), (x * _from_phases(y, s, p, H, W)).sum(), rtol=1e-12, atol=1e-12)
