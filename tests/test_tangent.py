@@ -120,6 +120,11 @@ def test_conv_jvp(transpose, data):
 @settings(max_examples=25, deadline=None)
 @given(G=st.integers(1, 3), per=small, B=small, spatial=st.lists(st.integers(1, 3), max_size=2), seed=seeds)
 def test_group_norm_jvp(fused, G, per, B, spatial, seed):
+    if per * int(np.prod(spatial)) < 3:
+        # a group of n <= 2 values normalises to +-1 whatever x is: the derivatives are O(eps)
+        # (~2e-4 here) and the finite differences' own error (~1e-8) is then past atol. Found by
+        # hypothesis (G=3, per=2, no spatial axes). As in refdiff_cuda.testing: keep n >= 3.
+        spatial = list(spatial) + [3]
     rng = np.random.default_rng(seed)
     shape = (B, G * per, *spatial)
     x = 2 * rng.standard_normal(shape) + 1
