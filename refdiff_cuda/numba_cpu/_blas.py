@@ -80,21 +80,26 @@ _SMALL = 1 << 20        # multiply-adds below which one serial GEMM call beats s
 
 
 @njit(cache=False)
-def _mm_serial(a, b, c):
-    M, K = a.shape
-    gemm(M, b.shape[1], K, a.reshape(-1), 0, K, b.reshape(-1), 0, b.shape[1], False, c.reshape(-1), 0, b.shape[1], 0.0)
+def _mm_serial(a, transa, b, transb, c):
+    """c = op(a) op(b), one BLAS call."""
+    M, N = c.shape
+    K = a.shape[0] if transa else a.shape[1]
+    gemm_t(M, N, K, a.reshape(-1), 0, a.shape[1], transa, b.reshape(-1), 0, b.shape[1], transb, c.reshape(-1), 0, N,
+           0.0)
 
 
 @njit(parallel=True, cache=False)
-def _mm_par(a, b, c, chunks):
-    M, K = a.shape
-    N = b.shape[1]
+def _mm_par(a, transa, b, transb, c, chunks):
+    """c = op(a) op(b), one BLAS call per chunk of c's columns, chunks on numba's threads."""
+    M, N = c.shape
+    K = a.shape[0] if transa else a.shape[1]
     step = (N + chunks - 1) // chunks
     for t in prange(chunks):
         j0 = t * step
         nc = min(step, N - j0)
         if nc > 0:
-            gemm(M, nc, K, a.reshape(-1), 0, K, b.reshape(-1), j0, N, False, c.reshape(-1), j0, N, 0.0)
+            gemm_t(M, nc, K, a.reshape(-1), 0, a.shape[1], transa, b.reshape(-1), j0 * b.shape[1] if transb else j0,
+                   b.shape[1], transb, c.reshape(-1), j0, N, 0.0)
 
 
 @njit(parallel=True, cache=False)
@@ -111,41 +116,25 @@ def _mm_nt_par(a, b, part, chunks):
             part[t, :, :] = 0
 
 
-def matmul(a, b):
-    """a (M, K) @ b (K, N), C-contiguous results; float32 or float64 (both operands alike)."""
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b, dtype=np.asarray(a).dtype)
-    M, K = a.shape
-    N = b.shape[1]
-    c = np.empty((M, N), a.dtype)
-    if M * N * K < _SMALL or N < 2 * numba.get_num_threads():
-        _mm_serial(a, b, c)
-    else:
-        _mm_par(a, b, c, numba.get_num_threads())
-    return c
-
-
-@njit(parallel=True, cache=False)
-def _mm_t_par(a, transa, b, transb, c, chunks):
-    M, N = c.shape
-    K = a.shape[0] if transa else a.shape[1]
-    step = (N + chunks - 1) // chunks
-    for t in prange(chunks):
-        j0 = t * step
-        nc = min(step, N - j0)
-        if nc > 0:
-            gemm_t(M, nc, K, a.reshape(-1), 0, a.shape[1], transa, b.reshape(-1), j0 * b.shape[1] if transb else j0,
-                   b.shape[1], transb, c.reshape(-1), j0, N, 0.0)
-
-
 def matmul_t(a, transa, b, transb):
     """op(a) @ op(b) (op = transpose where the flag is set) without copying a transpose;
-    columns of the result split over numba's threads."""
+    C-contiguous result, float32 or float64 (both operands alike). Columns of the result split
+    over numba's threads, unless the product is small or narrow (then one serial call)."""
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b, dtype=np.asarray(a).dtype)
-    M = a.shape[1] if transa else a.shape[0]
+    M, K = a.shape[::-1] if transa else a.shape
     N = b.shape[0] if transb else b.shape[1]
     c = np.empty((M, N), a.dtype)
-    _mm_t_par(a, transa, b, transb, c, numba.get_num_threads() if N >= 2 * numba.get_num_threads() else 1)
+    T = numba.get_num_threads()
+    if M * N * K < _SMALL or N < 2 * T:
+        _mm_serial(a, transa, b, transb, c)
+    else:
+        _mm_par(a, transa, b, transb, c, T)
     return c
+
+
+def matmul(a, b):
+    """a (M, K) @ b (K, N)."""
+    return matmul_t(a, False, b, False)
 
 
 def matmul_nt(a, b):
@@ -156,7 +145,7 @@ def matmul_nt(a, b):
     T = numba.get_num_threads()
     if M * N * K < _SMALL or K < 2 * T:
         c = np.empty((M, N), a.dtype)
-        _mm_serial(a, np.ascontiguousarray(b.T), c)
+        _mm_serial(a, False, b, True, c)
         return c
     part = np.empty((T, M, N), a.dtype)
     _mm_nt_par(a, b, part, T)
