@@ -13,6 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def native(x):
+    """x as an array in the machine's byte order (the numba kernels are compiled for it)."""
+    x = np.asarray(x)
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def cm(x, dtype=None):
     """(B, C, *S) -> C-contiguous (C, B, *S) (a view when x is a channel-major view)."""
     x = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype, copy=False)

@@ -37,7 +37,7 @@ from numba import get_num_threads, get_thread_id, njit, prange
 from refdiff.nn.conv import _check_conv, _conv_out
 
 from ._blas import gemm, matmul, matmul_t
-from ._layout import cm, nchw
+from ._layout import cm, native, nchw
 from .conv import conv2d_backward_v1, conv2d_backward_v2, conv2d_forward_v1, conv2d_forward_v2
 
 _JIT = dict(cache=True, fastmath=False)
@@ -85,13 +85,21 @@ def _wide_fwd(xp, B, Hp, Wp, kH, kW, Ho, Wo, w2, bias, has_b, cb, Y, cols_s, yw_
         _wide_cols(xp, B, Hp * Wp, Wp, kH, kW, nw, b0, nb, cols)
         gemm(Cout, nb * nw, K, w2.reshape(-1), 0, K, cols.reshape(-1), 0, cb * nw, False,
              yw.reshape(-1), 0, cb * nw, 0.0)
-        for co in range(Cout):                       # keep the Wo valid columns of each wide row
-            bc = bias[co] if has_b else 0.0
-            for bb in range(nb):
-                for r in range(Ho):
-                    o = bb * nw + r * Wp
-                    for q in range(Wo):
-                        Y[co, b0 + bb, r, q] = yw[co, o + q] + bc
+        _narrow(yw, b0, nb, Wp, nw, bias, has_b, Y)
+
+
+@njit(**_JIT)
+def _narrow(yw, b0, nb, Wp, sample_stride, bias, has_b, Y):
+    """Y[co, b0 + bb, r, q] = yw[co, bb sample_stride + r Wp + q] (+ bias[co]) for q < Wo: the
+    valid columns of each wide row (the adjoint of _widen, plus the bias)."""
+    Cout, _, Ho, Wo = Y.shape
+    for co in range(Cout):
+        bc = bias[co] if has_b else 0.0
+        for bb in range(nb):
+            for r in range(Ho):
+                o = bb * sample_stride + r * Wp
+                for q in range(Wo):
+                    Y[co, b0 + bb, r, q] = yw[co, o + q] + bc
 
 
 @njit(**_JIT)
@@ -204,12 +212,6 @@ def _dense_applies(H, W, kH, kW):
 
 
 # ================================ the op pair ==================================================
-def native(x):
-    """x as an array in the machine's byte order (the kernels are compiled for it)."""
-    x = np.asarray(x)
-    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
-
-
 def _v1_redo(x, w, b, stride, padding, dy=None):
     """Version 1's result (forward, or backward when dy is given) for the same inputs.
 

@@ -31,10 +31,10 @@ from numba import get_num_threads, get_thread_id, njit, prange
 from refdiff.nn.conv import _check_conv, _conv_out
 
 from . import _simd
-from ._layout import cm, nchw
+from ._layout import cm, native, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
-from .conv_v4 import (_dense_applies, _pad_planes, _v1_redo, _wide_applies, _widen, conv2d_backward_v4,
-                      conv2d_forward_v4, native)
+from .conv_v4 import (_dense_applies, _narrow, _pad_planes, _v1_redo, _wide_applies, _widen, conv2d_backward_v4,
+                      conv2d_forward_v4)
 
 MR, NV = 8, 2        # forward: at most MR output channels x NV vectors of pixels per kernel call
 DR, DK = 4, 5        # dw: output channels x taps per kernel call (4 x 5: 75 GFLOP/s on one core)
@@ -105,11 +105,7 @@ def _forward_loop(dtype):
                     k2(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
                 else:
                     k1(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-            for co in range(Cout):                   # keep the Wo valid columns of each wide row
-                bc = bias[co] if has_b else 0.0
-                for r in range(Ho):
-                    for q in range(Wo):
-                        Y[co, b, r, q] = yw[co, r * Wp + q] + bc
+            _narrow(yw, b, 1, Wp, ldy, bias, has_b, Y)    # keep the Wo valid columns of each wide row
     return loop
 
 

@@ -23,10 +23,10 @@ from numba import njit, prange
 
 from refdiff.nn.conv import _check_conv, _convt_out
 
-from ._layout import cm, nchw
+from ._layout import cm, native, nchw
 from .conv import (conv_transpose2d_backward_v1, conv_transpose2d_backward_v2, conv_transpose2d_forward_v1,
                    conv_transpose2d_forward_v2)
-from .conv_v4 import native, redo_with
+from .conv_v4 import redo_with
 from .conv_v5 import conv2d_backward_v5, conv2d_forward_v5
 
 

@@ -20,8 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _simd
-from ._layout import flat_pair
-from .conv_v4 import native
+from ._layout import flat_pair, native
 from .functional import silu_backward_v2, silu_forward_v2
 
 _CHUNK = 16384        # elements per kernel call (a multiple of 16)
