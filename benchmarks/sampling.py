@@ -6,8 +6,8 @@
 A full run is 1000 network evaluations plus 1000 `ddpm_step` updates (Ho et al. 2020,
 Alg. 2, sigma_t^2 = beta_t). Every step costs the same (same shapes), so only
 `--timed-steps` steps (the last ones of the chain, t = timed-steps .. 1) are timed, one
-backend after the other (after an untimed warm-up step each), and images/s = batch / (median step time x 1000): a scaled figure,
-reported as such. Both backends start from the same noise and draw the same z; the JSON
+backend after the other (after an untimed warm-up step each), and images/s =
+batch / (median step time x 1000): a scaled figure, reported as such. Both backends start from the same noise and draw the same z; the JSON
 records how far apart their samples end (float32).
 """
 from __future__ import annotations

@@ -20,16 +20,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = r"""
 import json, sys, time
-import numpy as np
 sys.path.insert(0, {here!r}); sys.path.insert(0, {root!r})
 import numba, refdiff_cuda
-from train_step import refdiff_step
-rng = np.random.default_rng(0)
-B = {batch}
-x = rng.uniform(-1, 1, (B, 1, 28, 28)).astype(np.float32)
-t = (rng.integers(0, 1000, B) + 1) / 1000.0
-eps = rng.standard_normal(x.shape).astype(np.float32)
-_, step = refdiff_step("numba", x, t, eps)
+from train_step import _data, refdiff_step
+_, step = refdiff_step("numba", *_data({batch}))
 step()
 ts = []
 for _ in range({steps}):

@@ -1,6 +1,6 @@
 """One DDPM training step (forward, backward, Adam) of unet-seed: reference vs numba vs PyTorch.
 
-    python benchmarks/train_step.py [--batch 128] [--rounds 3] [--block 4] [--threads 2]
+    python benchmarks/train_step.py [--batch 128] [--rounds 4] [--block 4] [--threads 2]
                                     [--out benchmarks/results/train_step.json]
 
 Every implementation takes the same step on the same data (eps-prediction MSE, Adam lr
