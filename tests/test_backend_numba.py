@@ -300,6 +300,8 @@ def test_non_native_byte_order_is_accepted():
     assert_agree(BACKEND.conv2d_forward(x, w, None, 1, 1)[0], ref.conv2d_forward(x, w, None, 1, 1)[0],
                  TOL[np.dtype(np.float32)], "conv2d >f4")
     assert_agree(BACKEND.silu_forward(x)[0], ref.silu_forward(x)[0], TOL[np.dtype(np.float32)], "silu >f4")
+    x8 = x.astype(">f8")                         # silu v3 hands float64 to version 2
+    assert_agree(BACKEND.silu_forward(x8)[0], ref.silu_forward(x8)[0], TOL[np.dtype(np.float64)], "silu >f8")
 
 
 def test_polyphase_map_is_the_slicing_and_its_adjoint():

@@ -47,9 +47,10 @@ def _loop():
 
 
 def silu_forward_v3(x):
-    xf, _, back = flat_pair(native(x))
-    if xf.dtype != np.float32:
+    x = native(x)
+    if x.dtype != np.float32:
         return silu_forward_v2(x)
+    xf, _, back = flat_pair(x)
     y, s = np.empty_like(xf), np.empty_like(xf)
     _loop()(xf, y, s)
     return back(y), (xf, s, back)
