@@ -269,11 +269,11 @@ def conv2d_backward_v5(dy, cache):
     Cp = -(-Cout // DR) * DR
     dw_part = np.zeros((T, Cp, len(off)), dt)        # padded rows / taps: computed, then dropped
     _dw_loop(dt)(xp, Hp * Wp, Wp, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
-    w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])   # (Cin, Cout, kH, kW)
-    dX, _ = _simd_conv(dyc, w_adj, None, kH - 1 - padding, kW - 1 - padding)
     dw = np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(w.shape)
     if np.isnan(dw).any():               # garbage columns x 0 (see conv_v4._v1_redo); x from the padded planes
         x = nchw(xp[:, :B * Hp * Wp].reshape(Cin, B, Hp, Wp)[:, :, padding:padding + H, padding:padding + W])
         return _v1_redo(x, w, b, 1, padding, dy)
+    w_adj = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])   # (Cin, Cout, kH, kW)
+    dX, _ = _simd_conv(dyc, w_adj, None, kH - 1 - padding, kW - 1 - padding)
     db = dyc.sum(axis=(1, 2, 3)) if has_b else None
     return nchw(dX), dw, db
