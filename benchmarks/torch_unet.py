@@ -1,8 +1,11 @@
 """The refdiff UNet (refdiff/nn/unet.py) rebuilt in PyTorch, for the speed comparison only.
 
-Built from a refdiff model's own plan (`stages`, `sizes`, config) and loaded with its
-weights by name, then checked to give the same output before anything is timed.
-refdiff itself never imports torch.
+`plan_of(model)` turns a refdiff UNet into plain data (config, stages, sizes, GroupNorm
+groups); `TorchUNet(plan, state)` builds the same network from that plan and loads the
+same weights by name. The split keeps refdiff out of the PyTorch worker's process: the
+parent calls `plan_of` and saves the weights, the worker imports only torch, numpy and
+this file. The parent checks the worker's output against refdiff's before anything is
+timed. refdiff itself never imports torch.
 """
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as tF
 
-from refdiff.nn.unet import num_groups
+
+def plan_of(ref):
+    """What TorchUNet needs from a refdiff UNet `ref`, as picklable plain data."""
+    from refdiff.nn.unet import num_groups
+    c = dict(ref.config)
+    stages = {name: [tuple(b) for b in blocks] for name, blocks in ref.stages.items()}
+    groups = {f"{name}.blocks.{j}.norm": num_groups(bi, c["max_groups"])
+              for name, blocks in stages.items() for j, (bi, _, _) in enumerate(blocks)}
+    return dict(config=c, stages=stages, sizes=list(ref.sizes), groups=groups)
 
 
 class _Mods(nn.ModuleDict):
@@ -25,17 +36,20 @@ class _Mods(nn.ModuleDict):
 
 
 class TorchUNet(nn.Module):
-    def __init__(self, ref):
+    def __init__(self, plan, state):
+        """plan: `plan_of(model)`; state: {refdiff parameter name: array}, as `model.state()`."""
         super().__init__()
-        c = ref.config
-        self.cfg, self.plan, self.sizes = c, ref.stages, ref.sizes
+        c = plan["config"]
+        if c.get("input_skip"):
+            raise ValueError("TorchUNet has no input skip c(t) x: benchmark a model without input_skip")
+        self.cfg, self.plan, self.sizes = c, plan["stages"], plan["sizes"]
         self.mods = m = _Mods()
-        for name, blocks in ref.stages.items():
+        for name, blocks in self.plan.items():
             ci = blocks[0][0]
             m[f"{name}.time.0"] = nn.Linear(c["emb_dim"], ci)
             m[f"{name}.time.2"] = nn.Linear(ci, ci)
             for j, (bi, bo, _) in enumerate(blocks):
-                m[f"{name}.blocks.{j}.norm"] = nn.GroupNorm(num_groups(bi, c["max_groups"]), bi)
+                m[f"{name}.blocks.{j}.norm"] = nn.GroupNorm(plan["groups"][f"{name}.blocks.{j}.norm"], bi)
                 m[f"{name}.blocks.{j}.conv1"] = nn.Conv2d(bi, bo, 3, padding=1)
                 m[f"{name}.blocks.{j}.conv2"] = nn.Conv2d(bo, bo, 3, padding=1)
         for k, ck in enumerate(c["channels"]):
@@ -46,7 +60,7 @@ class TorchUNet(nn.Module):
                 m[f"down.{k}.0"], m[f"up.{k}.0"] = nn.Conv2d(ck, ck, 4, 2, 1), nn.ConvTranspose2d(ck, ck, 4, 2, 1)
         m["out"] = nn.Conv2d(c["channels"][0], c["in_channels"], 3, padding=1)
         sd = {}
-        for k, v in ref.state().items():
+        for k, v in state.items():
             mod, _, p = k.rpartition(".")
             sd["mods." + mod.replace(".", "__") + "." + p] = torch.from_numpy(np.array(v, dtype=np.float32))
         self.load_state_dict(sd)

@@ -1,24 +1,44 @@
 """One DDPM training step (forward, backward, Adam) of unet-seed: reference vs numba vs PyTorch.
 
     python benchmarks/train_step.py [--batch 128] [--rounds 4] [--block 4] [--threads 2]
-                                    [--out benchmarks/results/train_step.json]
+                                    [--backends numba] [--no-torch] [--out FILE]
+    python benchmarks/train_step.py --check [--steps 1] [--batch 8]     # smoke test, no timing
 
 Every implementation takes the same step on the same data (eps-prediction MSE, Adam lr
-1e-4), each in its own worker process (so that no library's thread pool or OpenMP runtime
-sits in another's process). Rounds take the workers in turn for a block of `--block` timed
-steps after one untimed step (medians over all blocks), so that the ratios come from one
-run under the same machine load. The NumPy reference runs in `--ref-rounds` rounds only
-(slow). PyTorch 2.x CPU is timed when importable, on an
-equivalent network (torch_unet.py) loaded with the same weights and checked to produce
-the same output first; skipped otherwise. GFLOP/s use 181 MFLOP per image (forward 30.17 M
-multiply-adds, x2 flops, x3 for forward + backward) against the float32 GEMM rate of
-NumPy's BLAS measured in the same run.
+1e-4), each in its own worker process that holds only its own library, because libraries
+slow each other inside one process (torch's libgomp slows numba's steps; numba,
+threadpoolctl and a second OpenMP runtime slow torch's):
+
+    numpy   the reference: imports refdiff (NumPy) only; BLAS threads from
+            OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS set for its process
+    numba   (and any other refdiff_cuda backend): refdiff_cuda and numba, never torch;
+            NUMBA_NUM_THREADS set for its process
+    torch   torch, numpy and torch_unet.py only, never refdiff, numba or threadpoolctl;
+            torch.set_num_threads. It builds the same network (torch_unet.TorchUNet) from the
+            plan and weights that the parent saves to a temporary .npz, and its output on 8
+            images must match refdiff's before anything is timed (skipped without torch).
+
+Each worker reports which of torch, numba, refdiff_cuda and threadpoolctl it holds
+(`worker_libraries` in the JSON, read from its own sys.modules after its last step);
+`--check` builds every worker, takes `--steps` steps in each, prints that report and the
+first step's loss per worker (all start from the same weights and data, so they agree to
+float32 rounding), and exits 1 if a worker holds a library that is not its own.
+
+Rounds take the workers in turn for a block of `--block` timed steps after one untimed
+step (medians over all blocks), so that the ratios come from one run under the same
+machine load. The reference runs in `--ref-rounds` rounds only (slow). GFLOP/s use 181
+MFLOP per image (forward 30.17 M multiply-adds, x2 flops, x3 for forward + backward)
+against the float32 GEMM rate of NumPy's BLAS measured by the reference's worker in the
+same run. The JSON (default results/train_step_unet-seed_b<batch>.json) records the
+machine, the commit and the date.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -26,12 +46,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MFLOP_PER_IMAGE = 181.0
+MODEL = "unet-seed"
+# Libraries each worker must not hold (see the module docstring); refdiff_cuda's backends
+# may hold numba, refdiff_cuda and threadpoolctl (the backend pins scipy's BLAS with it).
+FORBIDDEN = {"numpy": {"torch", "numba", "refdiff_cuda", "threadpoolctl"},
+             "torch": {"numba", "refdiff_cuda", "threadpoolctl"}}
+FORBIDDEN_FOR_BACKENDS = {"torch"}
 
 
 def refdiff_step(backend, x, t, eps):
+    """A refdiff training step of unet-seed on `backend` ("numpy" is the reference)."""
     from refdiff.nn import make_model
     from refdiff.optim import Adam
-    model = make_model("unet-seed", backend=backend)
+    model = make_model(MODEL, backend=backend)
     opt = Adam(model, lr=1e-4)
     ops = model.ops
     xd, ed = ops.asarray(x), ops.asarray(eps)
@@ -53,24 +80,27 @@ def sync(ops):
         ops.xp.cuda.Device().synchronize()
 
 
-def torch_step(model_ref, x, t, eps):
+def torch_step(plan, weights, x, eps):
+    """The same step in PyTorch, from `weights` (.npz: the parameters, `_emb` the time
+    embedding of the batch, `_y8` refdiff's output on x[:8]). -> (step, max |output diff|)."""
     import torch
-    from refdiff.nn import functional as F
     from torch_unet import TorchUNet
-    net = TorchUNet(model_ref)
-    emb = torch.from_numpy(F.time_embedding(t * model_ref.config["time_scale"], model_ref.config["emb_dim"]))
+    with np.load(weights) as f:
+        state = {k: f[k] for k in f.files if not k.startswith("_")}
+        emb, y8 = torch.from_numpy(f["_emb"]), f["_y8"]
+    net = TorchUNet(plan, state)
     xt, et = torch.from_numpy(x), torch.from_numpy(eps)
     with torch.no_grad():     # same network? (float32; forward only)
-        diff = np.abs(net(xt[:8], emb[:8]).numpy() - model_ref.forward(x[:8], t[:8])).max()
+        diff = float(np.abs(net(xt[:8], emb[:8]).numpy() - y8).max())
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
     def step():
         opt.zero_grad()
-        loss = ((net(xt, emb) - et) ** 2).sum() / xt.shape[0]
+        loss = ((net(xt, emb) - et) ** 2).sum() / xt.shape[0]    # = refdiff's mse_forward
         loss.backward()
         opt.step()
         return float(loss.detach())
-    return step, float(diff)
+    return step, diff
 
 
 def _data(B):
@@ -81,31 +111,64 @@ def _data(B):
     return x, t, eps
 
 
-def _worker(conn, name, B, threads):
-    """One implementation in its own process: build, warm up, then run timed blocks on request.
+def _worker_env(name, threads):
+    """Environment variables for a worker's process: each library's own thread setting."""
+    n = str(threads)
+    if name == "numpy":
+        return dict(OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    if name == "torch":
+        return {}                                # torch.set_num_threads inside the worker
+    return dict(NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
 
-    A process each, because libraries interfere inside one: with torch imported, numba's
-    steps took 0.36-0.42 s instead of 0.31-0.34 s (torch loads a second libgomp)."""
+
+@contextlib.contextmanager
+def _environ(extra):
+    """os.environ with `extra` set, restored on exit (a spawned process inherits it at start)."""
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
     try:
-        from _common import median_time, set_threads
-        import refdiff_cuda  # noqa: F401  (sets numba's threading layer before anything runs)
-        set_threads(threads)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _worker(conn, name, B, threads, plan, weights):
+    """One implementation in its own process: build, one untimed step, then serve requests:
+    an int n (one untimed step, then n timed ones), "peak" (the reference's worker: NumPy's
+    float32 GEMM rate) or None (report the libraries held, and stop)."""
+    try:
+        from _common import gemm_peak_gflops, held_libraries, median_time
         x, t, eps = _data(B)
-        note = None
+        info = {}
         if name == "torch":
-            from refdiff.nn import make_model
-            step, diff = torch_step(make_model("unet-seed"), x, t, eps)
-            note = diff
+            import torch
+            torch.set_num_threads(threads)
+            step, diff = torch_step(plan, weights, x, eps)
+            info.update(torch_vs_refdiff_max_abs_output_diff=diff, torch=torch.__version__,
+                        torch_threads=torch.get_num_threads())
             if diff > 1e-3:
                 raise RuntimeError(f"torch network differs from refdiff's by {diff}")
         else:
             _, step = refdiff_step(name, x, t, eps)
-        step()                                   # compile / warm up
-        conn.send(("ready", note))
+        info["first_loss"] = float(step())       # compile / warm up; same weights and data everywhere
+        if "numba" in sys.modules:
+            numba = sys.modules["numba"]
+            info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
+            with contextlib.suppress(ValueError):
+                info["numba_threading_layer"] = numba.threading_layer()
+        conn.send(("ready", info))
         while True:
             n = conn.recv()
             if n is None:
+                conn.send(("libraries", held_libraries()))
                 return
+            if n == "peak":
+                conn.send(("peak", gemm_peak_gflops()))
+                continue
             step()                               # untimed: absorbs the switch from the previous process
             conn.send(("times", median_time(step, n)[1]))
     except ImportError as exc:
@@ -114,70 +177,137 @@ def _worker(conn, name, B, threads):
         conn.send(("error", repr(exc)))
 
 
+def _weights_for_torch(tmp, B):
+    """Save the reference's weights, the batch's time embedding and refdiff's output on 8
+    images for the torch worker; -> (plan, path). Runs in the parent (NumPy only)."""
+    from refdiff.nn import functional as F
+    from refdiff.nn import make_model
+    from torch_unet import plan_of
+    ref = make_model(MODEL)
+    x, t, _ = _data(B)
+    emb = F.time_embedding(t * ref.config["time_scale"], ref.config["emb_dim"])
+    path = os.path.join(tmp, "weights.npz")
+    np.savez(path, _emb=emb, _y8=ref.forward(x[:8], t[:8]), **ref.state())
+    return plan_of(ref), path
+
+
+def _start_workers(names, B, threads, tmp):
+    """Start the workers one at a time (warm-ups must not overlap); -> ({name: (proc, conn)},
+    {name: info}, notes)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    workers, infos, notes = {}, {}, {}
+    for name in names:
+        plan = weights = None
+        if name == "torch":
+            try:
+                import importlib.util
+                if importlib.util.find_spec("torch") is None:
+                    raise ImportError("No module named 'torch'")
+                plan, weights = _weights_for_torch(tmp, B)
+            except ImportError as exc:
+                notes[name] = f"skipped: {exc}"
+                continue
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, name, B, threads, plan, weights), daemon=True)
+        with _environ(_worker_env(name, threads)):
+            proc.start()
+        kind, value = parent.recv()
+        if kind == "ready":
+            workers[name], infos[name] = (proc, parent), value
+        elif kind == "skipped":
+            notes[name] = f"skipped: {value}"
+        else:
+            raise RuntimeError(f"{name} worker failed: {value}")
+    return workers, infos, notes
+
+
+def _ask(conn, name, request, expect):
+    conn.send(request)
+    kind, value = conn.recv()
+    if kind != expect:
+        raise RuntimeError(f"{name} worker failed: {value}")
+    return value
+
+
+def _isolation(libraries):
+    """{worker: [libraries it must not hold but does]} for the workers that break the rule."""
+    bad = {}
+    for name, held in libraries.items():
+        extra = sorted(set(held) & FORBIDDEN.get(name, FORBIDDEN_FOR_BACKENDS))
+        if extra:
+            bad[name] = extra
+    return bad
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--block", type=int, default=4, help="timed steps per implementation per round")
     ap.add_argument("--ref-rounds", type=int, default=3, help="rounds that also time the (slow) reference")
-    ap.add_argument("--threads", type=int, default=2, help="threads of numba, NumPy's BLAS and torch alike")
+    ap.add_argument("--threads", type=int, default=2, help="threads of each worker's library (numba, BLAS, torch)")
     ap.add_argument("--backends", default="numba", help="comma-separated refdiff_cuda backends besides numpy")
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.json"))
+    ap.add_argument("--check", action="store_true",
+                    help="smoke test: build every worker, take --steps steps, report the libraries each "
+                         "holds and exit 1 if one holds another's; no timing claims; JSON only with --out")
+    ap.add_argument("--steps", type=int, default=1, help="steps per worker with --check")
+    ap.add_argument("--out", default=None, help="JSON path (default: results/train_step_unet-seed_b<batch>.json)")
     a = ap.parse_args(argv)
-    import multiprocessing as mp
-    from _common import environment, gemm_peak_gflops, set_threads, write_json
+    for flag in ("batch", "rounds", "block", "threads", "steps"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} must be >= 1")
+    if a.check:
+        a.rounds, a.block, a.ref_rounds = 1, a.steps, 1
+    from _common import HERE, environment, write_json
 
     B = a.batch
     names = a.backends.split(",") + ([] if a.no_torch else ["torch"]) + ["numpy"]
-    ctx = mp.get_context("spawn")
-    workers, notes = {}, {}
-    for name in names:                           # one at a time: warm-ups must not overlap
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, name, B, a.threads), daemon=True)
-        proc.start()
-        kind, value = parent.recv()
-        if kind == "ready":
-            workers[name] = (proc, parent)
-            if name == "torch":
-                notes["torch_vs_refdiff_max_abs_output_diff"] = value
-        elif kind == "skipped":
-            notes[name] = f"skipped: {value}"
-        else:
-            raise RuntimeError(f"{name} worker failed: {value}")
-    set_threads(a.threads)
-    peak = gemm_peak_gflops()
-
-    times = {k: [] for k in workers}
-    for r in range(a.rounds):        # blocks in turn, each in its own process (see _worker)
-        for k, (_, conn) in workers.items():
-            if r < a.ref_rounds or k != "numpy":
-                conn.send(a.block)
-                kind, value = conn.recv()
-                if kind != "times":
-                    raise RuntimeError(f"{k} worker failed: {value}")
-                times[k] += value
-    for proc, conn in workers.values():
-        conn.send(None)
-        proc.join(timeout=30)
+    with tempfile.TemporaryDirectory() as tmp:
+        workers, infos, notes = _start_workers(names, B, a.threads, tmp)
+        peak = None if a.check else _ask(workers["numpy"][1], "numpy", "peak", "peak")
+        times = {k: [] for k in workers}
+        for r in range(a.rounds):        # blocks in turn, each in its own process (see _worker)
+            for k, (_, conn) in workers.items():
+                if r < a.ref_rounds or k != "numpy":
+                    times[k] += _ask(conn, k, a.block, "times")
+        libraries = {k: _ask(conn, k, None, "libraries") for k, (_, conn) in workers.items()}
+        for proc, _ in workers.values():
+            proc.join(timeout=30)
+    bad = _isolation(libraries)
+    losses = {k: v["first_loss"] for k, v in infos.items()}
+    for k in workers:
+        print(f"{k:>8} worker holds {', '.join(libraries[k]) or 'none'} of torch, numba, refdiff_cuda, "
+              f"threadpoolctl; first loss {losses[k]:.6f}")
+    out = dict(benchmark=f"{MODEL} training step (forward + backward + Adam), float32", batch=B,
+               threads=a.threads, worker_libraries=libraries, isolation_violations=bad,
+               first_loss=losses, workers=infos, notes=notes, environment=environment())
+    if a.check:
+        out.update(check=True, steps=a.steps)
+        print("isolation:", "ok" if not bad else f"VIOLATED {bad}", "(check mode: no timings reported)")
+        if a.out:
+            write_json(a.out, out)
+        return 1 if bad else 0
     res = {k: float(np.median(v)) for k, v in times.items()}
     best = {k: float(np.min(v)) for k, v in times.items()}
     gflops = {k: MFLOP_PER_IMAGE * B / 1e3 / v for k, v in res.items()}
-    out = dict(benchmark="unet-seed training step (forward + backward + Adam), float32", batch=B,
-               threads=a.threads, rounds=a.rounds, block=a.block, ref_rounds=a.ref_rounds,
+    out.update(rounds=a.rounds, block=a.block, ref_rounds=a.ref_rounds,
                seconds_median=res, seconds_min=best, seconds_all=times,
                gflops=gflops, gemm_peak_gflops_float32=peak,
                fraction_of_peak={k: v / peak for k, v in gflops.items()},
-               speedup_vs_reference={k: res["numpy"] / v for k, v in res.items()},
-               environment=environment(), notes=notes)
+               speedup_vs_reference={k: res["numpy"] / v for k, v in res.items()})
     if "torch" in res:
         out["speed_vs_torch_median"] = {k: res["torch"] / v for k, v in res.items()}
         out["speed_vs_torch_min"] = {k: best["torch"] / v for k, v in best.items()}
     for k in res:
         print(f"{k:>8}: {res[k]:.3f} s/step  {gflops[k]:6.1f} GFLOP/s  ({gflops[k] / peak:.0%} of the {peak:.0f} "
               f"GFLOP/s GEMM peak)  x{res['numpy'] / res[k]:.1f} vs reference")
-    write_json(a.out, out)
+    if bad:
+        print(f"warning: workers hold other implementations' libraries: {bad}")
+    write_json(a.out or os.path.join(HERE, "results", f"train_step_{MODEL}_b{B}.json"), out)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
