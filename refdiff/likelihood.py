@@ -1,0 +1,254 @@
+"""Exact log-likelihoods of a score model through the probability-flow ODE (reference).
+
+The probability-flow ODE of a linear SDE (Song et al. 2021, eq. 13),
+
+    dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t),        f(x, t) = -a(t) x,
+
+moves samples of p_eps to samples of p_T. Along one trajectory the log-density obeys the
+instantaneous change of variables (Chen et al. 2018, Neural ODEs, thm. 1; Song et al. 2021,
+eq. 39 in appendix D.2),
+
+    d/dt log p_t(x(t)) = -div f~(x(t), t),
+    div f~ = -a(t) D - 1/2 g(t)^2 tr(ds/dx),
+
+so, integrating the state x and delta = int_eps^t div f~ together from t = eps to T,
+
+    log p_eps(x) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt
+                 ~ prior_logp(x(T)) + delta(T).                                   (1)
+
+`log_likelihood` integrates the joint ODE (1) for the whole batch as one system with
+scipy.integrate.solve_ivp (RK45 by default; `rtol`, `atol` exposed) and returns the
+log-density per sample and the number of drift evaluations (NFE, score_sde's `nfe`).
+
+The trace tr(ds/dx) needs Jacobian-vector products J v = (ds/dx) v of the score, so the
+score must be "JVP-capable": a callable `score_fn(x, t)` (the samplers' signature) that
+also carries `score_fn.jvp(x, t, v) -> (s, J v)`. Two are provided:
+
+    model_score(model, sde)     a noise-prediction model, s = -eps_theta / std_t and
+                                J v = -(d eps_theta/dx) v / std_t by the model's forward
+                                mode (`forward_jvp`: refdiff.nn.tangent, the MLP and UNet)
+    mixture_score(gmm, sde)     refdiff.data.toy.GaussianMixture's exact diffused score and
+                                its exact Jacobian (derived at `_mixture_jvp`)
+
+Divergence estimators (x (B, ...), D = prod(x.shape[1:])):
+
+    "exact"        tr J = sum_i e_i^T J e_i: one JVP per dimension, evaluated as one batched
+                   call on B D rows (small D: toy data)
+    "hutchinson"   tr J ~ 1/P sum_p v_p^T J v_p, E[v v^T] = I (Hutchinson 1989; Grathwohl
+                   et al. 2019, FFJORD), P = `probes` probes, "rademacher" or "gaussian",
+                   drawn once from `rng` and held fixed along the ODE (as score_sde's
+                   likelihood.py: a fixed probe gives a continuous ODE). The logp it gives
+                   is unbiased (eq. 1 is linear in the trace); exp(logp) is not.
+
+Bits per dimension of 8-bit images (score_sde's run_lib.py `evaluate` + likelihood.py):
+pixels p in {0..255} are dequantised y = lo + (hi - lo) (p + u) / 256, u ~ U[0, 1)^D
+(`dequantize`), so y has a density on [lo, hi)^D, and
+
+    bpd = -log p_y(y) / (D ln 2) + log2(256 / (hi - lo))                         (2)
+
+(`bits_per_dim`): the last term is the change of variables from [0, 256)^D, where the
+discrete model's bits are counted, to the model's range. refdiff's images live in
+[-1, 1] (refdiff.data.images), so the offset is log2(128) = 7: score_sde's
+`offset = 7 - inverse_scaler(-1)` for centred data (8 for data in [0, 1]).
+(-log p_y is the continuous model's negative log-likelihood of the dequantised image: an
+upper bound, in bits, on the discrete model's codelength, Theis et al. 2016.)
+
+Must agree with: closed-form Gaussian log-densities under their exact score, a Gaussian
+mixture's analytic density (GaussianMixture, to 0.01 nats/dim), a 1-D flow integrated by
+quadrature (tests/test_likelihood.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.integrate import solve_ivp
+
+from .sde import bcast
+
+DIVERGENCES = ("exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+
+
+# --- JVP-capable scores ---------------------------------------------------------------------------
+def model_score(model, sde):
+    """A noise-prediction model as score_fn(x, t) = -eps_theta(x, t) / std_t (host float64
+    arrays), with score_fn.jvp(x, t, v) -> (s, J v) through model.forward_jvp."""
+    F = model.ops
+    if not callable(getattr(model, "forward_jvp", None)):
+        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has no forward_jvp: "
+                         f"its score has no Jacobian-vector product")
+
+    def _std(x, t):
+        t = np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],))
+        return t, bcast(sde.marginal_coeffs(t)[1], x)
+
+    def score_fn(x, t):
+        t, std = _std(x, t)
+        e = F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
+        return -np.asarray(e, dtype=np.float64) / std
+
+    def jvp(x, t, v):
+        t, std = _std(x, t)
+        e, ed = model.forward_jvp(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype)),
+                                  F.asarray(v.astype(model.dtype)))
+        return (-np.asarray(F.to_numpy(e), dtype=np.float64) / std,
+                -np.asarray(F.to_numpy(ed), dtype=np.float64) / std)
+
+    score_fn.jvp = jvp
+    return score_fn
+
+
+def _mixture_jvp(gmm, sde, x, t, v):
+    """Exact score of a diffused GaussianMixture and its Jacobian times v.
+
+    With S_k = gamma^2 C_k + std^2 I, w_k = S_k^{-1} (x - gamma m_k) and responsibilities r_k,
+    s = -sum_k r_k w_k and d log r_k / dx = -w_k - s, hence
+
+        J v = -sum_k r_k S_k^{-1} v + sum_k r_k (w_k . v) w_k - (s . v) s.
+
+    x, v (N, D), t scalar or (N,) -> (s, J v), both (N, D).
+    """
+    gamma, std = sde.marginal_coeffs(np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],)))
+    lam = gamma[:, None, None] ** 2 * gmm.eigvals[None] + std[:, None, None] ** 2      # (N, K, D)
+    U = gmm.eigvecs                                                                     # (K, D, D)
+    diff = x[:, None, :] - gamma[:, None, None] * gmm.means[None]                       # (N, K, D)
+    y = np.einsum("nkd,kde->nke", diff, U)   # U^T diff
+    w = np.einsum("kde,nke->nkd", U, y / lam)
+    logp = np.log(gmm.weights)[None] - 0.5 * np.sum(np.log(lam), -1) - 0.5 * np.sum(y * y / lam, -1)
+    r = np.exp(logp - logp.max(axis=1, keepdims=True))
+    r /= r.sum(axis=1, keepdims=True)                                                   # (N, K)
+    s = -np.einsum("nk,nkd->nd", r, w)
+    yv = np.einsum("nd,kde->nke", v, U)
+    sinv_v = np.einsum("kde,nke->nkd", U, yv / lam)
+    wv = np.einsum("nkd,nd->nk", w, v)
+    jv = (-np.einsum("nk,nkd->nd", r, sinv_v) + np.einsum("nk,nkd->nd", r * wv, w)
+          - np.sum(s * v, axis=1, keepdims=True) * s)
+    return s, jv
+
+
+def mixture_score(gmm, sde):
+    """GaussianMixture's exact score as score_fn(x, t) (gmm.score), with score_fn.jvp(x, t, v)
+    -> (s, J v) exact (`_mixture_jvp`)."""
+
+    def score_fn(x, t):
+        return gmm.score(x, t, sde)
+
+    score_fn.jvp = lambda x, t, v: _mixture_jvp(gmm, sde, np.asarray(x, np.float64), t, np.asarray(v, np.float64))
+    return score_fn
+
+
+# --- divergence of the score ----------------------------------------------------------------------
+def _require_jvp(score_fn):
+    if not callable(getattr(score_fn, "jvp", None)):
+        raise ValueError("score_fn has no .jvp(x, t, v): the divergence needs Jacobian-vector products; "
+                         "wrap a model with refdiff.likelihood.model_score(model, sde) or a GaussianMixture "
+                         "with mixture_score(gmm, sde)")
+
+
+def divergence_exact(score_fn, x, t):
+    """(s, tr ds/dx): one JVP per dimension, e_i^T J e_i, batched as B D rows. x (B, ...)."""
+    _require_jvp(score_fn)
+    B, D = x.shape[0], int(np.prod(x.shape[1:]))
+    eye = np.eye(D).reshape((D, 1) + x.shape[1:])                       # e_i, (D, 1, ...)
+    xs = np.broadcast_to(x[None], (D,) + x.shape).reshape((D * B,) + x.shape[1:])
+    vs = np.broadcast_to(eye, (D,) + x.shape).reshape((D * B,) + x.shape[1:])
+    ts = np.tile(np.broadcast_to(np.asarray(t, np.float64), (B,)), D)
+    s, jv = score_fn.jvp(xs, ts, vs)
+    diag = np.sum((jv * vs).reshape(D, B, D), axis=2)                   # (D, B): (J e_i)_i
+    return s[:B], diag.sum(axis=0)
+
+
+def sample_probes(shape, rng, kind="rademacher"):
+    """Hutchinson probes (P, B, ...) with E[v v^T] = I: +-1 entries or N(0, I)."""
+    if kind == "rademacher":
+        return 2.0 * rng.integers(0, 2, size=shape) - 1.0
+    if kind == "gaussian":
+        return rng.standard_normal(shape)
+    raise ValueError(f"probe must be one of {PROBES}; got {kind!r}")
+
+
+def divergence_hutchinson(score_fn, x, t, probes):
+    """(s, 1/P sum_p v_p^T J v_p) for probes (P, B, ...), one batched JVP on P B rows."""
+    _require_jvp(score_fn)
+    P, B = probes.shape[0], x.shape[0]
+    xs = np.broadcast_to(x[None], probes.shape).reshape((P * B,) + x.shape[1:])
+    ts = np.tile(np.broadcast_to(np.asarray(t, np.float64), (B,)), P)
+    s, jv = score_fn.jvp(xs, ts, probes.reshape(xs.shape))
+    est = np.sum((jv * probes.reshape(xs.shape)).reshape(P, B, -1), axis=2)     # (P, B)
+    return s[:B], est.mean(axis=0)
+
+
+# --- the likelihood ---------------------------------------------------------------------------------
+def _check_args(sde, x, divergence, probes, probe, rtol, atol, eps):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}")
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}; got {probe!r}")
+    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
+        raise ValueError(f"probes must be an integer >= 1; got {probes!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
+    if not (isinstance(eps, (int, float, np.floating)) and 0 < eps < sde.T):
+        raise ValueError(f"eps must lie in (0, T={sde.T}); got {eps!r}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"x must have shape (B, ...) with B >= 1; got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x contains NaN or Inf")
+    return x
+
+
+def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, probe="rademacher",
+                   rtol=1e-5, atol=1e-5, eps=1e-5, method="RK45"):
+    """log p_eps(x) per sample by eq. (1), and the NFE.
+
+    x (B, ...) float; score_fn JVP-capable (see the module docstring). The joint state
+    [x (B D), delta (B)] is one solve_ivp system from t = eps to T (score_sde's
+    likelihood.py, with eps = 1e-5 as its default). Hutchinson probes (P, B, ...) are drawn
+    once from `rng`; "exact" draws nothing. -> (logp (B,) float64, nfe int).
+    """
+    x = _check_args(sde, x, divergence, probes, probe, rtol, atol, eps)
+    _require_jvp(score_fn)
+    B, shape, D = x.shape[0], x.shape, int(np.prod(x.shape[1:]))
+    v = sample_probes((probes,) + shape, rng, probe) if divergence == "hutchinson" else None
+
+    def rhs(t, y):
+        xt = y[:B * D].reshape(shape)
+        if v is None:
+            s, tr = divergence_exact(score_fn, xt, t)
+        else:
+            s, tr = divergence_hutchinson(score_fn, xt, t, v)
+        g2 = float(sde.diffusion(np.float64(t))) ** 2
+        dx = sde.probability_flow_drift(xt, t, s)                       # f - g^2/2 s
+        ddelta = -float(sde.a(np.float64(t))) * D - 0.5 * g2 * tr        # div f~
+        return np.concatenate([dx.ravel(), ddelta])
+
+    y0 = np.concatenate([x.ravel(), np.zeros(B)])
+    sol = solve_ivp(rhs, (eps, sde.T), y0, method=method, rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"the probability-flow ODE did not integrate: {sol.message}")
+    z, delta = sol.y[:B * D, -1].reshape(shape), sol.y[B * D:, -1]
+    return sde.prior_logp(z) + delta, int(sol.nfev)
+
+
+# --- bits per dimension -------------------------------------------------------------------------------
+def dequantize(pixels, rng, data_range=(-1.0, 1.0)):
+    """Uniform dequantisation of 8-bit pixels p (any shape, integers 0..255) onto the model's
+    range: y = lo + (hi - lo) (p + u) / 256, u ~ U[0, 1) (score_sde run_lib.py)."""
+    p = np.asarray(pixels)
+    if p.size and (not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 255 or np.any(p != np.round(p))):
+        raise ValueError("pixels must be integers in 0..255")
+    lo, hi = data_range
+    return lo + (hi - lo) * (p.astype(np.float64) + rng.uniform(0.0, 1.0, p.shape)) / 256.0
+
+
+def bits_per_dim(logp, dim, data_range=(-1.0, 1.0)):
+    """Eq. (2): -logp / (D ln 2) + log2(256 / (hi - lo)); logp of the dequantised images."""
+    lo, hi = data_range
+    return -np.asarray(logp, dtype=np.float64) / (dim * math.log(2)) + math.log2(256.0 / (hi - lo))
+
+
+__all__ = ["DIVERGENCES", "PROBES", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
+           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim"]
