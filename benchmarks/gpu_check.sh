@@ -31,7 +31,7 @@ tail -3 "$OUT/gpu_check_tests.log"
 timeout 150 $PY benchmarks/train_step.py --backends cupy,numba-cuda --no-torch --rounds 3 --block 3 --ref-rounds 1 \
   --out "$OUT/gpu_train_step.json" > "$OUT/gpu_train_step.log" 2>&1
 BENCH_RC=$?
-timeout 40 $PY benchmarks/sampling.py --backends cupy,numba-cuda --batch 256 --timed-steps 20 \
+timeout 60 $PY benchmarks/sampling.py --backends cupy,numba-cuda --no-torch --batch 256 --timed-steps 20 \
   --out "$OUT/gpu_sampling.json" > "$OUT/gpu_sampling.log" 2>&1
 SAMPLE_RC=$?
 

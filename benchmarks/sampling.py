@@ -1,20 +1,31 @@
-"""Images per second of 1000-step DDPM ancestral sampling: reference vs numba.
+"""Images per second of 1000-step DDPM ancestral sampling: reference vs numba vs PyTorch.
 
     python benchmarks/sampling.py [--model unet-seed] [--batch 64] [--timed-steps 20]
-                                  [--out benchmarks/results/sampling.json]
+                                  [--backends numpy,numba] [--no-torch] [--threads 2] [--out FILE]
+    python benchmarks/sampling.py --check [--timed-steps 2] [--batch 8]   # smoke test, no timing
 
-A full run is 1000 network evaluations plus 1000 `ddpm_step` updates (Ho et al. 2020,
+A full run is 1000 network evaluations plus 1000 ancestral updates (Ho et al. 2020,
 Alg. 2, sigma_t^2 = beta_t). Every step costs the same (same shapes), so only
 `--timed-steps` steps (the last ones of the chain, t = timed-steps .. 1) are timed, one
-backend after the other (after an untimed warm-up step each), and images/s =
-batch / (median step time x 1000): a scaled figure, reported as such. Both backends start from the same noise and draw the same z; the JSON
-records how far apart their samples end (float32).
+implementation after the other (after an untimed warm-up forward each), and images/s =
+batch / (median step time x 1000): a scaled figure, reported as such (`--timed-steps 1000`
+times a whole chain).
+
+Each implementation runs in its own process that holds only its own library, as in
+train_step.py (whose worker environments and isolation rule this reuses): refdiff's
+backends call `model.forward` and `ops.ddpm_step`; PyTorch runs torch_unet.TorchUNet
+under `torch.no_grad()` with the same update written in torch, from the weights, time
+embeddings and step scalars the parent saves (its forward on 8 images must match
+refdiff's first). All start from the same noise and draw the same z; the JSON records how
+far apart their final samples end (float32), the libraries each worker held, the
+machine, the commit and the date (default results/sampling_<model>_b<batch>.json).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,54 +33,179 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+N = 1000    # steps of the chain
+
+
+def _noise(B, size, timed):
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((B, 1, size, size)).astype(np.float32)
+    zs = rng.standard_normal((timed, B, 1, size, size)).astype(np.float32)
+    return x0, zs
+
+
+def _refdiff_chain(name, model_name, x0, zs):
+    """The last len(zs) steps of the chain on refdiff backend `name`; -> (seconds per step, final x)."""
+    from refdiff.nn import make_model
+    from refdiff.sde import DDPMSchedule
+    from train_step import sync
+    sched, B = DDPMSchedule(), x0.shape[0]
+    m = make_model(model_name, backend=name)
+    ops = m.ops
+    x = ops.asarray(x0)
+    m.forward(x, np.full(B, 0.5))                # warm-up, untimed (numba compiles here)
+    times = []
+    for k, i in enumerate(range(len(zs) - 1, -1, -1)):   # i = step index, t = (i + 1) / N
+        t0 = time.perf_counter()
+        eps = m.forward(x, np.full(B, (i + 1) / N))
+        z = ops.asarray(zs[k]) if i > 0 else None
+        x = ops.ddpm_step(x, eps, z, sched.betas[i], sched.alpha_bars[i], np.sqrt(sched.betas[i]))
+        sync(ops)
+        times.append(time.perf_counter() - t0)
+    return times, ops.to_numpy(x)
+
+
+def _torch_chain(plan, weights, x0, zs):
+    """The same steps in PyTorch, forward only; -> (seconds per step, final x, max |output diff|)."""
+    import torch
+    from torch_unet import TorchUNet
+    with np.load(weights) as f:
+        state = {k: f[k] for k in f.files if not k.startswith("_")}
+        emb, y8, scal = torch.from_numpy(f["_emb"]), f["_y8"], f["_scalars"]
+    net, B = TorchUNet(plan, state), x0.shape[0]
+    x = torch.from_numpy(x0)
+    with torch.no_grad():
+        diff = float(np.abs(net(x[:8], emb[-1:].expand(8, -1)).numpy() - y8).max())
+        net(x, emb[0:1].expand(B, -1))           # warm-up, untimed
+        times = []
+        for k, i in enumerate(range(len(zs) - 1, -1, -1)):
+            t0 = time.perf_counter()
+            coef, inv_sqrt_alpha, sigma = (float(v) for v in scal[k])    # float32 values, as refdiff casts them
+            eps = net(x, emb[k:k + 1].expand(B, -1))
+            x = (x - coef * eps) * inv_sqrt_alpha
+            if i > 0:
+                x = x + sigma * torch.from_numpy(zs[k])
+            times.append(time.perf_counter() - t0)
+    return times, x.numpy(), diff
+
+
+def _save_for_torch(path, model_name, x0, timed):
+    """Weights, per-step time embeddings and step scalars (float32), and refdiff's output on
+    8 images at the first timed step, for the torch worker; -> plan. Runs in the parent."""
+    from refdiff.nn import functional as F
+    from refdiff.nn import make_model
+    from refdiff.nn.steps import ddpm_coeffs
+    from refdiff.sde import DDPMSchedule
+    from torch_unet import plan_of
+    sched, ref = DDPMSchedule(), make_model(model_name)
+    steps = list(range(timed - 1, -1, -1))
+    ts = np.array([(i + 1) / N for i in steps])
+    emb = F.time_embedding(ts * ref.config["time_scale"], ref.config["emb_dim"])
+    scal = np.array([[*ddpm_coeffs(sched.betas[i], sched.alpha_bars[i], np.float32),
+                      np.float32(np.sqrt(sched.betas[i]))] for i in steps], dtype=np.float32)
+    y8 = ref.forward(x0[:8], np.full(8, ts[-1]))
+    np.savez(path, _emb=emb, _y8=y8, _scalars=scal, **ref.state())
+    return plan_of(ref)
+
+
+def _worker(conn, name, model_name, B, timed, threads, plan, weights):
+    """One implementation's timed chain in its own process; sends ("done", result) or an error."""
+    try:
+        from _common import held_libraries
+        size = plan["config"]["image_size"] if plan else 28
+        x0, zs = _noise(B, size, timed)
+        res = {}
+        if name == "torch":
+            import torch
+            torch.set_num_threads(threads)
+            times, final, diff = _torch_chain(plan, weights, x0, zs)
+            if diff > 1e-3:
+                raise RuntimeError(f"torch network differs from refdiff's by {diff}")
+            res.update(torch_vs_refdiff_max_abs_output_diff=diff, torch=torch.__version__)
+        else:
+            times, final = _refdiff_chain(name, model_name, x0, zs)
+        res.update(times=times, final=final, libraries=held_libraries())
+        conn.send(("done", res))
+    except ImportError as exc:
+        conn.send(("skipped", str(exc)))
+    except Exception as exc:                     # report, do not hang the parent
+        conn.send(("error", repr(exc)))
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="unet-seed")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timed-steps", type=int, default=20)
-    ap.add_argument("--backends", default="numpy,numba")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sampling.json"))
+    ap.add_argument("--backends", default="numpy,numba", help="comma-separated refdiff backends, first = baseline")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="threads of each worker's library (numba, BLAS, torch)")
+    ap.add_argument("--check", action="store_true",
+                    help="smoke test: run every worker, report the libraries each holds, exit 1 if one holds "
+                         "another's; no timing claims; JSON only with --out")
+    ap.add_argument("--out", default=None, help="JSON path (default: results/sampling_<model>_b<batch>.json)")
     a = ap.parse_args(argv)
-    from _common import environment, write_json
-    from train_step import sync
-    from refdiff.nn import make_model
-    from refdiff.sde import DDPMSchedule
+    for flag in ("batch", "timed_steps", "threads"):
+        if not 1 <= getattr(a, flag) <= (N if flag == "timed_steps" else 10 ** 6):
+            ap.error(f"--{flag.replace('_', '-')} out of range")
+    import importlib.util
+    import multiprocessing as mp
+    from _common import HERE, environment, write_json
+    from train_step import _environ, _isolation, _worker_env
 
-    sched, N = DDPMSchedule(), 1000
     names = a.backends.split(",")
-    import refdiff_cuda
-    # refdiff_cuda's "numpy" is the reference plus the reference ddpm_step (refdiff.nn has none yet)
-    models = {n: make_model(a.model, backend=refdiff_cuda.get_backend(n)) for n in names}
-    rng = np.random.default_rng(0)
-    size = models[names[0]].config["image_size"]
-    x0 = rng.standard_normal((a.batch, 1, size, size)).astype(np.float32)
-    zs = rng.standard_normal((a.timed_steps, a.batch, 1, size, size)).astype(np.float32)
-    xs = {n: models[n].ops.asarray(x0) for n in names}
-    times = {n: [] for n in names}
-    for n in names:        # one backend at a time: a thread pool left spinning (OpenBLAS's, libgomp's)
-        m, ops = models[n], models[n].ops            # must not slow the other's steps
-        m.forward(xs[n], np.full(a.batch, 0.5))      # warm-up, untimed (numba compiles here)
-        for k, i in enumerate(range(a.timed_steps - 1, -1, -1)):   # i = step index, t = (i + 1) / N
-            t0 = time.perf_counter()
-            eps = m.forward(xs[n], np.full(a.batch, (i + 1) / N))
-            z = ops.asarray(zs[k]) if i > 0 else None
-            xs[n] = ops.ddpm_step(xs[n], eps, z, sched.betas[i], sched.alpha_bars[i], np.sqrt(sched.betas[i]))
-            sync(ops)
-            times[n].append(time.perf_counter() - t0)
-    step = {n: float(np.median(v)) for n, v in times.items()}
+    if not a.no_torch:
+        names.append("torch")
+    ctx, results, notes = mp.get_context("spawn"), {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in names:        # one at a time: a thread pool left spinning must not slow another's steps
+            plan = weights = None
+            if n == "torch":
+                if importlib.util.find_spec("torch") is None:
+                    notes[n] = "skipped: No module named 'torch'"
+                    continue
+                weights = os.path.join(tmp, "weights.npz")
+                plan = _save_for_torch(weights, a.model, _noise(a.batch, 28, a.timed_steps)[0], a.timed_steps)
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, daemon=True,
+                               args=(child, n, a.model, a.batch, a.timed_steps, a.threads, plan, weights))
+            with _environ(_worker_env(n, a.threads)):
+                proc.start()
+            kind, value = parent.recv()
+            proc.join(timeout=30)
+            if kind == "skipped":
+                notes[n] = f"skipped: {value}"
+            elif kind != "done":
+                raise RuntimeError(f"{n} worker failed: {value}")
+            else:
+                results[n] = value
+    done = list(results)
+    libraries = {n: r["libraries"] for n, r in results.items()}
+    bad = _isolation(libraries)
+    diff = {n: float(np.abs(results[n]["final"] - results[done[0]]["final"]).max()) for n in done}
+    for n in done:
+        print(f"{n:>8} worker holds {', '.join(libraries[n]) or 'none'}; final x {diff[n]:.2e} from {done[0]}'s")
+    out = dict(benchmark=f"DDPM ancestral sampling, {a.model}, float32", batch=a.batch,
+               timed_steps=a.timed_steps, total_steps=N, scaled=a.timed_steps < N, threads=a.threads,
+               worker_libraries=libraries, isolation_violations=bad, max_abs_diff_of_final_x_vs_first=diff,
+               notes=notes, environment=environment())
+    if "torch" in results:
+        out["torch_vs_refdiff_max_abs_output_diff"] = results["torch"]["torch_vs_refdiff_max_abs_output_diff"]
+    if a.check:
+        out["check"] = True
+        print("isolation:", "ok" if not bad else f"VIOLATED {bad}", "(check mode: no timings reported)")
+        if a.out:
+            write_json(a.out, out)
+        return 1 if bad else 0
+    step = {n: float(np.median(results[n]["times"])) for n in done}
     ips = {n: a.batch / (s * N) for n, s in step.items()}
-    final = {n: models[n].ops.to_numpy(xs[n]) for n in names}
-    diff = {n: float(np.abs(final[n] - final[names[0]]).max()) for n in names}
-    for n in names:
+    for n in done:
         print(f"{n:>8}: {step[n] * 1e3:8.1f} ms/step  {ips[n]:.3f} images/s (1000 steps, scaled from "
-              f"{a.timed_steps})  x{step[names[0]] / step[n]:.1f} vs {names[0]}")
-    write_json(a.out, dict(benchmark=f"DDPM ancestral sampling, {a.model}, float32", batch=a.batch,
-                           timed_steps=a.timed_steps, total_steps=N, scaled=True,
-                           seconds_per_step_median=step, seconds_per_step_all=times, images_per_second=ips,
-                           speedup_vs_first=dict((n, step[names[0]] / step[n]) for n in names),
-                           max_abs_diff_of_final_x_vs_first=diff, environment=environment()))
+              f"{a.timed_steps})  x{step[done[0]] / step[n]:.1f} vs {done[0]}")
+    out.update(seconds_per_step_median=step, seconds_per_step_all={n: results[n]["times"] for n in done},
+               images_per_second=ips, speedup_vs_first={n: step[done[0]] / step[n] for n in done})
+    write_json(a.out or os.path.join(HERE, "results", f"sampling_{a.model}_b{a.batch}.json"), out)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
