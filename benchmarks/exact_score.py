@@ -2,13 +2,14 @@
 
 For each SDE and sampler, draws n points, and reports the Fréchet distance and sliced
 W1 to independent real samples, next to the real-vs-real floor (both averaged over
-`pairs` real sets). Writes benchmarks/results/exact_score.json.
+`pairs` real sets). Writes benchmarks/results/exact_score.json (with the machine, commit
+and date). The results quoted in docs/sdes-and-samplers.md use --n 5000.
 
-    python benchmarks/exact_score.py [--n 20000] [--steps 1000]
+    python benchmarks/exact_score.py [--n 20000] [--steps 1000] [--pairs 4]
 """
 import argparse
-import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -17,6 +18,8 @@ from refdiff import metrics, samplers
 from refdiff.data import GaussianMixture
 from refdiff.ring import SDE_DEFAULTS
 from refdiff.sde import make_sde
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -48,9 +51,10 @@ def main():
             row["sw_ratio"] = row["sliced_wasserstein"] / row["sliced_wasserstein_floor"]
             rows.append({k: float(v) if isinstance(v, np.floating) else v for k, v in row.items()})
             print(f"{name:6s} {sampler:4s} FD ratio {row['fd_ratio']:.2f}  SW ratio {row['sw_ratio']:.2f}  ({secs:.0f}s)", flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(rows, f, indent=2)
+    from _common import environment, write_json
+    write_json(a.out, dict(benchmark="exact-score sampling error: Gaussian mixture, FD and sliced W1 vs the "
+                                     "real-vs-real floor", command=" ".join(["python benchmarks/exact_score.py"] + sys.argv[1:]),
+                           pairs=a.pairs, results=rows, environment=environment()))
 
 
 if __name__ == "__main__":
