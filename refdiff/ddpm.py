@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from ._checks import check_array_float, check_finite_state, check_int, check_real, check_rng
 from .sde import VP, DDPMSchedule
 
 SAMPLERS = ("ddpm", "ddim", "em")
@@ -65,11 +66,10 @@ def ddpm_loss(model, schedule, x0, rng):
     x0 (B, ...) host array. The draws come from `rng` in that order (i, then eps). The
     gradient is left in model.grads (accumulated: zero_grad first), as refdiff.losses.dsm.
     """
-    x0 = np.asarray(x0)
+    check_rng(rng)
+    x0 = check_array_float(x0, "x0")
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {x0.shape}")
-    if not np.all(np.isfinite(x0)):
-        raise ValueError("x0 contains NaN or Inf")
     B, D = x0.shape[0], int(np.prod(x0.shape[1:]))
     i = rng.integers(0, schedule.num_steps, size=B)
     eps = rng.standard_normal(x0.shape)
@@ -87,12 +87,14 @@ def ddpm_loss(model, schedule, x0, rng):
 # The state x lives on the model's backend (model.ops: NumPy, numba, CuPy...) in float64; the
 # model is called in its own dtype; every random draw comes from the host `rng`, so that a
 # seed gives the same images on every backend (within float rounding).
-def _predict_eps(model, x, t):
-    """eps_theta(x, t) for a float64 backend array x (B, ...) and one model time t -> float64."""
+def _predict_eps(model, x, t, step):
+    """eps_theta(x, t) for a float64 backend array x (B, ...) and one model time t -> float64.
+    A NaN or Inf output (a diverged model) raises FloatingPointError naming `step` and t."""
     F, dt = model.ops, model.dtype
     e = model.forward(x.astype(dt), F.asarray(np.full(x.shape[0], t, dtype=dt)))
     if e.shape != x.shape:
         raise ValueError(f"model returned shape {e.shape} for input {x.shape}")
+    check_finite_state(bool(F.xp.all(F.xp.isfinite(e))), "the model's output", step, t)
     return e.astype(np.float64)
 
 
@@ -128,15 +130,10 @@ def _check_shape(shape):
     return tuple(int(s) for s in shape)
 
 
-def _check_batch(batch):
-    if not (isinstance(batch, (int, np.integer)) and batch >= 1):
-        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
-
-
 def _chunked(model, run, shape, batch, return_trajectory, total, frames):
     """Call run(chunk_shape, rec) -> x (backend) for chunks of at most `batch` images and
     concatenate on the host (trajectories along their image axis)."""
-    _check_batch(batch)
+    check_int(batch, "batch", lo=1)
     shape = _check_shape(shape)
     to_numpy = model.ops.to_numpy
     if return_trajectory:
@@ -168,13 +165,14 @@ def ancestral(model, schedule, shape, rng, variance="beta", clip=False, return_t
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    check_rng(rng)
     s, N, F = schedule, schedule.num_steps, model.ops
 
     def run(shp, rec):
         x = _normal(model, rng, shp)
         rec(x)
         for i in reversed(range(N)):
-            eps = _predict_eps(model, x, model_time(i, N))                          # 1.
+            eps = _predict_eps(model, x, model_time(i, N), i)                       # 1.
             a, ab, b = s.alphas[i], s.alpha_bars[i], s.betas[i]
             ab_prev = s.alpha_bars[i - 1] if i > 0 else 1.0
             var = b if variance == "beta" else (1 - ab_prev) / (1 - ab) * b         # 2.
@@ -199,8 +197,7 @@ def ddim_timesteps(num_steps, steps, spacing="uniform"):
     "quadratic" i = floor(k'^2), k' = linspace(0, sqrt(0.8 N), S) (DDIM §D.2, used for CIFAR-10)
     "trailing"  i = round(N - k N / S) - 1, k = 0..S-1: always starts at N-1 (Lin et al. 2024)
     """
-    if not (isinstance(steps, (int, np.integer)) and 1 <= steps <= num_steps):
-        raise ValueError(f"DDIM steps must be an integer in [1, {num_steps}]; got {steps!r}")
+    check_int(steps, "DDIM steps", lo=1, hi=num_steps)
     if spacing == "uniform":
         tau = np.arange(steps) * (num_steps // steps)
     elif spacing == "quadratic":
@@ -232,8 +229,8 @@ def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip
     ancestral sampling with variance beta_tilde, draw for draw. z is drawn only when
     sigma can be > 0 (eta > 0, not the last step), so with eta = 0 the only draw is x_T.
     """
-    if not (isinstance(eta, (int, float, np.floating, np.integer)) and 0 <= eta <= 1):
-        raise ValueError(f"eta must be a number in [0, 1]; got {eta!r}")
+    eta = check_real(eta, "eta", lo=0, hi=1)
+    check_rng(rng)
     s, N, xp = schedule, schedule.num_steps, model.ops.xp
     tau = ddim_timesteps(N, steps, spacing)
 
@@ -243,7 +240,7 @@ def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip
         for k, i in enumerate(tau):
             j = tau[k + 1] if k + 1 < len(tau) else -1
             ab, ab_prev = s.alpha_bars[i], (s.alpha_bars[j] if j >= 0 else 1.0)
-            eps = _predict_eps(model, x, model_time(i, N))                               # 1.
+            eps = _predict_eps(model, x, model_time(i, N), i)                            # 1.
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)                           # 2.
             if clip:
                 x0 = xp.clip(x0, -1.0, 1.0)
@@ -278,8 +275,7 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
     from .samplers import _grid
 
     sde = VP(0.1, 20.0) if sde is None else sde
-    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    check_rng(rng)
     ts = _grid(sde, steps, eps, spacing)
     F = model.ops
 
@@ -289,13 +285,13 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
             rec(x)
             t, dt = float(ts[k]), float(ts[k] - ts[k + 1])
             std = float(sde.marginal_coeffs(np.float64(t))[1])
-            score = _predict_eps(model, x, t) * (-1.0 / std)
+            score = _predict_eps(model, x, t, k) * (-1.0 / std)
             z = _normal(model, rng, shp) if k < steps - 1 else None
             x = F.em_step(x, score, z, float(sde.a(np.float64(t))), float(sde.diffusion(np.float64(t))), dt)
         if denoise:
             rec(x)
             gamma, std = sde.marginal_coeffs(np.float64(eps))
-            x = (x - float(std) * _predict_eps(model, x, eps)) / float(gamma)
+            x = (x - float(std) * _predict_eps(model, x, eps, steps)) / float(gamma)
         rec(x)
         return x
 

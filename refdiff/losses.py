@@ -23,25 +23,23 @@ import math
 
 import numpy as np
 
+from ._checks import check_array_float, check_int, check_positive_finite, check_real, check_rng
 from .sde import bcast
 
 WEIGHTINGS = ("noise", "likelihood", "none")
 
 
 def _check_x0(x0, name="x0"):
-    x0 = np.asarray(x0)
+    x0 = check_array_float(x0, name)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"{name} must have shape (B, ...) with B >= 1; got {x0.shape}")
-    if not np.all(np.isfinite(x0)):
-        raise ValueError(f"{name} contains NaN or Inf")
     return x0
 
 
 def sample_time(sde, batch, rng, eps):
     """t ~ U(eps, T), one per sample."""
-    if not (0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, T={sde.T}); got {eps}")
-    return rng.uniform(eps, sde.T, size=batch)
+    check_real(eps, "eps", lo=0, hi=sde.T, lo_open=True, hi_open=True)
+    return check_rng(rng).uniform(eps, sde.T, size=batch)
 
 
 def _eps_weights(sde, t, weighting):
@@ -120,8 +118,7 @@ def _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting):
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}; got {projection!r}")
-    if isinstance(n_projections, bool) or not isinstance(n_projections, (int, np.integer)) or n_projections < 1:
-        raise ValueError(f"n_projections must be an integer >= 1; got {n_projections!r}")
+    check_int(n_projections, "n_projections", lo=1)
     x0 = _check_x0(x0)
     t = sample_time(sde, x0.shape[0], rng, eps)
     z = rng.standard_normal(x0.shape)
@@ -197,8 +194,7 @@ def ssm_fd(model, sde, x0, rng, projection="rademacher", n_projections=1, varian
     fixed fraction of the noise scale, the length on which eps_theta(., t) varies. Same
     weights, sign conventions and constant offset to dsm as `ssm` (up to the O(h^2) bias).
     """
-    if not (isinstance(fd_step, (int, float, np.floating)) and math.isfinite(fd_step) and fd_step > 0):
-        raise ValueError(f"fd_step must be a finite number > 0; got {fd_step!r}")
+    check_positive_finite(fd_step, "fd_step")
     xt, t, std, w, nu = _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting)
     F, dt = model.ops, model.dtype
     h = fd_step * std / math.sqrt(np.prod(xt.shape[1:]))       # (R,)

@@ -6,27 +6,53 @@
 - `sliced_wasserstein`: mean over random directions of the 1-D p-Wasserstein distance.
 - `energy_distance`: 2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely & Rizzo), zero iff the laws
   are equal.
+
+Overflow: each distance is homogeneous in the data (degree 1, Fréchet degree 2), so data
+beyond 2^+-300 in magnitude are divided by a power of two s ~ max |a|, |b| (exact: no
+rounding) and the distance multiplied back; a result beyond float64 raises ValueError
+instead of returning Inf or NaN.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import scipy.linalg
 
+from ._checks import check_array_float, check_int, check_real, check_rng
+
 
 def _check_pair(a, b, min_n=2):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = check_array_float(a, "a"), check_array_float(b, "b")
     for name, s in (("a", a), ("b", b)):
         if s.ndim != 2:
             raise ValueError(f"{name} must have shape (N, D); got {s.shape}")
         if s.shape[0] < min_n:
             raise ValueError(f"{name} needs at least {min_n} samples; got {s.shape[0]}")
-        if not np.all(np.isfinite(s)):
-            raise ValueError(f"{name} contains NaN or Inf")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same dimension D; got {a.shape[1]} and {b.shape[1]}")
     return a, b
+
+
+def _power_of_two_scale(a, b):
+    """1 for data of magnitude m = max |a|, |b| in [2^-300, 2^300] (then squares and sums of
+    squares of up to 1e9 terms stay in float64's range: computed as given); else the power of
+    two s with m / s in [1, 2). Dividing by a power of two is exact (no rounding)."""
+    m = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))))
+    if m == 0 or 2.0 ** -300 <= m <= 2.0 ** 300:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(m)[1] - 1)
+
+
+def _rescaled(value, s, degree, what):
+    """value computed on data / s -> the value on the data, refusing an overflow."""
+    out = value
+    for _ in range(degree):
+        out *= s                          # float multiplication overflows to inf (** would raise)
+    if not math.isfinite(out):
+        raise ValueError(f"the {what} overflows float64 for data of magnitude {s:.3g}; rescale the data")
+    return out
 
 
 def frechet_from_moments(mu1, s1, mu2, s2):
@@ -53,8 +79,11 @@ def frechet_from_moments(mu1, s1, mu2, s2):
 def frechet_distance(a, b):
     """Fréchet distance between Gaussians fitted to a (N, D) and b (M, D)."""
     a, b = _check_pair(a, b)
-    return frechet_from_moments(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)),
-                                b.mean(0), np.atleast_2d(np.cov(b, rowvar=False)))
+    s = _power_of_two_scale(a, b)
+    a, b = a / s, b / s
+    fd = frechet_from_moments(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)),
+                              b.mean(0), np.atleast_2d(np.cov(b, rowvar=False)))
+    return _rescaled(fd, s, 2, "Fréchet distance")
 
 
 def _quantiles(sorted_cols, q):
@@ -74,11 +103,11 @@ def sliced_wasserstein(a, b, n_projections=256, rng=None, p=1):
     Unequal sizes are handled by comparing quantile functions on a common grid.
     """
     a, b = _check_pair(a, b, min_n=1)
-    if not (isinstance(n_projections, (int, np.integer)) and n_projections >= 1):
-        raise ValueError(f"n_projections must be an integer >= 1; got {n_projections!r}")
-    if p < 1:
-        raise ValueError(f"p must be >= 1; got {p}")
-    rng = np.random.default_rng(0) if rng is None else rng
+    check_int(n_projections, "n_projections", lo=1)
+    p = check_real(p, "p", lo=1)
+    rng = np.random.default_rng(0) if rng is None else check_rng(rng)
+    s = _power_of_two_scale(a, b)
+    a, b = a / s, b / s
     u = rng.standard_normal((a.shape[1], n_projections))
     u /= np.linalg.norm(u, axis=0, keepdims=True)
     pa, pb = np.sort(a @ u, axis=0), np.sort(b @ u, axis=0)
@@ -87,7 +116,7 @@ def sliced_wasserstein(a, b, n_projections=256, rng=None, p=1):
         q = (np.arange(m) + 0.5) / m
         pa, pb = _quantiles(pa, q), _quantiles(pb, q)
     w = np.mean(np.abs(pa - pb) ** p, axis=0) ** (1.0 / p)
-    return float(np.mean(w))
+    return _rescaled(float(np.mean(w)), s, 1, "sliced Wasserstein distance")
 
 
 def _mean_pairwise(a, b, chunk=2048):
@@ -102,9 +131,13 @@ def energy_distance(a, b, max_n=4000, rng=None):
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic). O(N^2): samples larger
     than `max_n` are subsampled (with `rng`, default seed 0)."""
     a, b = _check_pair(a, b, min_n=1)
-    rng = np.random.default_rng(0) if rng is None else rng
+    max_n = check_int(max_n, "max_n", lo=1)
+    rng = np.random.default_rng(0) if rng is None else check_rng(rng)
+    s = _power_of_two_scale(a, b)
+    a, b = a / s, b / s
     if a.shape[0] > max_n:
         a = a[rng.choice(a.shape[0], max_n, replace=False)]
     if b.shape[0] > max_n:
         b = b[rng.choice(b.shape[0], max_n, replace=False)]
-    return float(2 * _mean_pairwise(a, b) - _mean_pairwise(a, a) - _mean_pairwise(b, b))
+    return _rescaled(float(2 * _mean_pairwise(a, b) - _mean_pairwise(a, a) - _mean_pairwise(b, b)), s, 1,
+                     "energy distance")

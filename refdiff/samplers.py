@@ -4,16 +4,19 @@ All take `score_fn(x, t) -> score` (any callable: a trained model wrapped by
 `losses.score_fn_from_model`, or an exact score such as `GaussianMixture.score`), start
 from fresh prior noise `sde.prior_sample` (never from the forward end-point of the data,
 the mistake in the report's code), and integrate from T down to `eps` on the uniform
-grid t_k = T - k (T - eps)/N, k = 0..N (or the
-`quadratic` spacing). The last step adds no noise (score_sde's
-`noise_removal`).
+grid t_k = T - k (T - eps)/N, k = 0..N (or the `quadratic` spacing). The last step adds
+no noise (score_sde's `noise_removal`).
+
+A score that is NaN or Inf stops sampling with a FloatingPointError naming the step and
+the time (a diverged model would otherwise return NaN images without a word).
+
+Registered by name in SAMPLERS, each as `(sde, score_fn, shape, steps, rng) -> x`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .sde import bcast
-
+from ._checks import check_array_float, check_finite_state, check_int, check_real, check_rng
 
 SPACINGS = ("uniform", "quadratic")
 
@@ -22,41 +25,49 @@ def _grid(sde, steps, eps, spacing="uniform"):
     """Times T = t_0 > t_1 > ... > t_N = eps. "uniform": equal steps. "quadratic":
     t_k = eps + (T - eps)(1 - k/N)^2, finer near 0 where the score changes fastest (as
     DDIM's quadratic timestep spacing); needed when std_t grows fast from 0 (OU, VE)."""
-    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-    if not (0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, T={sde.T}); got {eps}")
+    steps = check_int(steps, "steps", lo=1)
+    eps = check_real(eps, "eps", lo=0, hi=sde.T, lo_open=True, hi_open=True)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
     u = np.linspace(1.0, 0.0, steps + 1)
     return eps + (sde.T - eps) * (u if spacing == "uniform" else u * u)
 
 
-def _score(score_fn, x, t):
+def _score(score_fn, x, t, step):
     s = score_fn(x, np.full(x.shape[0], t))
     if s.shape != x.shape:
         raise ValueError(f"score_fn returned shape {s.shape}; expected {x.shape}")
+    check_finite_state(np.all(np.isfinite(s)), "the score", step, t)
     return s
+
+
+def _start(sde, shape, rng):
+    check_rng(rng)
+    shape = tuple(shape)
+    for s in shape:
+        check_int(s, "shape entries", lo=1)
+    return sde.prior_sample(shape, rng)
 
 
 def euler_maruyama(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic", return_trajectory=False):
     """Reverse-time Euler-Maruyama (report §1.3 applied to eq. 2.6):
 
-        x <- x - [f(x, t) - g(t)^2 s(x, t)] dt + g(t) sqrt(dt) z,   dt = t_k - t_{k+1} > 0.
+        x <- x - [f(x, t) - g(t)^2 s(x, t)] h + g(t) sqrt(h) z,   h = t_k - t_{k+1} > 0.
 
     Returns x (shape) or (x, trajectory (N+1, *shape)).
     """
     ts = _grid(sde, steps, eps, spacing)
-    x = sde.prior_sample(shape, rng)
+    x = _start(sde, shape, rng)
     traj = [x.copy()] if return_trajectory else None
     for k in range(steps):
-        t, dt = ts[k], ts[k] - ts[k + 1]
-        drift = sde.reverse_drift(x, t, _score(score_fn, x, t))
-        x = x - drift * dt
+        t, h = ts[k], ts[k] - ts[k + 1]
+        drift = sde.reverse_drift(x, t, _score(score_fn, x, t, k))
+        x = x - drift * h
         if k < steps - 1:
-            x = x + sde.diffusion(t) * np.sqrt(dt) * rng.standard_normal(shape)
+            x = x + sde.diffusion(t) * np.sqrt(h) * rng.standard_normal(x.shape)
         if return_trajectory:
             traj.append(x.copy())
+    check_finite_state(np.all(np.isfinite(x)), "the state", steps, ts[-1])
     return (x, np.stack(traj)) if return_trajectory else x
 
 
@@ -67,23 +78,27 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
     with one step size for the batch, e = 2 (snr mean||z|| / mean||s||)^2, from the
     signal-to-noise ratio `snr` (score_sde's LangevinCorrector: norms per sample, averaged
     over the batch; a per-sample ratio explodes in low dimension where ||s|| can be ~0).
+    snr >= 0 (0: no correction), n_corrector >= 0.
     """
+    snr = check_real(snr, "snr", lo=0)
+    n_corrector = check_int(n_corrector, "n_corrector", lo=0)
     ts = _grid(sde, steps, eps, spacing)
-    x = sde.prior_sample(shape, rng)
+    x = _start(sde, shape, rng)
     axes = tuple(range(1, x.ndim))
     for k in range(steps):
         t = ts[k]
         for _ in range(n_corrector):
-            s = _score(score_fn, x, t)
-            z = rng.standard_normal(shape)
+            s = _score(score_fn, x, t, k)
+            z = rng.standard_normal(x.shape)
             z_norm = np.mean(np.sqrt(np.sum(z * z, axis=axes)))
             s_norm = max(np.mean(np.sqrt(np.sum(s * s, axis=axes))), 1e-12)
             e = 2 * (snr * z_norm / s_norm) ** 2
             x = x + e * s + np.sqrt(2 * e) * z
-        dt = t - ts[k + 1]
-        x = x - sde.reverse_drift(x, t, _score(score_fn, x, t)) * dt
+        h = t - ts[k + 1]
+        x = x - sde.reverse_drift(x, t, _score(score_fn, x, t, k)) * h
         if k < steps - 1:
-            x = x + sde.diffusion(t) * np.sqrt(dt) * rng.standard_normal(shape)
+            x = x + sde.diffusion(t) * np.sqrt(h) * rng.standard_normal(x.shape)
+    check_finite_state(np.all(np.isfinite(x)), "the state", steps, ts[-1])
     return x
 
 
@@ -92,28 +107,29 @@ def probability_flow_heun(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="q
     (Song et al. 2021 eq. 13), Heun's method (2nd order; Karras et al. 2022 Alg. 1).
     The only randomness is the prior draw."""
     ts = _grid(sde, steps, eps, spacing)
-    x = sde.prior_sample(shape, rng)
+    x = _start(sde, shape, rng)
     for k in range(steps):
         t0, t1 = ts[k], ts[k + 1]
-        d0 = sde.probability_flow_drift(x, t0, _score(score_fn, x, t0))
+        d0 = sde.probability_flow_drift(x, t0, _score(score_fn, x, t0, k))
         x_euler = x + d0 * (t1 - t0)
-        d1 = sde.probability_flow_drift(x_euler, t1, _score(score_fn, x_euler, t1))
+        d1 = sde.probability_flow_drift(x_euler, t1, _score(score_fn, x_euler, t1, k))
         x = x + 0.5 * (d0 + d1) * (t1 - t0)
+    check_finite_state(np.all(np.isfinite(x)), "the state", steps, ts[-1])
     return x
 
 
 def forward_simulate(sde, x0, steps, rng, t_end=None, return_trajectory=False):
     """Euler-Maruyama on the forward SDE from x0 at t = 0 to t_end (default T)."""
     t_end = sde.T if t_end is None else t_end
-    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    steps = check_int(steps, "steps", lo=1)
+    check_rng(rng)
+    x = check_array_float(x0, "x0").copy()
     sde.check_t(t_end)
     ts = np.linspace(0.0, t_end, steps + 1)
-    x = np.array(x0, dtype=np.float64)
     traj = [x.copy()] if return_trajectory else None
     for k in range(steps):
-        dt = ts[k + 1] - ts[k]
-        x = x + sde.drift(x, ts[k]) * dt + sde.diffusion(ts[k]) * np.sqrt(dt) * rng.standard_normal(x.shape)
+        h = ts[k + 1] - ts[k]
+        x = x + sde.drift(x, ts[k]) * h + sde.diffusion(ts[k]) * np.sqrt(h) * rng.standard_normal(x.shape)
         if return_trajectory:
             traj.append(x.copy())
     return (x, np.stack(traj)) if return_trajectory else x

@@ -21,14 +21,18 @@ Written in forward time as score_sde does, the reverse SDE is
 `dX = [f(X,t) - g(t)^2 score(X,t)] dt + g(t) dW_bar` integrated with dt < 0;
 `reverse_drift` returns that bracket, `f - g^2 score`.
 
-Validation: non-positive rates, sigma_min >= sigma_max, t outside [0, T] and shape
-mismatches raise ValueError naming the parameter and the allowed range.
+Validation (refdiff._checks): non-positive rates, sigma_min >= sigma_max, parameters whose
+coefficients overflow float64, t outside [0, T] and shape mismatches raise ValueError naming
+the parameter and the allowed range; a string where a number is due raises TypeError.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
+
+from ._checks import check_array_float, check_int, check_positive_finite, check_real, check_rng
 
 
 def bcast(t, x):
@@ -42,10 +46,8 @@ def bcast(t, x):
     return t.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _positive(name, value):
-    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
+def _overflows(*values):
+    return not all(math.isfinite(v) for v in values)
 
 
 class SDE:
@@ -55,11 +57,11 @@ class SDE:
     name = "sde"
 
     def __init__(self, T=1.0):
-        self.T = _positive("T", T)
+        self.T = check_positive_finite(T, "T")
 
     # -- checks ------------------------------------------------------------------------
     def check_t(self, t):
-        t = np.asarray(t, dtype=np.float64)
+        t = check_array_float(t, "t", finite=False)
         if not np.all(np.isfinite(t)):
             raise ValueError(f"t must be finite and in [0, T={self.T}]; got non-finite values")
         if np.any(t < 0) or np.any(t > self.T * (1 + 1e-9)):
@@ -95,7 +97,7 @@ class SDE:
         return 1.0
 
     def prior_sample(self, shape, rng):
-        return self.prior_std() * rng.standard_normal(shape)
+        return self.prior_std() * check_rng(rng).standard_normal(shape)
 
     def prior_logp(self, z):
         """log N(z; 0, prior_std^2 I), summed over all but the batch axis -> (B,)."""
@@ -143,8 +145,13 @@ class OU(SDE):
 
     def __init__(self, beta, sigma=None, T=1.0):
         super().__init__(T)
-        self.beta = _positive("beta", beta)
-        self.sigma = math.sqrt(2 * self.beta) if sigma is None else _positive("sigma", sigma)
+        self.beta = check_positive_finite(beta, "beta")
+        if _overflows(2 * self.beta):
+            raise ValueError(f"beta = {beta!r} is too large: 2 beta overflows float64")
+        self.sigma = math.sqrt(2 * self.beta) if sigma is None else check_positive_finite(sigma, "sigma")
+        if _overflows(self.sigma * self.sigma, self.sigma * self.sigma / (2 * self.beta)):
+            raise ValueError(f"sigma = {sigma!r} is too large for beta = {beta!r}: sigma^2 or the stationary "
+                             f"variance sigma^2 / (2 beta) overflows float64")
 
     def a(self, t):
         return np.full_like(np.asarray(t, dtype=np.float64), self.beta)
@@ -170,11 +177,14 @@ class _BetaLinear(SDE):
 
     def __init__(self, beta_min=0.1, beta_max=20.0, T=1.0):
         super().__init__(T)
-        self.beta_min = _positive("beta_min", beta_min)
-        self.beta_max = _positive("beta_max", beta_max)
+        self.beta_min = check_positive_finite(beta_min, "beta_min")
+        self.beta_max = check_positive_finite(beta_max, "beta_max")
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, "
                              f"beta_max={beta_max}")
+        if _overflows(self.beta_max - self.beta_min, 0.25 * self.T * (self.beta_max + self.beta_min)):
+            raise ValueError(f"beta_min = {beta_min!r}, beta_max = {beta_max!r} with T = {T!r}: "
+                             f"int_0^T beta overflows float64")
 
     def beta(self, t):
         return self.beta_min + np.asarray(t, dtype=np.float64) / self.T * (self.beta_max - self.beta_min)
@@ -236,11 +246,16 @@ class VE(SDE):
 
     def __init__(self, sigma_min=0.01, sigma_max=5.0, T=1.0):
         super().__init__(T)
-        self.sigma_min = _positive("sigma_min", sigma_min)
-        self.sigma_max = _positive("sigma_max", sigma_max)
+        self.sigma_min = check_positive_finite(sigma_min, "sigma_min")
+        self.sigma_max = check_positive_finite(sigma_max, "sigma_max")
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}")
+        ratio = self.sigma_max / self.sigma_min
+        g2_max = 2 * math.log(ratio) / self.T * self.sigma_max * self.sigma_max      # g(T)^2
+        if _overflows(ratio, self.sigma_max * self.sigma_max, g2_max):
+            raise ValueError(f"sigma_max = {sigma_max!r} with sigma_min = {sigma_min!r} and T = {T!r}: "
+                             f"sigma_max / sigma_min, sigma_max^2 or g(T)^2 overflows float64")
 
     def sigma(self, t):
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** (np.asarray(t, dtype=np.float64) / self.T)
@@ -268,9 +283,14 @@ SDES = {"ou": OU, "vp": VP, "ve": VE, "subvp": SubVP}
 
 
 def make_sde(name, **kwargs):
-    """Build an SDE by name (`ou`, `vp`, `ve`, `subvp`)."""
+    """Build an SDE by name (`ou`, `vp`, `ve`, `subvp`) with its parameters as keywords."""
     if name not in SDES:
         raise ValueError(f"unknown SDE {name!r}; choose one of {sorted(SDES)}")
+    valid = list(inspect.signature(SDES[name]).parameters)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for SDE {name!r}; "
+                        f"it takes {', '.join(valid)}")
     return SDES[name](**kwargs)
 
 
@@ -285,10 +305,8 @@ class DDPMSchedule:
     """
 
     def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02, kind="linear"):
-        if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
-            raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
-        self.num_steps, self.kind = int(num_steps), kind
-        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.num_steps, self.kind = check_int(num_steps, "num_steps", lo=1), kind
+        self.beta_start, self.beta_end = check_real(beta_start, "beta_start"), check_real(beta_end, "beta_end")
         if kind == "linear":
             if not (0 < beta_start <= beta_end < 1):
                 raise ValueError(f"linear schedule needs 0 < beta_start <= beta_end < 1; got "

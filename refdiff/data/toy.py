@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_array_float, check_int, check_real, check_rng
 
-def _check_n(n):
-    if not (isinstance(n, (int, np.integer)) and n >= 1):
-        raise ValueError(f"n must be an integer >= 1; got {n!r}")
+
+def _check_n(n, rng, noise):
+    """The checks every toy shares: n >= 1 samples, a Generator, a finite noise >= 0."""
+    check_int(n, "n", lo=1)
+    check_rng(rng)
+    check_real(noise, "noise", lo=0)
 
 
 def ring(n, rng, radius=1.0, noise=0.1):
     """The report's ring (fig. 2.1, authors' code): angle ~ U(0, 2 pi),
     r = radius + noise N(0, 1)."""
-    _check_n(n)
+    _check_n(n, rng, noise)
+    check_real(radius, "radius", lo=0, lo_open=True)
     theta = rng.uniform(0, 2 * np.pi, n)
     r = radius + noise * rng.standard_normal(n)
     return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
@@ -24,7 +29,7 @@ def ring(n, rng, radius=1.0, noise=0.1):
 def moons(n, rng, noise=0.05):
     """Two interleaved half circles (as scikit-learn's make_moons), centred and scaled to
     roughly unit variance."""
-    _check_n(n)
+    _check_n(n, rng, noise)
     n1 = n // 2
     a = rng.uniform(0, np.pi, n)
     x = np.where(np.arange(n) < n1, np.cos(a), 1 - np.cos(a))
@@ -36,7 +41,7 @@ def moons(n, rng, noise=0.05):
 
 def swiss_roll(n, rng, noise=0.05):
     """2-D swiss roll, scaled to roughly unit variance."""
-    _check_n(n)
+    _check_n(n, rng, noise)
     u = 1.5 * np.pi * (1 + 2 * rng.uniform(0, 1, n))
     pts = np.stack([u * np.cos(u), u * np.sin(u)], axis=1) / 7.5
     return pts + noise * rng.standard_normal((n, 2))
@@ -52,9 +57,9 @@ class GaussianMixture:
     """
 
     def __init__(self, weights, means, covs):
-        self.weights = np.asarray(weights, dtype=np.float64)
-        self.means = np.asarray(means, dtype=np.float64)          # (K, D)
-        self.covs = np.asarray(covs, dtype=np.float64)            # (K, D, D)
+        self.weights = check_array_float(weights, "weights")     # (K,)
+        self.means = check_array_float(means, "means")            # (K, D)
+        self.covs = check_array_float(covs, "covs")               # (K, D, D)
         K = self.weights.shape[0]
         if self.weights.ndim != 1 or np.any(self.weights <= 0) or not np.isclose(self.weights.sum(), 1):
             raise ValueError("weights must be a 1-D array of positive numbers summing to 1")
@@ -75,7 +80,7 @@ class GaussianMixture:
         return cls(np.full(8, 1 / 8), means, np.tile(0.15 ** 2 * np.eye(2), (8, 1, 1)))
 
     def sample(self, n, rng):
-        _check_n(n)
+        _check_n(n, rng, 0.0)
         k = rng.choice(len(self.weights), size=n, p=self.weights)
         z = rng.standard_normal((n, self.dim))
         return self.means[k] + np.einsum("nij,nj->ni", self.chols[k], z)

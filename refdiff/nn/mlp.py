@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_finite_times, check_int, check_positive_finite
 from .base import Model
 from .tangent import tangent_ops
 
@@ -28,12 +29,12 @@ class ScoreMLP(Model):
 
     def __init__(self, dim=2, widths=(128, 128), emb_dim=64, temb_dim=128, time_scale=1000.0,
                  dtype=np.float32, seed=0, backend=None):
-        widths = tuple(int(w) for w in widths)
-        if int(dim) < 1 or not widths or min(widths) < 1 or int(emb_dim) < 2 or int(temb_dim) < 1:
-            raise ValueError(f"mlp needs dim >= 1, at least one width >= 1, emb_dim >= 2, temb_dim >= 1; "
-                             f"got dim={dim}, widths={widths}, emb_dim={emb_dim}, temb_dim={temb_dim}")
-        cfg = dict(dim=int(dim), widths=list(widths), emb_dim=int(emb_dim), temb_dim=int(temb_dim),
-                   time_scale=float(time_scale))
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or len(widths) == 0:
+            raise ValueError(f"mlp: widths must be a non-empty list of integers >= 1; got {widths!r}")
+        widths = tuple(check_int(w, "widths entries", lo=1) for w in widths)
+        cfg = dict(dim=check_int(dim, "dim", lo=1), widths=list(widths), emb_dim=check_int(emb_dim, "emb_dim", lo=2),
+                   temb_dim=check_int(temb_dim, "temb_dim", lo=1),
+                   time_scale=check_positive_finite(time_scale, "time_scale"))
         super().__init__("mlp", cfg, dtype, seed, backend)
         self.add_linear("time", emb_dim, temb_dim)
         d_in = dim
@@ -49,7 +50,9 @@ class ScoreMLP(Model):
         """x (B, D), t (B,) -> eps_theta (B, D)."""
         F, p, c = self.ops, self.params, self.config
         self.check_input(x, (c["dim"],), t)
-        e = F.time_embedding(F.to_numpy(t) * c["time_scale"], c["emb_dim"], dtype=self.dtype)
+        t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
+        check_finite_times(t_host, f"model {self.name!r}")
+        e = F.time_embedding(t_host * c["time_scale"], c["emb_dim"], dtype=self.dtype)
         a, lin_t = F.linear_forward(e, p["time.weight"], p["time.bias"])
         temb, act_t = F.silu_forward(a)
         h, layers = x, []
@@ -93,7 +96,9 @@ class ScoreMLP(Model):
         if tuple(v.shape) != tuple(x.shape):
             raise ValueError(f"model {self.name!r}: the direction v must have the shape of x {tuple(x.shape)}; "
                              f"got {tuple(v.shape)}")
-        e = F.time_embedding(F.to_numpy(t) * c["time_scale"], c["emb_dim"], dtype=self.dtype)
+        t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
+        check_finite_times(t_host, f"model {self.name!r}")
+        e = F.time_embedding(t_host * c["time_scale"], c["emb_dim"], dtype=self.dtype)
         a, lin_t = F.linear_forward(e, p["time.weight"], p["time.bias"])
         temb, act_t = F.silu_forward(a)
         h, hdot, layers = x, v, []

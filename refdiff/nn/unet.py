@@ -50,10 +50,9 @@ fused group_norm_silu pair is not used here.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from .._checks import check_finite_times, check_int, check_real
 from .base import Model
 from .unet_jvp import UNetJVP
 
@@ -71,11 +70,13 @@ class UNet(UNetJVP, Model):
     def __init__(self, in_channels=1, image_size=28, channels=(10, 20, 40, 80), blocks=3, mid_channels=None,
                  emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False, input_norm=True,
                  input_skip=False, dtype=np.float32, seed=0, backend=None):
-        channels = [int(c) for c in channels]
+        channels = [check_int(c, "channels entries") for c in channels]
         mid = max(1, channels[-1] // 2) if mid_channels is None and channels else mid_channels
-        cfg = dict(in_channels=int(in_channels), image_size=int(image_size), channels=channels,
-                   blocks=int(blocks), mid_channels=int(mid or 0), emb_dim=int(emb_dim),
-                   time_scale=float(time_scale), max_groups=int(max_groups), final_norm=bool(final_norm),
+        cfg = dict(in_channels=check_int(in_channels, "in_channels"), image_size=check_int(image_size, "image_size"),
+                   channels=channels, blocks=check_int(blocks, "blocks"),
+                   mid_channels=check_int(mid or 0, "mid_channels"),
+                   emb_dim=check_int(emb_dim, "emb_dim"), time_scale=check_real(time_scale, "time_scale"),
+                   max_groups=check_int(max_groups, "max_groups"), final_norm=bool(final_norm),
                    input_norm=bool(input_norm), input_skip=bool(input_skip))
         self._check_config(cfg)
         super().__init__("unet", cfg, dtype, seed, backend)
@@ -93,7 +94,7 @@ class UNet(UNetJVP, Model):
         for key, lo in (("in_channels", 1), ("blocks", 1), ("mid_channels", 1), ("emb_dim", 2), ("max_groups", 1)):
             if c[key] < lo:
                 problems.append(f"{key} must be >= {lo} (got {c[key]})")
-        if not (math.isfinite(c["time_scale"]) and c["time_scale"] > 0):
+        if not c["time_scale"] > 0:
             problems.append(f"time_scale must be finite and > 0 (got {c['time_scale']})")
         levels = len(c["channels"])
         if c["image_size"] // 2 ** levels < 1:    # each level's input must be >= 2 pixels wide
@@ -159,8 +160,7 @@ class UNet(UNetJVP, Model):
         x = F.xp.asarray(x)
         self.check_input(x, (c["in_channels"], s, s), t)
         t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
-        if not np.all(np.isfinite(t_host)):
-            raise ValueError(f"model {self.name!r}: t contains NaN or Inf")
+        check_finite_times(t_host, f"model {self.name!r}")
         x = x.astype(self.dtype, copy=False)
         emb = F.time_embedding(t_host * c["time_scale"], c["emb_dim"], dtype=self.dtype)
         tape, skips, h = [], [], x
