@@ -5,12 +5,15 @@ declares `KERNELS = {op: {version: (forward, backward) or (function,)}}`. Versio
 literal port of the reference; higher versions are faster and must agree with it too.
 Forward and backward of a pair always come from the same version (their caches differ).
 Every other name of `refdiff.backend.REFERENCE` falls back to the reference explicitly:
-`backend.fallback` lists those names, and for device backends the fallback copies to the
-host and back (see each backend's `_host_fallback`).
+`backend.fallback` lists those names; for a device backend (`is_device` given to `build`)
+the fallback runs the reference on host copies and moves array results back (host_fallback).
 """
 from __future__ import annotations
 
+import functools
 import types
+
+import numpy as np
 
 from refdiff.backend import REFERENCE
 
@@ -60,8 +63,30 @@ def normalise_versions(versions, kernels, backend):
     return chosen
 
 
-def build(name, kernels, versions, xp, asarray, to_numpy, wrap_fallback=None, **extra):
-    """A backend namespace: reference names first (explicit fallbacks), then the kernels."""
+def host_fallback(f, to_numpy, asarray, is_device):
+    """The reference op f run on the host: device arrays among the arguments (and in list
+    arguments, as concat takes) are copied to the host, NumPy arrays in the result (or
+    directly in a result tuple) are copied to the device. Caches stay on the host, where
+    the matching backward, also a fallback, reads them."""
+    def host(a):
+        if isinstance(a, list):
+            return [host(x) for x in a]
+        return to_numpy(a) if is_device(a) else a
+
+    def device(r):
+        return asarray(r) if isinstance(r, np.ndarray) else r
+
+    @functools.wraps(f)
+    def on_host(*args, **kwargs):
+        out = f(*[host(a) for a in args], **{k: host(v) for k, v in kwargs.items()})
+        return tuple(device(r) for r in out) if isinstance(out, tuple) else device(out)
+    return on_host
+
+
+def build(name, kernels, versions, xp, asarray, to_numpy, is_device=None, **extra):
+    """A backend namespace: reference names first (explicit fallbacks), then the kernels.
+    is_device(a) -> whether a is a device array: given for backends whose arrays are not
+    NumPy arrays, whose fallbacks then run on host copies (host_fallback)."""
     missing = [op for op in REQUIRED if op not in kernels]
     if missing:
         raise AssertionError(f"backend {name!r} lacks required ops {missing}")
@@ -74,7 +99,7 @@ def build(name, kernels, versions, xp, asarray, to_numpy, wrap_fallback=None, **
     ns = types.SimpleNamespace()
     for k in fallback:
         f = getattr(ref, k)
-        setattr(ns, k, wrap_fallback(f) if wrap_fallback else f)
+        setattr(ns, k, host_fallback(f, to_numpy, asarray, is_device) if is_device else f)
     for op, ver in chosen.items():
         for fname, f in zip(PAIRS[op], kernels[op][ver]):
             setattr(ns, fname, f)

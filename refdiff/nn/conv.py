@@ -29,7 +29,8 @@ Weights and biases are cast to the dtype of x, so outputs and gradients keep x's
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
+
+from .array_module import array_module, strided_view
 
 __all__ = [
     "conv2d_forward", "conv2d_backward", "conv2d_naive_forward",
@@ -89,7 +90,7 @@ def _flat_pad(x, padding, L):
     """x (B, C, H, W) -> zero-padded, channel-major, flattened (C, B, L) (zero tail)."""
     B, C, H, W = x.shape
     Hp, Wp = H + 2 * padding, W + 2 * padding
-    xf = np.zeros((C, B, L), dtype=x.dtype)
+    xf = array_module(x).zeros((C, B, L), dtype=x.dtype)
     grid = xf[:, :, :Hp * Wp].reshape(C, B, Hp, Wp)
     grid[:, :, padding:padding + H, padding:padding + W] = x.transpose(1, 0, 2, 3)
     return xf
@@ -99,13 +100,13 @@ def _unflat_crop(xf, Wp, padding, H, W):
     """Inverse of _flat_pad on the gradient side: (C, B, L) -> the interior (B, C, H, W)."""
     C, B = xf.shape[:2]
     grid = xf[:, :, :(H + 2 * padding) * Wp].reshape(C, B, H + 2 * padding, Wp)
-    return np.ascontiguousarray(grid[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3))
+    return array_module(xf).ascontiguousarray(grid[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3))
 
 
 def _widen(y, Wp):
     """(B, C, Ho, Wo) -> (C, B Ho Wp), zero in the garbage columns Wo..Wp-1."""
     B, C, Ho, Wo = y.shape
-    out = np.zeros((C, B, Ho, Wp), dtype=y.dtype)
+    out = array_module(y).zeros((C, B, Ho, Wp), dtype=y.dtype)
     out[:, :, :, :Wo] = y.transpose(1, 0, 2, 3)
     return out.reshape(C, B * Ho * Wp)
 
@@ -113,7 +114,7 @@ def _widen(y, Wp):
 def _narrow(yw, B, Ho, Wp, Wo):
     """(C, B Ho Wp) -> (B, C, Ho, Wo): drop the garbage columns."""
     C = yw.shape[0]
-    return np.ascontiguousarray(yw.reshape(C, B, Ho, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3))
+    return array_module(yw).ascontiguousarray(yw.reshape(C, B, Ho, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3))
 
 
 def _im2col(xf, Wp, kH, kW, stride, n):
@@ -121,16 +122,17 @@ def _im2col(xf, Wp, kH, kW, stride, n):
 
     Rows are ordered (c, i, j) like w.reshape(Cout, -1); a strided view, copied once."""
     C, B = xf.shape[:2]
+    xp = array_module(xf)
     sC, sB, sL = xf.strides
-    win = as_strided(xf, (C, kH, kW, B, n), (sC, Wp * sL, sL, sB, stride * sL), writeable=False)
-    return np.ascontiguousarray(win).reshape(C * kH * kW, B * n)
+    win = strided_view(xp, xf, (C, kH, kW, B, n), (sC, Wp * sL, sL, sB, stride * sL))
+    return xp.ascontiguousarray(win).reshape(C * kH * kW, B * n)
 
 
 def _col2im(cols, B, L, Wp, kH, kW, stride):
     """Adjoint of _im2col: cols (C kH kW, B n) summed onto zeros (C, B, L), one add per tap."""
     K, Bn = cols.shape
     C, n = K // (kH * kW), Bn // B
-    out = np.zeros((C, B, L), dtype=cols.dtype)
+    out = array_module(cols).zeros((C, B, L), dtype=cols.dtype)
     c5 = cols.reshape(C, kH, kW, B, n)
     for i in range(kH):
         for j in range(kW):
@@ -140,7 +142,7 @@ def _col2im(cols, B, L, Wp, kH, kW, stride):
 
 
 def _bias(b, dtype):
-    return None if b is None else np.asarray(b).astype(dtype, copy=False)
+    return None if b is None else array_module(b).asarray(b).astype(dtype, copy=False)
 
 
 # --- conv2d -------------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def conv2d_backward(dy, cache):
     cols, w, (B, Cin, H, W), stride, padding, has_b = cache
     Cout, _, kH, kW = w.shape
     Ho = dy.shape[2]
-    dy = np.asarray(dy, dtype=w.dtype)
+    dy = array_module(dy).asarray(dy, dtype=w.dtype)
     Wp, L = _frame(H, W, kH, kW, stride, padding, Ho)
     dyw = _widen(dy, Wp)                                                     # (Cout, B Ho Wp)
     dw = (cols @ dyw.T).T.reshape(w.shape)     # same product; this operand order is 10-60x faster in OpenBLAS
@@ -226,7 +228,7 @@ def conv_transpose2d_forward(x, w, b, stride=1, padding=0):
     Ho, Wo = _convt_out(H, kH, stride, padding), _convt_out(W, kW, stride, padding)
     w, b = w.astype(x.dtype, copy=False), _bias(b, x.dtype)
     Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)                      # Wf: full output width
-    xw = _widen(np.asarray(x), Wf)                                           # (Cin, B H Wf)
+    xw = _widen(array_module(x).asarray(x), Wf)                                           # (Cin, B H Wf)
     cols = w.reshape(Cin, -1).T @ xw                                         # (Cout kH kW, B H Wf)
     y = _unflat_crop(_col2im(cols, B, L, Wf, kH, kW, stride), Wf, padding, Ho, Wo)
     if b is not None:
@@ -241,7 +243,7 @@ def conv_transpose2d_backward(dy, cache):
     """
     xw, w, (H, W), stride, padding, has_b = cache
     Cin, _, kH, kW = w.shape
-    dy = np.asarray(dy, dtype=w.dtype)
+    dy = array_module(dy).asarray(dy, dtype=w.dtype)
     B, _, Ho, Wo = dy.shape
     Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)
     dcols = _im2col(_flat_pad(dy, padding, L), Wf, kH, kW, stride, H * Wf)   # (Cout kH kW, B H Wf)
@@ -283,11 +285,12 @@ def max_pool2d_forward(x, kernel_size, stride=None):
         raise ValueError(f"max_pool2d: x must be (B, C, H, W) with H, W >= kernel_size {k}; got {x.shape}")
     B, C, H, W = x.shape
     Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    xp = array_module(x)
     sB, sC, sH, sW = x.strides
-    win = as_strided(x, (B, C, Ho, Wo, k, k), (sB, sC, s * sH, s * sW, sH, sW), writeable=False)
+    win = strided_view(xp, x, (B, C, Ho, Wo, k, k), (sB, sC, s * sH, s * sW, sH, sW))
     win = win.reshape(B, C, Ho, Wo, k * k)                             # a copy
     arg = win.argmax(axis=-1)                                           # first max wins ties
-    y = np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+    y = xp.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
     return y, (arg, x.shape, k, s)
 
 
@@ -295,8 +298,9 @@ def max_pool2d_backward(dy, cache):
     """dy (B, C, Ho, Wo) -> dx (B, C, H, W): dy routed to the arg-max of each window."""
     arg, shape, k, s = cache
     Ho, Wo = arg.shape[2:]
-    dx = np.zeros(shape, dtype=dy.dtype)
+    xp = array_module(dy)
+    dx = xp.zeros(shape, dtype=dy.dtype)
     for t in range(k * k):                                              # overlapping windows add up
         i, j = divmod(t, k)
-        dx[:, :, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s] += np.where(arg == t, dy, 0)
+        dx[:, :, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s] += xp.where(arg == t, dy, 0)
     return dx

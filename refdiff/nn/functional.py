@@ -10,7 +10,9 @@ PyTorch's (a linear weight is (out, in), a conv weight (Cout, Cin, kH, kW)), so 
 state dict ports one to one. Ops keep the dtype of their input.
 
 This module is the specification: every backend in `refdiff_cuda` carries the same op
-names and signatures and is tested against these functions.
+names and signatures and is tested against these functions. The ops take their array
+module from their inputs (`array_module(x)`: numpy, or cupy for CuPy arrays), so the same
+functions are the `cupy` backend's version 1.
 
 Shape glossary: B batch, C channels, H, W spatial, D features, E embedding dimension.
 """
@@ -22,6 +24,7 @@ from .conv import *  # noqa: F401,F403  conv2d, conv_transpose2d, max_pool2d (+ 
 from .norm import *  # noqa: F401,F403  group_norm
 from .lossfn import *  # noqa: F401,F403  cross-entropy, binary cross-entropy
 from .steps import *  # noqa: F401,F403  ddpm_step, em_step (the samplers' updates)
+from .array_module import array_module
 
 
 # --- linear -----------------------------------------------------------------------------
@@ -45,7 +48,7 @@ def linear_backward(dy, cache):
 # --- activations --------------------------------------------------------------------------
 def _sigmoid(x):
     # sigmoid(x) = (1 + tanh(x/2)) / 2: one transcendental, no overflow for any x.
-    return 0.5 * (1 + np.tanh(0.5 * x))
+    return 0.5 * (1 + array_module(x).tanh(0.5 * x))
 
 
 def sigmoid_forward(x):
@@ -71,7 +74,7 @@ def silu_backward(dy, cache):
 
 
 def relu_forward(x):
-    return np.maximum(x, 0), x > 0
+    return array_module(x).maximum(x, 0), x > 0
 
 
 def relu_backward(dy, cache):
@@ -80,16 +83,16 @@ def relu_backward(dy, cache):
 
 def leaky_relu_forward(x, slope=0.2):
     mask = x > 0
-    return np.where(mask, x, slope * x), (mask, slope)
+    return array_module(x).where(mask, x, slope * x), (mask, slope)
 
 
 def leaky_relu_backward(dy, cache):
     mask, slope = cache
-    return np.where(mask, dy, slope * dy)
+    return array_module(dy).where(mask, dy, slope * dy)
 
 
 def tanh_forward(x):
-    y = np.tanh(x)
+    y = array_module(x).tanh(x)
     return y, y
 
 
@@ -101,13 +104,13 @@ def tanh_backward(dy, cache):
 def concat_forward(xs, axis=1):
     """Concatenate arrays along `axis` (channels by default, as the UNet skips do)."""
     sizes = [x.shape[axis] for x in xs]
-    return np.concatenate(xs, axis=axis), (sizes, axis)
+    return array_module(*xs).concatenate(xs, axis=axis), (sizes, axis)
 
 
 def concat_backward(dy, cache):
     """-> list of gradients, one per input."""
     sizes, axis = cache
-    return np.split(dy, np.cumsum(sizes)[:-1], axis=axis)
+    return array_module(dy).split(dy, np.cumsum(sizes)[:-1].tolist(), axis=axis)
 
 
 def add_channel_bias_forward(x, v):
@@ -148,10 +151,11 @@ def mse_forward(pred, target, weight=None):
 
     pred, target (B, ...); weight (B,) or None. Returns a Python float and the cache.
     """
+    xp = array_module(pred, target)
     diff = pred - target
-    per = np.sum(diff.reshape(diff.shape[0], -1) ** 2, axis=1)
-    w = np.ones_like(per) if weight is None else np.asarray(weight, dtype=per.dtype)
-    return float(np.mean(w * per)), (diff, w)
+    per = xp.sum(diff.reshape(diff.shape[0], -1) ** 2, axis=1)
+    w = xp.ones_like(per) if weight is None else xp.asarray(weight, dtype=per.dtype)
+    return float(xp.mean(w * per)), (diff, w)
 
 
 def mse_backward(cache):
@@ -177,5 +181,5 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay=0.0):
     v += (1 - beta2) * g * g
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
-    denom = np.sqrt(v) / np.sqrt(bc2) + eps
+    denom = array_module(v).sqrt(v) / np.sqrt(bc2) + eps
     p -= (lr / bc1) * m / denom

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .array_module import array_module
+
 __all__ = ["group_norm_forward", "group_norm_backward",
            "group_norm_silu_forward", "group_norm_silu_backward"]
 
@@ -42,7 +44,7 @@ def group_norm_forward(x, num_groups, gamma, beta, eps=1e-5):
     beta = beta.astype(x.dtype, copy=False).reshape(bshape)
     xg = x.reshape(B, num_groups, -1)                         # (B, G, C/G * spatial)
     xc = xg - xg.mean(axis=2, keepdims=True)
-    rstd = 1 / np.sqrt((xc * xc).mean(axis=2, keepdims=True) + x.dtype.type(eps))  # (B, G, 1)
+    rstd = 1 / array_module(x).sqrt((xc * xc).mean(axis=2, keepdims=True) + x.dtype.type(eps))  # (B, G, 1)
     xhat = (xc * rstd).reshape(x.shape)
     return xhat * gamma + beta, (xhat, rstd, gamma)
 
@@ -53,7 +55,7 @@ def group_norm_backward(dy, cache):
     B, C = xhat.shape[:2]
     G = rstd.shape[1]
     axes = (0,) + tuple(range(2, xhat.ndim))
-    dy = np.asarray(dy, dtype=xhat.dtype)
+    dy = array_module(dy).asarray(dy, dtype=xhat.dtype)
     dgamma = (dy * xhat).sum(axis=axes)
     dbeta = dy.sum(axis=axes)
     g = (dy * gamma).reshape(B, G, -1)

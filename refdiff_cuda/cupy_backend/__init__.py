@@ -1,15 +1,56 @@
 """The `cupy` backend: CuPy arrays on the GPU (xp = cupy), cuBLAS (cupy.matmul) for every
 matrix product, fused CUDA C kernels (RawKernel) for the memory-bound ops.
 
-    ported.py   version 1 of every op: the reference's code with numpy -> cupy, line by line
-                (same im2col-by-strided-view, per-tap col2im, two-pass group norm)
+    version 1   the reference ops themselves (refdiff/nn/functional.py, conv.py, norm.py,
+                steps.py): they take their array module from their inputs
+                (refdiff/nn/array_module.py), so on CuPy arrays they run on the GPU, line for
+                line the specification. time_embedding embeds the host times the models pass
+                and moves the result to the device.
     kernels.py  version 2: silu, adam_update, ddpm_step, em_step, conv2d / conv_transpose2d
                 (compact im2col and a gather col2im as raw kernels, bias fused), group_norm and
                 group_norm_silu (one block per (sample, group), float64 shared-memory sums)
-Other reference ops run on host copies (`backend.fallback`).
-Untested on a GPU by its author: see benchmarks/gpu_check.sh.
+Other reference ops run on host copies (`backend.fallback`, refdiff_cuda._ops.host_fallback).
+Untested on a GPU by its author: see benchmarks/gpu_check.sh. Version 1 is tested on the CPU
+with a stand-in array module (tests/test_backend_cupy_reference.py).
 """
 from __future__ import annotations
+
+import numpy as np
+
+from refdiff.backend import REFERENCE
+
+from .. import _ops
+
+
+def reference_kernels(cp):
+    """Version 1 of every op: {op: {1: the reference functions}} for arrays of module cp."""
+    to_numpy, asarray, is_device = _conversions(cp)
+    table = {op: {1: tuple(getattr(REFERENCE, n) for n in names)} for op, names in _ops.PAIRS.items()}
+    # The models pass the times on the host (they embed them before anything else runs).
+    table["time_embedding"] = {1: (_ops.host_fallback(REFERENCE.time_embedding, to_numpy, asarray, is_device),)}
+    return table
+
+
+def _conversions(cp):
+    def to_numpy(a):
+        return cp.asnumpy(a) if isinstance(a, cp.ndarray) else np.asarray(a)
+
+    def asarray(a, dtype=None):
+        return cp.asarray(a, dtype=dtype)
+
+    def is_device(a):
+        return isinstance(a, cp.ndarray)
+    return to_numpy, asarray, is_device
+
+
+def build_backend(cp, versions=None, fast=None):
+    """The backend on array module cp: version 1 from the reference, `fast` ({op: {version:
+    functions}}, kernels.KERNELS on a GPU) on top."""
+    table = reference_kernels(cp)
+    for op, vs in (fast or {}).items():
+        table[op].update(vs)
+    to_numpy, asarray, is_device = _conversions(cp)
+    return _ops.build("cupy", table, versions, cp, asarray=asarray, to_numpy=to_numpy, is_device=is_device)
 
 
 def make_backend(versions=None):
@@ -24,22 +65,5 @@ def make_backend(versions=None):
         raise ValueError(f"backend 'cupy' needs a CUDA GPU; CuPy sees none ({exc})") from None
     if n < 1:
         raise ValueError("backend 'cupy' needs a CUDA GPU; CuPy sees none")
-    from .. import _ops
-    from . import kernels, ported
-
-    def host_fallback(f):
-        def g(*args, **kwargs):
-            conv = lambda a: [cp.asnumpy(x) if isinstance(x, cp.ndarray) else x for x in a] if isinstance(a, list) \
-                else (cp.asnumpy(a) if isinstance(a, cp.ndarray) else a)
-            out = f(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
-            back = lambda r: cp.asarray(r) if hasattr(r, "shape") and hasattr(r, "dtype") else r
-            return tuple(back(r) for r in out) if isinstance(out, tuple) else back(out)
-        g.__name__ = f.__name__
-        return g
-
-    table = {op: dict(vs) for op, vs in ported.KERNELS.items()}
-    for op, vs in kernels.KERNELS.items():
-        table.setdefault(op, {}).update(vs)
-    return _ops.build("cupy", table, versions, cp, asarray=lambda a, dtype=None: cp.asarray(a, dtype=dtype),
-                      to_numpy=lambda a: cp.asnumpy(a) if isinstance(a, cp.ndarray) else __import__("numpy").asarray(a),
-                      wrap_fallback=host_fallback)
+    from . import kernels
+    return build_backend(cp, versions, kernels.KERNELS)

@@ -66,18 +66,7 @@ def make_backend(versions=None):
     A = Arrays(cuda, "host" if sim or not _has_cupy_gpu() else "cupy")
     functional.CTX["A"] = A
 
-    def host_fallback(f):
-        """Reference op on host copies; array results go back to the backend's container."""
-        def g(*args, **kwargs):
-            conv_ = lambda a: [A.to_numpy(x) for x in a] if isinstance(a, list) else (
-                A.to_numpy(a) if hasattr(a, "__cuda_array_interface__") or A.is_device(a) else a)
-            out = f(*[conv_(a) for a in args], **{k: conv_(v) for k, v in kwargs.items()})
-            back = lambda r: A.asarray(r) if hasattr(r, "shape") and hasattr(r, "dtype") else r
-            return tuple(back(r) for r in out) if isinstance(out, tuple) else back(out)
-        g.__name__ = f.__name__
-        return g
-
     kernels = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
     return _ops.build("numba-cuda", kernels, versions, A.xp, asarray=A.asarray, to_numpy=A.to_numpy,
-                      wrap_fallback=host_fallback if A.mode == "cupy" else None,
+                      is_device=A.is_on_device if A.mode == "cupy" else None,
                       simulator=sim, container=A.mode)

@@ -38,6 +38,11 @@ class Arrays:
         """A numba device array (DeviceNDArray, or the simulator's FakeCUDAArray)."""
         return hasattr(a, "copy_to_host") and not isinstance(a, np.ndarray)
 
+    def is_on_device(self, a):
+        """A device array of this container: a numba device array, or in "cupy" mode any
+        array exposing __cuda_array_interface__ (CuPy's)."""
+        return self.is_device(a) or (self.mode == "cupy" and hasattr(a, "__cuda_array_interface__"))
+
     def dev(self, a, dtype=None):
         """Any array (host, CuPy or device) -> a C-contiguous device array (no copy when it
         already is one of the right dtype)."""
