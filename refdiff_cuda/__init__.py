@@ -11,16 +11,19 @@ Backends:
     "numba-cuda"  @cuda.jit kernels; runs under NUMBA_ENABLE_CUDASIM=1   (numba_cuda/)
     "cupy"        CuPy arrays on the GPU, cuBLAS + fused raw kernels      (cupy_backend/)
 
-`versions` picks kernel versions as in llm.c's dev/cuda: an int (e.g. 1: every op's literal
-port) or {op: version}, op being a pair name ("conv2d") or one of its members
-("conv2d_forward" selects the pair: forward and backward share a cache format).
+`versions` picks kernel versions as in llm.c's dev/cuda: an int k >= 1 (every op at version
+k, or its newest below k; 1: every op's literal port) or {op: version}, op being a pair name
+("conv2d") or one of its members ("conv2d_forward" selects the pair: forward and backward
+share a cache format). Any other value, a version no op has, or an op or version that does
+not exist is a TypeError / ValueError naming the op and its versions
+(refdiff_cuda._ops.normalise_versions).
 Every version is tested against the reference by refdiff_cuda.testing.check_op.
 """
 from __future__ import annotations
 
 import os
 
-from ._ops import PAIRS, REQUIRED, reference_namespace
+from ._ops import PAIRS, REQUIRED, check_versions_type, normalise_versions, reference_namespace
 
 __all__ = ["get_backend", "BACKENDS", "PAIRS", "REQUIRED", "backend_status"]
 
@@ -37,9 +40,8 @@ def _numba(backend):
 
 
 def _load(name, versions):
-    if name == "numpy":
-        if versions not in (None, 1, {}):
-            raise ValueError("backend 'numpy' is the reference: it has only version 1")
+    if name == "numpy":        # the reference: version 1 of every op, and nothing else
+        normalise_versions(versions, {op: {1: None} for op in PAIRS}, name)
         return reference_namespace()
     if name == "numba":
         _numba(name)
@@ -55,7 +57,11 @@ def _load(name, versions):
 
 
 def get_backend(name, versions=None):
-    """The backend `name` (cached per (name, versions)); ValueError if it cannot run here."""
+    """The backend `name` (cached per (name, versions)); ValueError if it cannot run here,
+    TypeError / ValueError naming the op and its versions for a bad `versions`."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    check_versions_type(versions, name)
     key = (name, repr(sorted(versions.items())) if isinstance(versions, dict) else versions,
            os.environ.get("NUMBA_ENABLE_CUDASIM", ""))
     if key not in _CACHE:

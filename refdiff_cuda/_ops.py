@@ -42,24 +42,52 @@ def reference_namespace():
     return types.SimpleNamespace(**vars(REFERENCE))
 
 
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_versions_type(versions, backend):
+    """TypeError unless versions is None, an int (not a bool) or {str: int}: checked before
+    anything is built or looked up (True == 1 would otherwise find version 1's backend)."""
+    ok = versions is None or _is_int(versions) or (
+        isinstance(versions, dict) and all(isinstance(k, str) and _is_int(v) for k, v in versions.items()))
+    if not ok:
+        raise TypeError(f"backend {backend!r}: versions must be None, an int >= 1 or a dict {{op name: int}}; "
+                        f"got {versions!r}")
+
+
 def normalise_versions(versions, kernels, backend):
-    """versions: None (newest of each op), an int (that version wherever it exists, else the
-    newest below it) or {op or op_forward/op_backward: int}. -> {op: version}."""
+    """Which version of each op a backend runs: -> {op: version}.
+
+    versions: None (the newest of every op); an int k >= 1 that some op has (every op at
+    version k where it has one, else its newest below k: 1 is every op's literal port); or
+    {op or op_forward/op_backward: version} (a member of a pair selects the pair; others
+    stay newest). Anything else is a TypeError or ValueError naming the op and its versions.
+    """
     chosen = {op: max(v) for op, v in kernels.items()}
+    table = ", ".join(f"{op} {sorted(v)}" for op, v in sorted(kernels.items()))
     if versions is None:
         return chosen
-    if isinstance(versions, int) and not isinstance(versions, bool):
-        return {op: max([k for k in v if k <= versions] or [min(v)]) for op, v in kernels.items()}
+    if _is_int(versions):
+        top = max(max(v) for v in kernels.values())
+        if not 1 <= versions <= top:
+            raise ValueError(f"backend {backend!r}: versions={versions!r} is not a kernel version; versions run "
+                             f"from 1 (the literal ports) to {top} (per op: {table})")
+        return {op: max(k for k in v if k <= versions) for op, v in kernels.items()}
     if not isinstance(versions, dict):
-        raise ValueError(f"versions must be None, an int or a dict {{op: version}}; got {versions!r}")
+        raise TypeError(f"backend {backend!r}: versions must be None, an int or a dict {{op: version}}; "
+                        f"got {versions!r} ({type(versions).__name__})")
     member = {name: op for op, names in PAIRS.items() for name in names}
     for key, ver in versions.items():
         op = key if key in kernels else member.get(key)
         if op not in kernels:
             raise ValueError(f"backend {backend!r} has no kernels for op {key!r}; ops: {sorted(kernels)}")
+        if not _is_int(ver):
+            raise TypeError(f"backend {backend!r}: the version of op {key!r} must be an int, one of "
+                            f"{sorted(kernels[op])}; got {ver!r} ({type(ver).__name__})")
         if ver not in kernels[op]:
             raise ValueError(f"backend {backend!r}: op {op!r} has versions {sorted(kernels[op])}; got {ver!r}")
-        chosen[op] = ver
+        chosen[op] = int(ver)
     return chosen
 
 

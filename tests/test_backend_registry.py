@@ -22,16 +22,47 @@ def test_unknown_backend():
         rc.get_backend("tpu")
 
 
-def test_bad_versions():
+BAD_VERSIONS = [   # (backend, versions, exception, the message must name ...)
+    ("numba", 0, ValueError, r"versions=0 is not a kernel version; versions run from 1 .* to 5 \(per op: .*conv2d \[1, 2, 3, 4, 5\]"),
+    ("numba", -1, ValueError, r"versions=-1 is not a kernel version"),
+    ("numba", 99, ValueError, r"versions=99 is not a kernel version; versions run from 1"),
+    ("numba", True, TypeError, r"versions must be None, an int >= 1 or a dict .*got True"),
+    ("numba", 1.0, TypeError, r"versions must be .*got 1\.0"),
+    ("numba", "fast", TypeError, r"versions must be .*got 'fast'"),
+    ("numba", [1, 2], TypeError, r"versions must be .*got \[1, 2\]"),
+    ("numba", {"softmax": 1}, ValueError, r"no kernels for op 'softmax'; ops: \["),
+    ("numba", {"conv2d_forward": 7}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5\]; got 7"),
+    ("numba", {"conv2d": 0}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5\]; got 0"),
+    ("numba", {"conv2d": True}, TypeError, r"versions must be .*got \{'conv2d': True\}"),
+    ("numba", {"conv2d": 2.0}, TypeError, r"versions must be .*got \{'conv2d': 2\.0\}"),
+    ("numba", {1: 2}, TypeError, r"versions must be .*got \{1: 2\}"),
+    ("numpy", 2, ValueError, r"backend 'numpy': versions=2 is not a kernel version; versions run from 1 .* to 1"),
+    ("numpy", 0, ValueError, r"backend 'numpy': versions=0 is not a kernel version"),
+    ("numpy", True, TypeError, r"backend 'numpy': versions must be"),
+    ("numpy", {"conv2d": 2}, ValueError, r"backend 'numpy': op 'conv2d' has versions \[1\]; got 2"),
+]
+
+
+@pytest.mark.parametrize("name, versions, exc, match", BAD_VERSIONS, ids=[f"{n}-{v!r}" for n, v, _, _ in BAD_VERSIONS])
+def test_bad_versions_are_one_clear_error(name, versions, exc, match):
+    """Never a silent clamp: a version no op has, a bool or float, an unknown op each raise,
+    naming the op and the versions that exist."""
+    if name == "numba":
+        pytest.importorskip("numba")
+    with pytest.raises(exc, match=match):
+        rc.get_backend(name, versions=versions)
+
+
+def test_good_versions():
     pytest.importorskip("numba")
-    with pytest.raises(ValueError, match="no kernels for op 'softmax'"):
-        rc.get_backend("numba", versions={"softmax": 1})
-    with pytest.raises(ValueError, match=r"'conv2d' has versions \[1, 2, 3, 4, 5\]; got 7"):
-        rc.get_backend("numba", versions={"conv2d_forward": 7})
-    with pytest.raises(ValueError, match="versions must be"):
-        rc.get_backend("numba", versions="fast")
     be = rc.get_backend("numba", versions={"conv2d_backward": 1})   # a member selects its pair
     assert be.versions["conv2d"] == 1 and be.versions["silu"] == max(be.available_versions["silu"])
+    be = rc.get_backend("numba", versions=3)       # each op at 3, or its newest below 3
+    assert be.versions["conv2d"] == 3 and be.versions["silu"] == 3 and be.versions["linear"] == 2
+    assert be.versions["time_embedding"] == 1
+    assert rc.get_backend("numba", versions=np.int64(1)).versions == rc.get_backend("numba", versions=1).versions
+    assert set(rc.get_backend("numba", versions=1).versions.values()) == {1}
+    assert rc.get_backend("numpy", versions=1).conv2d_forward is REFERENCE.conv2d_forward
 
 
 def test_cupy_missing_or_no_gpu_is_one_clear_error():
