@@ -1,0 +1,344 @@
+"""Fast ODE samplers and higher-order SDE solvers for the reverse process (reference).
+
+Every sampler here takes what refdiff.samplers' take, `(sde, score_fn, shape, steps, rng)`
+plus keywords, starts from the prior draw `sde.prior_sample(shape, rng)` (or a given
+`x_T`), stops at the time floor `t_min`, and returns host float64 arrays. They work for
+any linear SDE of refdiff.sde (p_{t|0} = N(gamma_t x0, std_t^2 I)) and any score, learnt
+(refdiff.losses.score_fn_from_model) or exact (GaussianMixture.score). Two derived
+quantities carry them:
+
+    x0_hat(x, t) = (x + std_t^2 s(x, t)) / gamma_t        Tweedie's formula (Efron 2011):
+                                                          E[x0 | x_t = x], the "data prediction"
+    lambda_t = log(gamma_t / std_t),  sigma_t = std_t / gamma_t = e^{-lambda_t}
+
+Samplers (NFE = score evaluations for N = `steps`):
+
+    dpm_solver_pp        DPM-Solver++(2M), Lu et al. 2022b, Alg. 2; N NFE. order=1 is DDIM.
+    dpm_solver_pp_ddpm   the same on a DDPM chain's own alpha_bars (refdiff.ddpm), DDIM's steps
+    edm_sampler          Karras et al. 2022 (EDM) Alg. 2: Heun in sigma on the rho = 7 grid
+                         (eq. 5), with the stochastic churn S_churn, S_tmin, S_tmax, S_noise;
+                         S_churn = 0 is Alg. 1 (deterministic); 2N - 1 NFE
+    rk45_ode             the probability-flow ODE by scipy's adaptive RK45 (Song et al. 2021,
+                         §4.3 / score_sde's ode_sampler); the NFE is scipy's nfev
+    reverse_heun         the reverse SDE by the stochastic Heun method (Rümelin 1982): strong
+                         order 1 for additive noise where Euler-Maruyama has 1/2 in general
+                         (its weak order 1, 2 with additive noise); 2N NFE
+
+`em_step` and `stochastic_heun_step` are the generic one-step maps the reverse-SDE samplers
+and benchmarks/solver_order.py share.
+
+Must agree with: an oracle score of a one-point data set (every sampler returns the point),
+refdiff.ddpm.ddim (dpm_solver_pp_ddpm at order 1, draw for draw), their theoretical orders
+(benchmarks/solver_order.py), diffusers' DPMSolverMultistepScheduler and Karras Heun (by hand,
+docs/likelihood-and-solvers.md).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.integrate import solve_ivp
+from scipy.optimize import brentq
+
+SPACINGS = ("uniform", "squared", "logsnr")
+
+
+# --- shared helpers -----------------------------------------------------------------------------------
+def _check_int(v, name, lo=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
+    return int(v)
+
+
+def _check_real(v, name, lo=None, hi=None):
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng_txt = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise ValueError(f"{name} must be a finite number{rng_txt}; got {v!r}")
+    return float(v)
+
+
+def _check_t_min(sde, t_min):
+    if not (isinstance(t_min, (int, float, np.floating)) and 0 < t_min < sde.T):
+        raise ValueError(f"t_min must lie in (0, T={sde.T}); got {t_min!r}")
+    return float(t_min)
+
+
+def _start(sde, shape, rng, x_T):
+    """The initial state: x_T (checked against `shape`) or a prior draw from rng."""
+    if x_T is None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+        return sde.prior_sample(tuple(shape), rng)
+    x = np.array(x_T, dtype=np.float64)
+    if x.shape != tuple(shape):
+        raise ValueError(f"x_T must have shape {tuple(shape)}; got {x.shape}")
+    return x
+
+
+def _score(score_fn, x, t):
+    s = np.asarray(score_fn(x, np.full(x.shape[0], float(t))), dtype=np.float64)
+    if s.shape != x.shape:
+        raise ValueError(f"score_fn returned shape {s.shape}; expected {x.shape}")
+    if not np.all(np.isfinite(s)):
+        raise FloatingPointError(f"the score is NaN or Inf at t = {float(t):.6g}")
+    return s
+
+
+def _coeffs(sde, t):
+    g, s = sde.marginal_coeffs(np.float64(t))
+    return float(g), float(s)
+
+
+def _lambda(sde, t):
+    g, s = _coeffs(sde, t)
+    return math.log(g / s)
+
+
+def data_prediction(sde, score_fn, x, t):
+    """Tweedie: x0_hat = (x + std_t^2 s(x, t)) / gamma_t (for eps-models, (x - std_t eps) / gamma_t)."""
+    gamma, std = _coeffs(sde, t)
+    return (x + std * std * _score(score_fn, x, t)) / gamma
+
+
+def time_grid(sde, steps, t_min, spacing="logsnr"):
+    """Times T = t_0 > ... > t_N = t_min. "uniform" and "squared" as refdiff.samplers;
+    "logsnr": lambda_t uniform (DPM-Solver's recommended skip for few steps, Lu et al. 2022
+    §3.3), each t found by bisection since lambda is monotone."""
+    steps, t_min = _check_int(steps, "steps"), _check_t_min(sde, t_min)
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
+    u = np.linspace(1.0, 0.0, steps + 1)
+    if spacing == "uniform":
+        return t_min + (sde.T - t_min) * u
+    if spacing == "squared":
+        return t_min + (sde.T - t_min) * u * u
+    lams = np.linspace(_lambda(sde, sde.T), _lambda(sde, t_min), steps + 1)
+    inner = [brentq(lambda t: _lambda(sde, t) - lam, t_min, sde.T, xtol=1e-14, rtol=1e-14) for lam in lams[1:-1]]
+    return np.array([sde.T] + inner + [t_min])
+
+
+# --- DPM-Solver++(2M) --------------------------------------------------------------------------------
+def _dpm_pp_update(x, k, alphas, sigmas, data_fn, order, lower_final, history):
+    """One step k -> k+1 of DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), in the closed form
+    that needs no infinity when sigma_{k+1} = 0 (the clean end of a DDPM chain):
+
+        1. D_k = x0_hat(x_k, t_k)                                            (one NFE)
+        2. h = lambda_{k+1} - lambda_k;  first order: D = D_k;  second: r = h_prev / h,
+           D = (1 + 1/(2r)) D_k - 1/(2r) D_{k-1}                              (Alg. 2, line 6)
+        3. x_{k+1} = (sigma_{k+1}/sigma_k) x_k - alpha_{k+1} (e^{-h} - 1) D     (eq. 9 / Alg. 2)
+                   = (sigma_{k+1}/sigma_k) x_k + (alpha_{k+1} - sigma_{k+1} alpha_k/sigma_k) D
+       The first step, a step to sigma = 0 (h = inf) and, with lower_final, the last step
+       are first order (diffusers' `lower_order_final`).
+    """
+    Dk = data_fn(x, k)                                                                        # 1.
+    a0, s0, a1, s1 = alphas[k], sigmas[k], alphas[k + 1], sigmas[k + 1]
+    last = k == len(alphas) - 2
+    second = order == 2 and history and s1 > 0 and not (lower_final and last)
+    D = Dk
+    if second:                                                                                # 2.
+        lam0, lam1, lam_prev = math.log(a0 / s0), math.log(a1 / s1), math.log(alphas[k - 1] / sigmas[k - 1])
+        r = (lam0 - lam_prev) / (lam1 - lam0)                                   # h_prev / h
+        D = (1 + 1 / (2 * r)) * Dk - 1 / (2 * r) * history[-1]
+    history[:] = [Dk]
+    return (s1 / s0) * x + (a1 - s1 * a0 / s0) * D                                           # 3.
+
+
+def dpm_solver_pp(sde, score_fn, shape, steps, rng, t_min=1e-3, order=2, spacing="logsnr",
+                  lower_order_final=True, x_T=None):
+    """DPM-Solver++(2M) on the linear SDE's probability-flow ODE, alpha = gamma_t,
+    sigma = std_t, from T to t_min in `steps` steps (`steps` NFE); see `_dpm_pp_update`.
+    lower_order_final: first order at the last step when steps < 15 (as diffusers; it
+    stabilises very few steps). t_min = 1e-3 as DPM-Solver's discrete-time default."""
+    steps = _check_int(steps, "steps")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2; got {order!r}")
+    ts = time_grid(sde, steps, t_min, spacing)
+    co = [_coeffs(sde, t) for t in ts]
+    alphas, sigmas = [c[0] for c in co], [c[1] for c in co]
+    x, hist = _start(sde, shape, rng, x_T), []
+    for k in range(steps):
+        x = _dpm_pp_update(x, k, alphas, sigmas, lambda y, j: data_prediction(sde, score_fn, y, ts[j]),
+                           order, lower_order_final and steps < 15, hist)
+    return x
+
+
+def dpm_solver_pp_ddpm(model, schedule, shape, rng, steps=20, order=2, spacing="uniform",
+                       lower_order_final=True, x_T=None):
+    """DPM-Solver++(2M) on a DDPM chain (refdiff.sde.DDPMSchedule) with an eps-model, on DDIM's
+    subsequence (refdiff.ddpm.ddim_timesteps) and its end abar_{-1} = 1: alpha = sqrt(abar_i),
+    sigma = sqrt(1 - abar_i), x0_hat = (x - sigma eps_theta(x, (i+1)/N)) / alpha. At order 1
+    each step is DDIM's eq. 12 with eta = 0, and the single draw is DDIM's, so it returns
+    refdiff.ddpm.ddim's images (batch >= n). Runs on the host; works for cosine chains too."""
+    from .ddpm import ddim_timesteps, model_time
+
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2; got {order!r}")
+    N = schedule.num_steps
+    tau = list(ddim_timesteps(N, steps, spacing))
+    abar = [schedule.alpha_bars[i] for i in tau] + [1.0]
+    alphas, sigmas = [math.sqrt(a) for a in abar], [math.sqrt(1.0 - a) for a in abar]
+    F = model.ops
+
+    def data_fn(x, k):
+        t = np.full(x.shape[0], model_time(tau[k], N), dtype=model.dtype)
+        e = np.asarray(F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t))), np.float64)
+        return (x - sigmas[k] * e) / alphas[k]
+
+    x = rng.standard_normal(tuple(shape)) if x_T is None else np.array(x_T, dtype=np.float64)
+    hist = []
+    for k in range(len(tau)):
+        x = _dpm_pp_update(x, k, alphas, sigmas, data_fn, order, lower_order_final and len(tau) < 15, hist)
+    return x
+
+
+# --- EDM (Karras et al. 2022) ------------------------------------------------------------------------
+def edm_sigmas(sigma_min, sigma_max, steps, rho=7.0):
+    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    i = 0..N-1, and sigma_N = 0. -> (N + 1,)."""
+    steps = _check_int(steps, "steps")
+    rho = _check_real(rho, "rho", lo=1e-9)
+    i = np.arange(steps)
+    frac = i / (steps - 1) if steps > 1 else np.zeros(1)
+    s = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return np.append(s, 0.0)
+
+
+def _sigma_of_t(sde, t):
+    g, s = _coeffs(sde, t)
+    return s / g
+
+
+def t_of_sigma(sde, sigma):
+    """The time t in (0, T] with std_t / gamma_t = sigma (monotone in t): by bisection."""
+    if sigma >= _sigma_of_t(sde, sde.T):
+        return sde.T
+    return brentq(lambda t: _sigma_of_t(sde, t) - sigma, 0.0, sde.T, xtol=1e-15, rtol=1e-15)
+
+
+def edm_sampler(sde, score_fn, shape, steps, rng, t_min=1e-3, rho=7.0, sigma_max=80.0, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, x_T=None):
+    """Karras et al. 2022 Alg. 2 (Alg. 1 when s_churn = 0) on any linear SDE, in the scaled
+    state x^ = x / gamma_t, where the probability-flow ODE reads (their eq. 4 with s = gamma)
+
+        dx^/dsigma = (x^ - D(x^; sigma)) / sigma,   D(x^; sigma) = x0_hat(gamma_t x^, t),
+        t = t(sigma) (`t_of_sigma`),
+
+    on the grid `edm_sigmas(sigma(t_min), min(sigma_max, sigma(T)), steps, rho)`, sigma_N = 0
+    (sigma_max = 80 as EDM for every SDE; the VP SDE's own sigma(T) is 152). Start
+    x^_0 = sigma_0 z (Alg. 1, line 1) with z = x_T / prior_std, a prior draw. Per step i:
+
+        1. gamma_i = min(s_churn / N, sqrt 2 - 1) if s_tmin <= sigma_i <= s_tmax else 0
+        2. sigma^ = sigma_i (1 + gamma_i) (clamped at sigma(T): beyond T no score exists),
+           x^ <- x^ + sqrt(sigma^^2 - sigma_i^2) s_noise z                   (Alg. 2, lines 5-6)
+        3. d = (x^ - D(x^; sigma^)) / sigma^,  x' = x^ + (sigma_{i+1} - sigma^) d        (Euler)
+        4. if sigma_{i+1} > 0: d' = (x' - D(x'; sigma_{i+1})) / sigma_{i+1},
+           x' = x^ + (sigma_{i+1} - sigma^) (d + d') / 2                      (Heun correction)
+
+    The end (sigma = 0) is a clean sample. 2N - 1 NFE; with s_churn = 0 the only draw is x_T.
+    """
+    steps = _check_int(steps, "steps")
+    t_min = _check_t_min(sde, t_min)
+    s_churn, s_noise = _check_real(s_churn, "s_churn", lo=0), _check_real(s_noise, "s_noise", lo=0)
+    sig_top = _sigma_of_t(sde, sde.T)
+    sig_max = min(_check_real(sigma_max, "sigma_max", lo=1e-12), sig_top)
+    sig = edm_sigmas(_sigma_of_t(sde, t_min), sig_max, steps, rho)
+
+    def denoise(x_hat, sigma):
+        t = t_of_sigma(sde, sigma)
+        gamma = _coeffs(sde, t)[0]
+        return data_prediction(sde, score_fn, gamma * x_hat, t)
+
+    x = sig[0] * _start(sde, shape, rng, x_T) / sde.prior_std()
+    for i in range(steps):
+        churn = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sig[i] <= s_tmax else 0.0   # 1.
+        s_hat = min(sig[i] * (1 + churn), sig_top)                                             # 2.
+        if s_hat > sig[i]:
+            x = x + math.sqrt(s_hat ** 2 - sig[i] ** 2) * s_noise * rng.standard_normal(x.shape)
+        d = (x - denoise(x, s_hat)) / s_hat                                                    # 3.
+        x_next = x + (sig[i + 1] - s_hat) * d
+        if sig[i + 1] > 0:                                                                     # 4.
+            d2 = (x_next - denoise(x_next, sig[i + 1])) / sig[i + 1]
+            x_next = x + (sig[i + 1] - s_hat) * 0.5 * (d + d2)
+        x = x_next
+    return x
+
+
+# --- adaptive RK45 on the probability-flow ODE ----------------------------------------------------
+def rk45_ode(sde, score_fn, shape, steps=None, rng=None, t_min=1e-3, rtol=1e-5, atol=1e-5, x_T=None,
+             return_nfe=False):
+    """The probability-flow ODE dx/dt = f - g^2/2 s from T to t_min by scipy's RK45 (Dormand-
+    Prince 5(4)), the whole batch as one system (as score_sde's ode_sampler); the tolerances
+    choose the steps, so `steps` must be None. -> x, or (x, nfe) with return_nfe."""
+    if steps is not None:
+        raise ValueError(f"rk45 is adaptive: its steps come from rtol and atol; got steps={steps!r}")
+    rtol, atol = _check_real(rtol, "rtol"), _check_real(atol, "atol")
+    if rtol <= 0 or atol <= 0:
+        raise ValueError(f"rtol and atol must be > 0; got rtol={rtol}, atol={atol}")
+    t_min = _check_t_min(sde, t_min)
+    x = _start(sde, shape, rng, x_T)
+
+    def f(t, y):
+        xt = y.reshape(x.shape)
+        return sde.probability_flow_drift(xt, t, _score(score_fn, xt, t)).ravel()
+
+    sol = solve_ivp(f, (sde.T, t_min), x.ravel(), method="RK45", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"RK45 failed: {sol.message}")
+    out = sol.y[:, -1].reshape(x.shape)
+    return (out, int(sol.nfev)) if return_nfe else out
+
+
+# --- reverse SDE: Euler-Maruyama and stochastic Heun -------------------------------------------------
+def em_step(b, sigma, x, t0, t1, dW):
+    """Euler-Maruyama: x + b(x, t0) h + sigma(x, t0) dW, h = |t1 - t0|, dW ~ N(0, h)."""
+    return x + b(x, t0) * abs(t1 - t0) + sigma(x, t0) * dW
+
+
+def stochastic_heun_step(b, sigma, x, t0, t1, dW):
+    """Stochastic Heun (Rümelin 1982; Kloeden & Platen §15.1), h = |t1 - t0|:
+
+        x~ = x + b(x, t0) h + sigma(x, t0) dW                                  (EM predictor)
+        x' = x + (b(x, t0) + b(x~, t1)) h / 2 + (sigma(x, t0) + sigma(x~, t1)) dW / 2
+
+    It converges to the Stratonovich solution: the same as Ito when sigma does not depend
+    on x (the reverse diffusion SDE); for an Ito SDE with multiplicative noise pass the
+    Stratonovich drift b - 1/2 sigma dsigma/dx.
+    """
+    h = abs(t1 - t0)
+    b0, s0 = b(x, t0), sigma(x, t0)
+    x_pred = x + b0 * h + s0 * dW
+    return x + 0.5 * (b0 + b(x_pred, t1)) * h + 0.5 * (s0 + sigma(x_pred, t1)) * dW
+
+
+def _reverse_fields(sde, score_fn):
+    """Drift and diffusion of the reverse SDE in reverse time (report eq. 2.6), as functions
+    of forward time t: b = -f(x, t) + g(t)^2 s(x, t), sigma = g(t)."""
+    def b(x, t):
+        return -sde.reverse_drift(x, t, _score(score_fn, x, t))
+
+    def sigma(x, t):
+        return float(sde.diffusion(np.float64(t)))
+
+    return b, sigma
+
+
+def reverse_heun(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared", x_T=None):
+    """The reverse SDE from T to t_min by `stochastic_heun_step` on the grid of
+    refdiff.samplers (same draws as its euler_maruyama: one N(0, I) per step but the last,
+    which adds no noise). 2N NFE."""
+    ts = time_grid(sde, _check_int(steps, "steps"), t_min, spacing)
+    b, sigma = _reverse_fields(sde, score_fn)
+    x = _start(sde, shape, rng, x_T)
+    for k in range(steps):
+        h = ts[k] - ts[k + 1]
+        dW = math.sqrt(h) * rng.standard_normal(x.shape) if k < steps - 1 else 0.0
+        x = stochastic_heun_step(b, sigma, x, ts[k], ts[k + 1], dW)
+    return x
+
+
+SOLVERS = {"dpm2m": dpm_solver_pp, "edm": edm_sampler, "rk45": rk45_ode, "heun-sde": reverse_heun}
+
+__all__ = ["SPACINGS", "SOLVERS", "data_prediction", "time_grid", "dpm_solver_pp", "dpm_solver_pp_ddpm",
+           "edm_sigmas", "t_of_sigma", "edm_sampler", "rk45_ode", "em_step", "stochastic_heun_step",
+           "reverse_heun"]
