@@ -69,10 +69,3 @@ def test_metric_bad_input(fn):
 def test_frechet_needs_two_samples():
     with pytest.raises(ValueError, match="at least 2 samples"):
         metrics.frechet_distance(np.zeros((1, 2)), np.zeros((5, 2)))
-
-
-def test_vectorised_quantiles_match_numpy():
-    from refdiff.metrics import _quantiles
-    a = np.sort(np.random.default_rng(0).standard_normal((37, 5)), axis=0)
-    q = (np.arange(50) + 0.5) / 50
-    assert np.allclose(_quantiles(a, q), np.quantile(a, q, axis=0), rtol=0, atol=1e-12)
