@@ -1,6 +1,6 @@
 """Per-layer conv2d timings (forward, backward) of unet-seed's shapes: numba versions vs PyTorch.
 
-    python benchmarks/conv_layers.py [--batch 128] [--versions 2,3,5] [--threads 2]
+    python benchmarks/conv_layers.py [--batch 128] [--versions 2,3,5] [--threads 2] [--no-torch]
                                      [--out benchmarks/results/conv_layers.json]
 
 For each (Cin -> Cout, image size) of unet-seed's 3 x 3 convs (stride 1, padding 1) and its
@@ -8,6 +8,11 @@ For each (Cin -> Cout, image size) of unet-seed's 3 x 3 convs (stride 1, padding
 version (median of 9 after a warm-up; inputs channel-major, as the UNet hands them over)
 and torch.nn.functional.conv2d's when torch is importable (its backward time is that of
 forward + backward minus forward). GFLOP/s count 2 B Cin Cout kH kW Ho Wo per forward.
+
+numba and PyTorch run in two processes, one after the other, each holding only its own
+library (the rule and the worker environments of train_step.py); both draw the same
+inputs from a per-layer seed. The JSON records which libraries each process held, the
+machine, the commit and the date.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ SHAPES = [  # (Cin, Cout, H, k, stride)
     (20, 20, 14, 3, 1), (40, 40, 7, 3, 1), (80, 80, 3, 3, 1), (160, 80, 3, 3, 1),
     (10, 10, 28, 4, 2), (20, 20, 14, 4, 2), (40, 40, 6, 4, 2),
 ]
+PADDING = 1
 
 
 def _median_ms(f, repeats=9):
@@ -38,51 +44,105 @@ def _median_ms(f, repeats=9):
     return float(np.median(ts)) * 1e3
 
 
+def _inputs(i, B):
+    """Layer i's x (channel-major view of (B, Cin, H, H)), w, b and dy, the same in every process."""
+    ci, co, H, k, s = SHAPES[i]
+    rng = np.random.default_rng([0, i])
+    x = np.ascontiguousarray(rng.standard_normal((ci, B, H, H)).astype(np.float32)).swapaxes(0, 1)
+    w = (rng.standard_normal((co, ci, k, k)) / np.sqrt(ci * k * k)).astype(np.float32)
+    ho = (H + 2 * PADDING - k) // s + 1
+    dy = np.ascontiguousarray(rng.standard_normal((co, B, ho, ho)).astype(np.float32)).swapaxes(0, 1)
+    return x, w, np.zeros(co, np.float32), dy
+
+
+def _numba_times(B, versions, threads):
+    import numba
+    import refdiff_cuda
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    rows = []
+    for i, (ci, co, H, k, s) in enumerate(SHAPES):
+        x, w, b, dy = _inputs(i, B)
+        row = {}
+        for v in versions:
+            be = refdiff_cuda.get_backend("numba", versions={"conv2d": v})
+            _, cache = be.conv2d_forward(x, w, b, s, PADDING)
+            row[f"numba_v{v}_ms"] = dict(forward=_median_ms(lambda: be.conv2d_forward(x, w, b, s, PADDING)),
+                                         backward=_median_ms(lambda: be.conv2d_backward(dy, cache)))
+        rows.append(row)
+    return rows
+
+
+def _torch_times(B, threads):
+    import torch
+    torch.set_num_threads(threads)
+    rows = []
+    for i, (ci, co, H, k, s) in enumerate(SHAPES):
+        x, w, b, dy = _inputs(i, B)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
+        wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
+        dyt = torch.from_numpy(np.ascontiguousarray(dy))
+        fwd = lambda: torch.nn.functional.conv2d(xt, wt, bt, s, PADDING)   # noqa: E731
+        f = _median_ms(fwd)
+        both = _median_ms(lambda: fwd().backward(dyt))
+        rows.append({"torch_ms": dict(forward=f, backward=both - f)})
+    return rows
+
+
+def _worker(conn, name, B, versions, threads):
+    try:
+        from _common import held_libraries
+        rows = _torch_times(B, threads) if name == "torch" else _numba_times(B, versions, threads)
+        conn.send(("done", (rows, held_libraries())))
+    except ImportError as exc:
+        conn.send(("skipped", str(exc)))
+    except Exception as exc:                     # report, do not hang the parent
+        conn.send(("error", repr(exc)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--versions", default="2,3,5")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv_layers.json"))
     a = ap.parse_args(argv)
-    import refdiff_cuda
-    from _common import environment, set_threads, write_json
-    set_threads(a.threads)
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    rng = np.random.default_rng(0)
-    B, rows = a.batch, []
-    for ci, co, H, k, s in SHAPES:
-        x = np.ascontiguousarray(rng.standard_normal((ci, B, H, H)).astype(np.float32)).swapaxes(0, 1)
-        w = (rng.standard_normal((co, ci, k, k)) / np.sqrt(ci * k * k)).astype(np.float32)
-        b = np.zeros(co, np.float32)
-        row = dict(cin=ci, cout=co, size=H, kernel=k, stride=s)
-        ho = (H + 2 - k) // s + 1
-        gflop = 2 * B * ci * co * k * k * ho * ho / 1e9
-        row["forward_gflop"] = gflop
-        for v in map(int, a.versions.split(",")):
-            be = refdiff_cuda.get_backend("numba", versions={"conv2d": v})
-            y, cache = be.conv2d_forward(x, w, b, s, 1)
-            dy = np.ascontiguousarray(rng.standard_normal(y.shape).astype(np.float32).swapaxes(0, 1)).swapaxes(0, 1)
-            f, bw = _median_ms(lambda: be.conv2d_forward(x, w, b, s, 1)), _median_ms(lambda: be.conv2d_backward(dy, cache))
-            row[f"numba_v{v}_ms"] = dict(forward=f, backward=bw, forward_gflops=gflop / f * 1e3)
-        if torch is not None:
-            xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
-            wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
-            dyt = torch.from_numpy(np.ascontiguousarray(dy))
-            fwd = lambda: torch.nn.functional.conv2d(xt, wt, bt, s, 1)   # noqa: E731
-            f = _median_ms(fwd)
-            both = _median_ms(lambda: fwd().backward(dyt))
-            row["torch_ms"] = dict(forward=f, backward=both - f, forward_gflops=gflop / f * 1e3)
-        rows.append(row)
-        print(f"{ci:4d}->{co:3d} {H:2d}x{H:<2d} k{k} s{s}: " + "  ".join(
-            f"{key.replace('_ms', '')} {val['forward']:.2f}/{val['backward']:.2f} ms" for key, val in row.items()
-            if key.endswith("_ms")))
+    import multiprocessing as mp
+    from _common import environment, write_json
+    from train_step import _environ, _isolation, _worker_env
+    versions = [int(v) for v in a.versions.split(",")]
+    B, ctx = a.batch, mp.get_context("spawn")
+    rows = [dict(cin=ci, cout=co, size=H, kernel=k, stride=s,
+                 forward_gflop=2 * B * ci * co * k * k * ((H + 2 * PADDING - k) // s + 1) ** 2 / 1e9)
+            for ci, co, H, k, s in SHAPES]
+    libraries, notes = {}, {}
+    for name in ["numba"] + ([] if a.no_torch else ["torch"]):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, name, B, versions, a.threads), daemon=True)
+        with _environ(_worker_env(name, a.threads)):
+            proc.start()
+        kind, value = parent.recv()
+        proc.join(timeout=30)
+        if kind == "skipped":
+            notes[name] = f"skipped: {value}"
+            continue
+        if kind != "done":
+            raise RuntimeError(f"{name} worker failed: {value}")
+        times, libraries[name] = value
+        for row, t in zip(rows, times):
+            for key, val in t.items():
+                val["forward_gflops"] = row["forward_gflop"] / val["forward"] * 1e3
+                row[key] = val
+    for row in rows:
+        print(f"{row['cin']:4d}->{row['cout']:3d} {row['size']:2d}x{row['size']:<2d} k{row['kernel']} s{row['stride']}: "
+              + "  ".join(f"{key.replace('_ms', '')} {val['forward']:.2f}/{val['backward']:.2f} ms"
+                          for key, val in row.items() if key.endswith("_ms")))
+    bad = _isolation(libraries)
     write_json(a.out, dict(benchmark="unet-seed conv2d layers, forward/backward ms, float32", batch=B,
-                           threads=a.threads, layers=rows, environment=environment()))
+                           threads=a.threads, layers=rows, worker_libraries=libraries,
+                           isolation_violations=bad, notes=notes, environment=environment()))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
