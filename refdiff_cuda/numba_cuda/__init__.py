@@ -11,10 +11,13 @@ Ops and versions (each module's docstring says what the versions differ in):
                    adam_update ddpm_step em_step: 1
     conv.py        conv2d 1,2  conv_transpose2d 1,2  max_pool2d 1
     norm.py        group_norm 1,2  group_norm_silu 1,2
+Every op takes the array container (_arrays.Arrays) as its first argument; make_backend
+binds it (bind_kernels), so two backends (host and CuPy containers) share no state.
 Falls back to the host reference explicitly (copies in and out): `backend.fallback`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -58,15 +61,21 @@ def _has_cupy_gpu():
         return False
 
 
+def bind_kernels(A, kernels):
+    """{op: {version: functions of (A, ...)}} -> the same functions with A bound: the ops of
+    one backend, whose arrays live in container A."""
+    def bind(f):
+        return functools.update_wrapper(functools.partial(f, A), f)
+    return {op: {v: tuple(bind(f) for f in fs) for v, fs in vs.items()} for op, vs in kernels.items()}
+
+
 def make_backend(versions=None):
     cuda, sim = _cuda()
     from .. import _ops
     from ._arrays import Arrays
     from . import conv, functional, norm
     A = Arrays(cuda, "host" if sim or not _has_cupy_gpu() else "cupy")
-    functional.CTX["A"] = A
-
-    kernels = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
+    kernels = bind_kernels(A, {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS})
     return _ops.build("numba-cuda", kernels, versions, A.xp, asarray=A.asarray, to_numpy=A.to_numpy,
                       is_device=A.is_on_device if A.mode == "cupy" else None,
                       simulator=sim, container=A.mode)

@@ -18,7 +18,7 @@ from numba import cuda
 from refdiff.nn.conv import _check_conv, _check_int, _conv_out, _convt_out
 
 from .blas import gemm
-from .functional import _A, _t, flat, launch
+from .functional import _t, flat, launch
 
 
 @cuda.jit
@@ -126,9 +126,8 @@ def _db(A, dyd):
 
 
 def _conv2d(version):
-    def forward(x, w, b, stride=1, padding=0):
+    def forward(A, x, w, b, stride=1, padding=0):
         stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-        A = _A()
         xd = A.dev(x)
         dt = np.dtype(xd.dtype)
         wd = A.dev(w, dt)
@@ -141,8 +140,7 @@ def _conv2d(version):
         y = _from_cm(A, Y, B, (Ho, Wo), None if b is None else A.dev(b, dt))
         return A.out(y), (cols, wd, (B, Cin, H, W), stride, padding, b is not None)
 
-    def backward(dy, cache):
-        A = _A()
+    def backward(A, dy, cache):
         cols, wd, (B, Cin, H, W), stride, padding, has_b = cache
         dt = np.dtype(wd.dtype)
         Cout, _, kH, kW = wd.shape
@@ -159,9 +157,8 @@ def _conv2d(version):
 
 
 def _conv_transpose2d(version):
-    def forward(x, w, b, stride=1, padding=0):
+    def forward(A, x, w, b, stride=1, padding=0):
         stride, padding = _check_conv("conv_transpose2d", x, w, b, stride, padding, cin_axis=0)
-        A = _A()
         xd = A.dev(x)
         dt = np.dtype(xd.dtype)
         wd = A.dev(w, dt)
@@ -175,8 +172,7 @@ def _conv_transpose2d(version):
                         None if b is None else A.dev(b, dt))
         return A.out(y), (X, wd, (H, W), stride, padding, b is not None)
 
-    def backward(dy, cache):
-        A = _A()
+    def backward(A, dy, cache):
         X, wd, (H, W), stride, padding, has_b = cache
         dt = np.dtype(wd.dtype)
         Cin, Cout, kH, kW = wd.shape
@@ -230,12 +226,11 @@ def _pool_bwd(dy, arg, dx, P, H, W, k, s, Ho, Wo, zero):
         dx[idx] = acc
 
 
-def max_pool2d_forward(x, kernel_size, stride=None):
+def max_pool2d_forward(A, x, kernel_size, stride=None):
     k = _check_int("kernel_size", kernel_size, 1)
     s = k if stride is None else _check_int("stride", stride, 1)
     if x.ndim != 4 or x.shape[2] < k or x.shape[3] < k:
         raise ValueError(f"max_pool2d: x must be (B, C, H, W) with H, W >= kernel_size {k}; got {x.shape}")
-    A = _A()
     xd = A.dev(x)
     B, C, H, W = xd.shape
     Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
@@ -244,8 +239,7 @@ def max_pool2d_forward(x, kernel_size, stride=None):
     return A.out(y), (arg, xd.shape, k, s)
 
 
-def max_pool2d_backward(dy, cache):
-    A = _A()
+def max_pool2d_backward(A, dy, cache):
     arg, (B, C, H, W), k, s = cache
     dyd = A.dev(dy)
     Ho, Wo = dyd.shape[2:]

@@ -1,7 +1,8 @@
 """@cuda.jit twins of refdiff.nn.functional and refdiff.nn.steps.
 
-Each op: device arrays in (see _arrays.py), one thread per output entry (or per reduced
-row), the reference's formula in the reference's order of operations; constants enter as
+Each op takes the backend's array container `A` (_arrays.Arrays: where arrays live, how they
+move) as its first argument, bound once by make_backend (bind_kernels); then device arrays
+in, one thread per output entry (or per reduced row), the reference's formula in the reference's order of operations; constants enter as
 scalars of the arrays' dtype. Elementwise ops have one version (a literal port is already
 one coalesced pass); linear has versions 1 and 2 through blas.gemm.
 """
@@ -14,13 +15,6 @@ from numba import cuda
 
 from ._arrays import grid
 from .blas import gemm
-
-CTX = {}            # {"A": Arrays}: set by make_backend before any op runs
-
-
-def _A():
-    return CTX["A"]
-
 
 def _t(dtype, v):
     return np.dtype(dtype).type(v)
@@ -175,8 +169,7 @@ def flat(d):
 
 # --- linear -------------------------------------------------------------------------------------------
 def _linear(version):
-    def forward(x, w, b):
-        A = _A()
+    def forward(A, x, w, b):
         dt = np.dtype(x.dtype)
         xd, wd = A.dev(x), A.dev(w, dt)
         (B, Din), Dout = xd.shape, wd.shape[0]
@@ -185,8 +178,7 @@ def _linear(version):
             launch(_add_row_bias, B * Dout, flat(y), A.dev(b, dt), Dout, B * Dout)
         return A.out(y), (xd, wd, b is not None)
 
-    def backward(dy, cache):
-        A = _A()
+    def backward(A, dy, cache):
         xd, wd, has_b = cache
         dt = np.dtype(xd.dtype)
         dyd = A.dev(dy, dt)
@@ -202,8 +194,7 @@ def _linear(version):
 
 
 # --- activations ------------------------------------------------------------------------------------
-def silu_forward(x):
-    A = _A()
+def silu_forward(A, x):
     xd = A.dev(x)
     dt = np.dtype(xd.dtype)
     y, s = A.empty(xd.shape, dt), A.empty(xd.shape, dt)
@@ -211,8 +202,7 @@ def silu_forward(x):
     return A.out(y), (xd, s)
 
 
-def silu_backward(dy, cache):
-    A = _A()
+def silu_backward(A, dy, cache):
     xd, s = cache
     dyd = A.dev(dy, xd.dtype)
     dx = A.empty(xd.shape, xd.dtype)
@@ -220,16 +210,14 @@ def silu_backward(dy, cache):
     return A.out(dx)
 
 
-def relu_forward(x):
-    A = _A()
+def relu_forward(A, x):
     xd = A.dev(x)
     y, m = A.empty(xd.shape, xd.dtype), A.empty(xd.shape, np.bool_)
     launch(_relu_fwd, xd.size, flat(xd), flat(y), flat(m), xd.size, _t(xd.dtype, 0))
     return A.out(y), A.out(m)
 
 
-def relu_backward(dy, cache):
-    A = _A()
+def relu_backward(A, dy, cache):
     md = A.dev(cache)
     dyd = A.dev(dy)
     dx = A.empty(dyd.shape, dyd.dtype)
@@ -238,9 +226,8 @@ def relu_backward(dy, cache):
 
 
 # --- shape ops ------------------------------------------------------------------------------------
-def concat_forward(xs, axis=1):
+def concat_forward(A, xs, axis=1):
     """Along axis 1 (channels) on the device; other axes through the host reference."""
-    A = _A()
     if axis != 1:
         from refdiff.nn import functional as F
         y, cache = F.concat_forward([A.to_numpy(x) for x in xs], axis)
@@ -257,8 +244,7 @@ def concat_forward(xs, axis=1):
     return A.out(y), ([d.shape[1] for d in ds], axis)
 
 
-def concat_backward(dy, cache):
-    A = _A()
+def concat_backward(A, dy, cache):
     sizes, axis = cache
     if axis != 1:
         from refdiff.nn import functional as F
@@ -275,8 +261,7 @@ def concat_backward(dy, cache):
     return out
 
 
-def add_channel_bias_forward(x, v):
-    A = _A()
+def add_channel_bias_forward(A, x, v):
     xd = A.dev(x)
     vd = A.dev(v, xd.dtype)
     S = int(np.prod(xd.shape[2:], dtype=np.int64))
@@ -285,8 +270,7 @@ def add_channel_bias_forward(x, v):
     return A.out(y), xd.ndim
 
 
-def add_channel_bias_backward(dy, cache):
-    A = _A()
+def add_channel_bias_backward(A, dy, cache):
     if cache == 2:
         return dy, dy
     dyd = A.dev(dy)
@@ -298,17 +282,15 @@ def add_channel_bias_backward(dy, cache):
 
 
 # --- time embedding, loss, optimiser, sampler steps ------------------------------------------------------
-def time_embedding(t, dim, base=10000.0, dtype=np.float32):
+def time_embedding(A, t, dim, base=10000.0, dtype=np.float32):
     """In float64 on the device (one thread per entry), then cast like the reference."""
-    A = _A()
     th = np.asarray(A.to_numpy(t), dtype=np.float64).reshape(-1)
     out = A.empty((th.size, int(dim)), np.float64)
     launch(_temb, th.size * int(dim), A.dev(th), flat(out), th.size, int(dim), float(base))
     return A.asarray(A.out(out).astype(dtype))
 
 
-def mse_forward(pred, target, weight=None):
-    A = _A()
+def mse_forward(A, pred, target, weight=None):
     pd = A.dev(pred)
     td = A.dev(target, pd.dtype)
     B = pd.shape[0]
@@ -319,8 +301,7 @@ def mse_forward(pred, target, weight=None):
     return float(np.mean(w * A.to_numpy(per))), (diff, w.astype(pd.dtype))
 
 
-def mse_backward(cache):
-    A = _A()
+def mse_backward(A, cache):
     diff, w = cache
     B = diff.shape[0]
     scale = A.dev(((2.0 / B) * w).astype(diff.dtype))
@@ -329,9 +310,8 @@ def mse_backward(cache):
     return A.out(out)
 
 
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay=0.0):
+def adam_update(A, p, g, m, v, lr, beta1, beta2, eps, step, weight_decay=0.0):
     """In place. Host arrays: p, m, v are uploaded, updated and copied back into place."""
-    A = _A()
     dt = np.dtype(p.dtype)
     t = dt.type
     ds = [A.dev(a, dt) for a in (p, g, m, v)]
@@ -344,8 +324,7 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, step, weight_decay=0.0):
             host[...] = d.copy_to_host().reshape(host.shape)
 
 
-def _step(kernel, x, a, z, c1, c2, c3):
-    A = _A()
+def _step(A, kernel, x, a, z, c1, c2, c3):
     xd = A.dev(x)
     ad = A.dev(a, xd.dtype)
     if z is None:
@@ -357,16 +336,16 @@ def _step(kernel, x, a, z, c1, c2, c3):
     return A.out(out)
 
 
-def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
+def ddpm_step(A, x, eps, z, beta, alpha_bar, sigma):
     from refdiff.nn.steps import ddpm_coeffs
     coef, inv = ddpm_coeffs(beta, alpha_bar, x.dtype)
-    return _step(_ddpm, x, eps, z, coef, inv, _t(x.dtype, sigma))
+    return _step(A, _ddpm, x, eps, z, coef, inv, _t(x.dtype, sigma))
 
 
-def em_step(x, score, z, a, g, dt):
+def em_step(A, x, score, z, a, g, dt):
     from refdiff.nn.steps import em_coeffs
     adt, g2dt, noise = em_coeffs(a, g, dt, x.dtype)
-    return _step(_em, x, score, z, adt, g2dt, noise)
+    return _step(A, _em, x, score, z, adt, g2dt, noise)
 
 
 KERNELS = {

@@ -18,7 +18,7 @@ from numba import config, cuda, float64
 
 from refdiff.nn.norm import _check
 
-from .functional import _A, _t, flat, launch
+from .functional import _t, flat, launch
 
 RB = 8 if config.ENABLE_CUDASIM else 128     # threads per block of version 2's reductions (a power of 2)
 
@@ -172,9 +172,8 @@ def _param_grads(dy, x, mean, rstd, gamma, beta, dgam, dbet, B, C, S, Cg, half, 
 
 
 def _pair(version, with_silu):
-    def forward(x, num_groups, gamma, beta, eps=1e-5):
+    def forward(A, x, num_groups, gamma, beta, eps=1e-5):
         _check(x, num_groups, gamma, beta)
-        A = _A()
         xd = A.dev(x)
         dt = np.dtype(xd.dtype)
         B, C = xd.shape[:2]
@@ -191,8 +190,7 @@ def _pair(version, with_silu):
                _t(dt, 0.5), _t(dt, 1), with_silu)
         return A.out(y), (xd, G, gd, bd, mean, rstd)
 
-    def backward(dy, cache):
-        A = _A()
+    def backward(A, dy, cache):
         xd, G, gd, bd, mean, rstd = cache
         dt = np.dtype(xd.dtype)
         B, C = xd.shape[:2]
