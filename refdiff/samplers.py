@@ -71,14 +71,32 @@ def euler_maruyama(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadrati
     return (x, np.stack(traj)) if return_trajectory else x
 
 
-def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic", snr=0.16, n_corrector=1):
-    """Euler-Maruyama predictor + Langevin corrector (Song et al. 2021, Alg. 2-3).
+def langevin_alpha(sde, t, discrete_steps=1000):
+    """score_sde's alpha_i for the Langevin corrector (Song et al. 2021, Alg. 5; their
+    `LangevinCorrector`): for VP and sub-VP, alpha_i = 1 - beta_i of the discretised chain
+    beta_i = linspace(beta_min/N, beta_max/N, N)[i], i = int(t (N - 1) / T), N = discrete_steps
+    (score_sde's VPSDE; its subVPSDE has no `alphas` and its branch fails, so sub-VP takes
+    the same beta(t)'s chain here); 1 for VE (and for OU, which score_sde does not have)."""
+    if not hasattr(sde, "discrete_betas"):
+        return 1.0
+    N = check_int(discrete_steps, "discrete_steps", lo=1)
+    i = int(t * (N - 1) / sde.T)
+    return 1.0 - float(sde.discrete_betas(N)[i])
 
-    The corrector runs `n_corrector` Langevin steps x <- x + e s + sqrt(2e) z at each t,
-    with one step size for the batch, e = 2 (snr mean||z|| / mean||s||)^2, from the
-    signal-to-noise ratio `snr` (score_sde's LangevinCorrector: norms per sample, averaged
-    over the batch; a per-sample ratio explodes in low dimension where ||s|| can be ~0).
-    snr >= 0 (0: no correction), n_corrector >= 0.
+
+def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic", snr=0.16, n_corrector=1,
+                        discrete_steps=1000):
+    """Euler-Maruyama predictor + Langevin corrector (Song et al. 2021, Alg. 2-3 and 5),
+    the corrector exactly as score_sde's `LangevinCorrector`.
+
+    At each time t the corrector runs `n_corrector` Langevin steps
+
+        x <- x + e s + sqrt(2 e) z,   e = 2 alpha_i (snr mean_b||z_b|| / mean_b||s_b||)^2,
+
+    with the norms per sample averaged over the batch, as score_sde (a per-sample ratio
+    explodes in low dimension where ||s|| can be ~0; a zero score gives e = 0 here instead of
+    score_sde's division by zero), and alpha_i from `langevin_alpha` (1 - beta_i for VP and
+    sub-VP with N = discrete_steps, 1 for VE). snr >= 0 (0: no correction), n_corrector >= 0.
     """
     snr = check_real(snr, "snr", lo=0)
     n_corrector = check_int(n_corrector, "n_corrector", lo=0)
@@ -87,12 +105,13 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
     axes = tuple(range(1, x.ndim))
     for k in range(steps):
         t = ts[k]
+        alpha = langevin_alpha(sde, t, discrete_steps)
         for _ in range(n_corrector):
             s = _score(score_fn, x, t, k)
             z = rng.standard_normal(x.shape)
             z_norm = np.mean(np.sqrt(np.sum(z * z, axis=axes)))
             s_norm = max(np.mean(np.sqrt(np.sum(s * s, axis=axes))), 1e-12)
-            e = 2 * (snr * z_norm / s_norm) ** 2
+            e = 2 * alpha * (snr * z_norm / s_norm) ** 2
             x = x + e * s + np.sqrt(2 * e) * z
         h = t - ts[k + 1]
         x = x - sde.reverse_drift(x, t, _score(score_fn, x, t, k)) * h

@@ -192,6 +192,12 @@ class _BetaLinear(SDE):
     def a(self, t):
         return 0.5 * self.beta(t)
 
+    def discrete_betas(self, num_steps=1000):
+        """beta_i = linspace(beta_min / N, beta_max / N, N): the DDPM chain this SDE is the limit
+        of (score_sde's VPSDE.discrete_betas; 1e-4 -> 0.02 for VP(0.1, 20), N = 1000)."""
+        N = check_int(num_steps, "num_steps", lo=1)
+        return np.linspace(self.beta_min / N, self.beta_max / N, N)
+
     def log_gamma(self, t):
         """log of the mean coefficient: -1/2 int_0^t beta(s) ds."""
         t = np.asarray(t, dtype=np.float64)
