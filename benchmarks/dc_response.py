@@ -1,5 +1,5 @@
 """How much an eps-model's output mean follows its input's mean: the measurement behind
-README "DDPM on MNIST" (the report's UNet cannot see the brightness of x_t).
+docs/mnist.md (the report's UNet cannot see the brightness of x_t).
 
     python benchmarks/dc_response.py runs/ddpm-seed/checkpoint.npz runs/ddpm-skip/checkpoint.npz \
         [--out benchmarks/results/dc_response.json]
