@@ -7,7 +7,7 @@
 #      version by hypothesis, Adam, sampler steps, the full 10-step golden in float32+float64);
 #   3. times one unet-seed training step (batch 128) and DDPM sampling on each GPU backend;
 #   4. writes benchmarks/results/gpu_check.json (device, versions, test counts, timings).
-# Untested on a real GPU by its author (no GPU was available while it was written).
+# It has not yet run on a real GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
