@@ -4,17 +4,17 @@ The probability-flow ODE of a linear SDE (Song et al. 2021, eq. 13),
 
     dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t),        f(x, t) = -a(t) x,
 
-moves samples of p_eps to samples of p_T. Along one trajectory the log-density obeys the
+moves samples of p_{t_min} to samples of p_T. Along one trajectory the log-density obeys the
 instantaneous change of variables (Chen et al. 2018, Neural ODEs, thm. 1; Song et al. 2021,
 eq. 39 in appendix D.2),
 
     d/dt log p_t(x(t)) = -div f~(x(t), t),
     div f~ = -a(t) D - 1/2 g(t)^2 tr(ds/dx),
 
-so, integrating the state x and delta = int_eps^t div f~ together from t = eps to T,
+so, integrating the state x and delta = int_{t_min}^t div f~ together from t = t_min to T,
 
-    log p_eps(x) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt
-                 ~ prior_logp(x(T)) + delta(T).                                   (1)
+    log p_{t_min}(x) = log p_T(x(T)) + int_{t_min}^T div f~(x(t), t) dt
+                     ~ prior_logp(x(T)) + delta(T).                                   (1)
 
 `log_likelihood` integrates the joint ODE (1) for the whole batch as one system with
 scipy.integrate.solve_ivp (RK45 by default; `rtol`, `atol` exposed) and returns the
@@ -180,7 +180,7 @@ def divergence_hutchinson(score_fn, x, t, probes):
 
 
 # --- the likelihood ---------------------------------------------------------------------------------
-def _check_args(sde, x, divergence, probes, probe, rtol, atol, eps):
+def _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}")
     if probe not in PROBES:
@@ -190,8 +190,8 @@ def _check_args(sde, x, divergence, probes, probe, rtol, atol, eps):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
-    if not (isinstance(eps, (int, float, np.floating)) and 0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, T={sde.T}); got {eps!r}")
+    if not (isinstance(t_min, (int, float, np.floating)) and 0 < t_min < sde.T):
+        raise ValueError(f"t_min must lie in (0, T={sde.T}); got {t_min!r}")
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must have shape (B, ...) with B >= 1; got {x.shape}")
@@ -201,15 +201,15 @@ def _check_args(sde, x, divergence, probes, probe, rtol, atol, eps):
 
 
 def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, probe="rademacher",
-                   rtol=1e-5, atol=1e-5, eps=1e-5, method="RK45"):
-    """log p_eps(x) per sample by eq. (1), and the NFE.
+                   rtol=1e-5, atol=1e-5, t_min=1e-5, method="RK45"):
+    """log p_{t_min}(x) per sample by eq. (1), and the NFE.
 
     x (B, ...) float; score_fn JVP-capable (see the module docstring). The joint state
-    [x (B D), delta (B)] is one solve_ivp system from t = eps to T (score_sde's
-    likelihood.py, with eps = 1e-5 as its default). Hutchinson probes (P, B, ...) are drawn
+    [x (B D), delta (B)] is one solve_ivp system from t = t_min to T (score_sde's
+    likelihood.py, whose eps = 1e-5 is the default here). Hutchinson probes (P, B, ...) are drawn
     once from `rng`; "exact" draws nothing. -> (logp (B,) float64, nfe int).
     """
-    x = _check_args(sde, x, divergence, probes, probe, rtol, atol, eps)
+    x = _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min)
     _require_jvp(score_fn)
     B, shape, D = x.shape[0], x.shape, int(np.prod(x.shape[1:]))
     v = sample_probes((probes,) + shape, rng, probe) if divergence == "hutchinson" else None
@@ -226,7 +226,7 @@ def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, pro
         return np.concatenate([dx.ravel(), ddelta])
 
     y0 = np.concatenate([x.ravel(), np.zeros(B)])
-    sol = solve_ivp(rhs, (eps, sde.T), y0, method=method, rtol=rtol, atol=atol)
+    sol = solve_ivp(rhs, (t_min, sde.T), y0, method=method, rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"the probability-flow ODE did not integrate: {sol.message}")
     z, delta = sol.y[:B * D, -1].reshape(shape), sol.y[B * D:, -1]

@@ -49,7 +49,7 @@ def test_gaussian_data_closed_form(sde):
     rng = np.random.default_rng(0)
     x = m + c * rng.standard_normal((16, D))
     logp, nfe = L.log_likelihood(sde, gaussian_score(sde, m, c), x, rng, divergence="exact",
-                                 rtol=1e-8, atol=1e-8, eps=eps)
+                                 rtol=1e-8, atol=1e-8, t_min=eps)
     (g0, s0), (g1, s1) = (sde.marginal_coeffs(np.float64(t)) for t in (eps, sde.T))
     v0, v1 = g0 ** 2 * c ** 2 + s0 ** 2, g1 ** 2 * c ** 2 + s1 ** 2
     xT = g1 * m + math.sqrt(v1 / v0) * (x - g0 * m)
@@ -81,7 +81,7 @@ def test_one_dimension_against_quadrature():
     sf = L.mixture_score(gmm, sde)
     for x0 in (-1.2, 0.1, 1.4):
         x = np.array([[x0]])
-        logp, _ = L.log_likelihood(sde, sf, x, None, divergence="exact", rtol=1e-9, atol=1e-9, eps=eps)
+        logp, _ = L.log_likelihood(sde, sf, x, None, divergence="exact", rtol=1e-9, atol=1e-9, t_min=eps)
 
         def f(t, y):
             return sde.probability_flow_drift(y.reshape(1, 1), t, sf(y.reshape(1, 1), np.array([t]))).ravel()
@@ -162,7 +162,7 @@ def test_bits_per_dim_of_the_uniform_density_is_8():
 
 @pytest.mark.parametrize("kw,msg", [(dict(rtol=0), "rtol"), (dict(atol=-1), "atol"),
                                     (dict(divergence="trace"), "divergence"), (dict(probes=0), "probes"),
-                                    (dict(probe="sphere"), "probe"), (dict(eps=0.0), "eps")])
+                                    (dict(probe="sphere"), "probe"), (dict(t_min=0.0), "t_min")])
 def test_bad_arguments(kw, msg):
     gmm, sde = GaussianMixture.default(), VP()
     with pytest.raises(ValueError, match=msg):
