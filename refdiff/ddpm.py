@@ -34,7 +34,7 @@ from .sde import VP, DDPMSchedule
 
 SAMPLERS = ("ddpm", "ddim", "em")
 VARIANCES = ("beta", "beta_tilde")
-DDIM_SPACINGS = ("uniform", "quadratic", "trailing")
+DDIM_SPACINGS = ("uniform", "linspace", "quadratic", "trailing")
 
 
 def model_time(i, num_steps):
@@ -191,20 +191,35 @@ def ancestral(model, schedule, shape, rng, variance="beta", clip=False, return_t
 
 # --- DDIM -----------------------------------------------------------------------------------------------
 def ddim_timesteps(num_steps, steps, spacing="uniform"):
-    """The subsequence tau of {0..N-1} DDIM visits, in decreasing order (length `steps`).
+    """The subsequence tau of {0..N-1} DDIM visits, in decreasing order.
 
-    "uniform"   i = k floor(N / S), k = 0..S-1 (DDIM's uniform skip; diffusers "leading")
-    "quadratic" i = floor(k'^2), k' = linspace(0, sqrt(0.8 N), S) (DDIM §D.2, used for CIFAR-10)
+    "uniform"   i = k N / S, k = 0..S-1: DDIM's uniform skip (ermongroup/ddim, runners/diffusion.py:
+                range(0, N, N // S)), equal to diffusers' "leading". S must divide N: otherwise
+                DDIM's range has ceil(N / (N // S)) != S steps, and "leading" starts at
+                (S - 1)(N // S), far from N - 1 (S = 600 at N = 1000: i = 599, sqrt(abar) = 0.16);
+                such S raise ValueError pointing to "linspace" and "trailing".
+    "linspace"  i = round(k (N - 1) / (S - 1)), k = 0..S-1: from N - 1 down to 0 for every S
+                (diffusers' timestep_spacing="linspace")
+    "quadratic" i = int(k'^2), k' = linspace(0, sqrt(0.8 N), S): DDIM's "quad" skip (§D.2, used
+                for CIFAR-10 with S = 50 and 100), each index once. DDIM's code repeats the
+                smallest indices when S >= 30 at N = 1000 (S = 50 gives 49 distinct, 100 gives 96);
+                a repeat is a step from abar_i to abar_i, which eq. 12 makes the identity (sigma = 0
+                too), so dropping it leaves the result and saves a model call.
     "trailing"  i = round(N - k N / S) - 1, k = 0..S-1: always starts at N-1 (Lin et al. 2024)
+
+    Length S, except "quadratic" (S or fewer, see above).
     """
     check_int(steps, "DDIM steps", lo=1, hi=num_steps)
     if spacing == "uniform":
-        tau = np.arange(steps) * (num_steps // steps)
+        if num_steps % steps:
+            raise ValueError(f"DDIM steps = {steps} does not divide N = {num_steps}: the 'uniform' skip "
+                             f"range(0, N, N // S) would not start near N - 1; use spacing 'linspace' or "
+                             f"'trailing' (both start at N - 1), or steps dividing N")
+        tau = np.arange(0, num_steps, num_steps // steps)
+    elif spacing == "linspace":
+        tau = np.linspace(0, num_steps - 1, steps).round().astype(int)
     elif spacing == "quadratic":
         tau = np.unique((np.linspace(0, math.sqrt(0.8 * num_steps), steps) ** 2).astype(int))
-        if len(tau) < steps:
-            raise ValueError(f"quadratic spacing gives only {len(tau)} distinct steps out of {num_steps} "
-                             f"for steps={steps}; use fewer steps or another spacing")
     elif spacing == "trailing":
         # not np.arange(N, 0, -N / S): with a float step that can yield S + 1 entries, the last
         # rounding to -1 (e.g. N = 1000, S = 61), which would index abar from the end
@@ -322,8 +337,9 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
                            spacing=None, clip=False, batch=256, return_trajectory=False, frames=None):
     """n samples from an eps-model loaded by refdiff.checkpoint.load_model, reshaped to the
     image shape the checkpoint records (meta["image_shape"], default the model's input
-    shape). sampler "ddpm" (ancestral; steps must be None or N), "ddim" (steps default 50,
-    spacing default "uniform"), "em" (em_vp; steps default 1000, spacing default "uniform").
+    shape). sampler "ddpm" (ancestral; steps must be None or N), "ddim" (steps default 50;
+    spacing default DDIM's "uniform" when steps divides N, else "linspace", which also
+    starts at N - 1), "em" (em_vp; steps default 1000, spacing default "uniform").
     Returns x (n, C, H, W) float64, or (x, trajectory (F, n, C, H, W)); not clipped."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
@@ -338,8 +354,10 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
                              f"got steps={steps} (use --sampler ddim for fewer)")
         out = ancestral(model, schedule, shape, rng, variance=variance, clip=clip, **common)
     elif sampler == "ddim":
-        out = ddim(model, schedule, shape, rng, steps=50 if steps is None else steps, eta=eta,
-                   spacing=spacing or "uniform", clip=clip, **common)
+        steps = 50 if steps is None else steps
+        if spacing is None:
+            spacing = "uniform" if isinstance(steps, int) and steps and schedule.num_steps % steps == 0 else "linspace"
+        out = ddim(model, schedule, shape, rng, steps=steps, eta=eta, spacing=spacing, clip=clip, **common)
     else:
         out = em_vp(model, shape, rng, steps=1000 if steps is None else steps, spacing=spacing or "uniform",
                     sde=vp_for_schedule(schedule), **common)
