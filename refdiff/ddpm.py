@@ -34,6 +34,7 @@ from .sde import VP, DDPMSchedule
 
 SAMPLERS = ("ddpm", "ddim", "em")
 VARIANCES = ("beta", "beta_tilde")
+SCORE_STDS = ("continuous", "discrete")
 DDIM_SPACINGS = ("uniform", "linspace", "quadratic", "trailing")
 
 
@@ -271,8 +272,24 @@ def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip
 
 
 # --- reverse VP SDE ---------------------------------------------------------------------------------------
+def _score_coeffs(sde, score_std, schedule):
+    """t -> (gamma, std) as floats, for em_vp's eps -> score conversion (see its docstring)."""
+    if score_std not in SCORE_STDS:
+        raise ValueError(f"score_std must be one of {SCORE_STDS}; got {score_std!r}")
+    if score_std == "continuous":
+        return lambda t: tuple(float(c) for c in sde.marginal_coeffs(np.float64(t)))
+    abar = schedule.alpha_bars if schedule is not None else np.cumprod(1.0 - sde.discrete_betas(1000))
+    N = len(abar)
+
+    def coeffs(t):
+        i = min(max(int(round(t * N)) - 1, 0), N - 1)
+        return math.sqrt(abar[i]), math.sqrt(1.0 - abar[i])
+
+    return coeffs
+
+
 def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=True,
-          return_trajectory=False, frames=None, batch=256, sde=None):
+          return_trajectory=False, frames=None, batch=256, sde=None, score_std="continuous", schedule=None):
     """Reverse-time Euler-Maruyama (report eq. 2.6; refdiff.samplers.euler_maruyama, same grid
     and draws) on VP(beta_min 0.1, beta_max 20) from T = 1 down to `eps` (1e-3 as
     score_sde's VP sampling: a DDPM-trained model never saw times below 1/N), with the
@@ -283,15 +300,25 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
 
     with no noise at the last step.
 
+    score_std: the std in s = -eps_theta / std (and in the Tweedie step below).
+        "continuous" (default): std_t = sqrt(1 - gamma_t^2) of the VP SDE, exact for a model
+            trained on the SDE's marginals (refdiff.losses.dsm);
+        "discrete": sqrt(1 - abar_i) of the DDPM chain `schedule` (default: the chain of
+            `sde`, sde.discrete_betas(1000)) at its step i = round(t N) - 1, the step whose
+            model time (i + 1) / N is nearest t: the noise level a DDPM-trained model saw at
+            that input (score_sde uses sqrt(1 - alphas_cumprod) for discretely trained models).
+
     denoise=True then applies Tweedie's formula once (Efron 2011; as in Song & Ermon's
     `denoise` option): x0 = (x - std_eps eps_theta(x, eps)) / gamma_eps = E[x0 | x_eps],
-    which removes the noise of level std_eps ~ 0.01 that the SDE stops at.
+    which removes the noise of level std_eps ~ 0.01 that the SDE stops at ("discrete":
+    gamma = sqrt(abar_i), std = sqrt(1 - abar_i) at eps's chain step).
     """
     from .samplers import _grid
 
     sde = VP(0.1, 20.0) if sde is None else sde
     check_rng(rng)
     ts = _grid(sde, steps, eps, spacing)
+    coeffs = _score_coeffs(sde, score_std, schedule)
     F = model.ops
 
     def run(shp, rec):
@@ -299,14 +326,14 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
         for k in range(steps):
             rec(x)
             t, dt = float(ts[k]), float(ts[k] - ts[k + 1])
-            std = float(sde.marginal_coeffs(np.float64(t))[1])
+            std = coeffs(t)[1]
             score = _predict_eps(model, x, t, k) * (-1.0 / std)
             z = _normal(model, rng, shp) if k < steps - 1 else None
             x = F.em_step(x, score, z, float(sde.a(np.float64(t))), float(sde.diffusion(np.float64(t))), dt)
         if denoise:
             rec(x)
-            gamma, std = sde.marginal_coeffs(np.float64(eps))
-            x = (x - float(std) * _predict_eps(model, x, eps, steps)) / float(gamma)
+            gamma, std = coeffs(eps)
+            x = (x - std * _predict_eps(model, x, eps, steps)) / gamma
         rec(x)
         return x
 
