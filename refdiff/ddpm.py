@@ -237,7 +237,9 @@ def ddim(model, schedule, shape, rng, steps=50, eta=0.0, spacing="uniform", clip
 
         1. eps = eps_theta(x_i, (i+1)/N)
         2. x0_hat = (x_i - sqrt(1 - abar_i) eps) / sqrt(abar_i)               ("predicted x0", eq. 12)
-           (clip=True: clipped to [-1, 1] and eps recomputed from it, as diffusers)
+           (clip=True: clipped to [-1, 1] and eps recomputed from it: diffusers' DDIMScheduler
+           with clip_sample=True *and* use_clipped_model_output=True; with its default
+           use_clipped_model_output=False diffusers keeps the model's eps in step 4)
         3. sigma = eta sqrt((1 - abar_j) / (1 - abar_i)) sqrt(1 - abar_i / abar_j)     (eq. 16)
         4. x_j = sqrt(abar_j) x0_hat + sqrt(1 - abar_j - sigma^2) eps + sigma z        (eq. 12)
 
