@@ -32,7 +32,7 @@ import numpy as np
 from ._checks import check_array_float, check_finite_state, check_int, check_real, check_rng
 from .sde import VP, DDPMSchedule
 
-SAMPLERS = ("ddpm", "ddim", "em")
+DDPM_SAMPLERS = ("ddpm", "ddim", "em")
 VARIANCES = ("beta", "beta_tilde")
 SCORE_STDS = ("continuous", "discrete")
 DDIM_SPACINGS = ("uniform", "linspace", "quadratic", "trailing")
@@ -76,10 +76,10 @@ def ddpm_loss(model, schedule, x0, rng):
     eps = rng.standard_normal(x0.shape)
     mean, std = schedule.marginal(x0, i)
     xt = mean + std * eps
-    F, dt = model.ops, model.dtype
-    pred = model.forward(F.asarray(xt.astype(dt)), F.asarray(model_time(i, schedule.num_steps).astype(dt)))
+    F, dtype = model.ops, model.dtype
+    pred = model.forward(F.asarray(xt.astype(dtype)), F.asarray(model_time(i, schedule.num_steps).astype(dtype)))
     # mse_forward sums over features and averages over the batch: weight 1/D gives the pixel mean
-    loss, cache = F.mse_forward(pred, F.asarray(eps.astype(dt)), F.asarray(np.full(B, 1.0 / D, dtype=dt)))
+    loss, cache = F.mse_forward(pred, F.asarray(eps.astype(dtype)), F.asarray(np.full(B, 1.0 / D, dtype=dtype)))
     model.backward(F.mse_backward(cache))
     return loss
 
@@ -91,8 +91,8 @@ def ddpm_loss(model, schedule, x0, rng):
 def _predict_eps(model, x, t, step):
     """eps_theta(x, t) for a float64 backend array x (B, ...) and one model time t -> float64.
     A NaN or Inf output (a diverged model) raises FloatingPointError naming `step` and t."""
-    F, dt = model.ops, model.dtype
-    e = model.forward(x.astype(dt), F.asarray(np.full(x.shape[0], t, dtype=dt)))
+    F, dtype = model.ops, model.dtype
+    e = model.forward(x.astype(dtype), F.asarray(np.full(x.shape[0], t, dtype=dtype)))
     if e.shape != x.shape:
         raise ValueError(f"model returned shape {e.shape} for input {x.shape}")
     check_finite_state(bool(F.xp.all(F.xp.isfinite(e))), "the model's output", step, t)
@@ -290,15 +290,15 @@ def _score_coeffs(sde, score_std, schedule):
     return coeffs
 
 
-def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=True,
+def em_vp(model, shape, rng, steps=1000, t_min=1e-3, spacing="uniform", denoise=True,
           return_trajectory=False, frames=None, batch=256, sde=None, score_std="continuous", schedule=None):
     """Reverse-time Euler-Maruyama (report eq. 2.6; refdiff.samplers.euler_maruyama, same grid
-    and draws) on VP(beta_min 0.1, beta_max 20) from T = 1 down to `eps` (1e-3 as
+    and draws) on VP(beta_min 0.1, beta_max 20) from T = 1 down to `t_min` (1e-3 as
     score_sde's VP sampling: a DDPM-trained model never saw times below 1/N), with the
     score s = -eps_theta(x, t) / std_t (refdiff.losses.score_fn_from_model). Each update is
     the op `em_step` of the model's backend (refdiff.nn.steps.em_step):
 
-        x <- x + a(t) x dt + g(t)^2 s dt + g(t) sqrt(dt) z,   a = beta(t) / 2, g = sqrt(beta(t))
+        x <- x + a(t) x h + g(t)^2 s h + g(t) sqrt(h) z,   h = t_k - t_{k+1}, a = beta(t) / 2, g = sqrt(beta(t))
 
     with no noise at the last step.
 
@@ -311,15 +311,15 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
             that input (score_sde uses sqrt(1 - alphas_cumprod) for discretely trained models).
 
     denoise=True then applies Tweedie's formula once (Efron 2011; as in Song & Ermon's
-    `denoise` option): x0 = (x - std_eps eps_theta(x, eps)) / gamma_eps = E[x0 | x_eps],
-    which removes the noise of level std_eps ~ 0.01 that the SDE stops at ("discrete":
-    gamma = sqrt(abar_i), std = sqrt(1 - abar_i) at eps's chain step).
+    `denoise` option): x0 = (x - std eps_theta(x, t_min)) / gamma = E[x0 | x_{t_min}] with
+    (gamma, std) at t_min, which removes the noise of level std ~ 0.01 that the SDE stops at
+    ("discrete": gamma = sqrt(abar_i), std = sqrt(1 - abar_i) at t_min's chain step).
     """
-    from .samplers import _grid
+    from .samplers import time_grid
 
     sde = VP(0.1, 20.0) if sde is None else sde
     check_rng(rng)
-    ts = _grid(sde, steps, eps, spacing)
+    ts = time_grid(sde, steps, t_min, spacing)
     coeffs = _score_coeffs(sde, score_std, schedule)
     F = model.ops
 
@@ -327,15 +327,15 @@ def em_vp(model, shape, rng, steps=1000, eps=1e-3, spacing="uniform", denoise=Tr
         x = F.asarray(sde.prior_sample(shp, rng))
         for k in range(steps):
             rec(x)
-            t, dt = float(ts[k]), float(ts[k] - ts[k + 1])
+            t, h = float(ts[k]), float(ts[k] - ts[k + 1])
             std = coeffs(t)[1]
             score = _predict_eps(model, x, t, k) * (-1.0 / std)
             z = _normal(model, rng, shp) if k < steps - 1 else None
-            x = F.em_step(x, score, z, float(sde.a(np.float64(t))), float(sde.diffusion(np.float64(t))), dt)
+            x = F.em_step(x, score, z, float(sde.a(np.float64(t))), float(sde.diffusion(np.float64(t))), h)
         if denoise:
             rec(x)
-            gamma, std = coeffs(eps)
-            x = (x - std * _predict_eps(model, x, eps, steps)) / gamma
+            gamma, std = coeffs(t_min)
+            x = (x - std * _predict_eps(model, x, t_min, steps)) / gamma
         rec(x)
         return x
 
@@ -368,10 +368,11 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
     image shape the checkpoint records (meta["image_shape"], default the model's input
     shape). sampler "ddpm" (ancestral; steps must be None or N), "ddim" (steps default 50;
     spacing default DDIM's "uniform" when steps divides N, else "linspace", which also
-    starts at N - 1), "em" (em_vp; steps default 1000, spacing default "uniform").
+    starts at N - 1), "em" (em_vp; steps default 1000, spacing default "uniform", or
+    "squared": refdiff.samplers.time_grid).
     Returns x (n, C, H, W) float64, or (x, trajectory (F, n, C, H, W)); not clipped."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
+    if sampler not in DDPM_SAMPLERS:
+        raise ValueError(f"sampler must be one of {DDPM_SAMPLERS}; got {sampler!r}")
     if getattr(model, "kind", None) != "eps":
         raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
     schedule = schedule_from_meta(meta)
@@ -385,7 +386,8 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
     elif sampler == "ddim":
         steps = 50 if steps is None else steps
         if spacing is None:
-            spacing = "uniform" if isinstance(steps, int) and steps and schedule.num_steps % steps == 0 else "linspace"
+            divides = isinstance(steps, int) and steps > 0 and schedule.num_steps % steps == 0
+            spacing = "uniform" if divides else "linspace"
         out = ddim(model, schedule, shape, rng, steps=steps, eta=eta, spacing=spacing, clip=clip, **common)
     else:
         out = em_vp(model, shape, rng, steps=1000 if steps is None else steps, spacing=spacing or "uniform",
@@ -396,5 +398,5 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
     return (x, traj.reshape(traj.shape[:2] + image_shape)) if return_trajectory else x
 
 
-__all__ = ["SAMPLERS", "model_time", "model_input_shape", "ddpm_loss", "ancestral", "ddim_timesteps",
+__all__ = ["DDPM_SAMPLERS", "model_time", "model_input_shape", "ddpm_loss", "ancestral", "ddim_timesteps",
            "ddim", "em_vp", "schedule_from_meta", "vp_for_schedule", "sample_from_checkpoint"]

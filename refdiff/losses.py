@@ -13,7 +13,7 @@ Registered by name in LOSSES, each as `(model, sde, x0, rng) -> loss`:
     ssm-fd     ssm with the directional derivative by central finite differences
     ssm-vr-fd  ssm-vr likewise
 
-All share t ~ U(eps, T), x_t = gamma_t x0 + std_t z and the weights T lambda(t) of `dsm`,
+All share t ~ U(t_min, T), x_t = gamma_t x0 + std_t z and the weights T lambda(t) of `dsm`,
 drawn from `rng` in the same order (t, then z, then the projections), so with one seed
 the SSM losses see the same t and x_t as DSM.
 """
@@ -36,10 +36,10 @@ def _check_x0(x0, name="x0"):
     return x0
 
 
-def sample_time(sde, batch, rng, eps):
-    """t ~ U(eps, T), one per sample."""
-    check_real(eps, "eps", lo=0, hi=sde.T, lo_open=True, hi_open=True)
-    return check_rng(rng).uniform(eps, sde.T, size=batch)
+def sample_time(sde, batch, rng, t_min):
+    """t ~ U(t_min, T), one per sample."""
+    check_real(t_min, "t_min", lo=0, hi=sde.T, lo_open=True, hi_open=True)
+    return check_rng(rng).uniform(t_min, sde.T, size=batch)
 
 
 def _eps_weights(sde, t, weighting):
@@ -52,10 +52,10 @@ def _eps_weights(sde, t, weighting):
     return lam / std ** 2
 
 
-def dsm(model, sde, x0, rng, weighting="noise", eps=1e-5):
+def dsm(model, sde, x0, rng, weighting="noise", t_min=1e-5):
     """Continuous denoising score matching (report eq. 3.1, §3.2.2; Song et al. 2021 eq. 7).
 
-    t ~ U(eps, T), z ~ N(0, I), x_t = gamma_t x0 + std_t z, and
+    t ~ U(t_min, T), z ~ N(0, I), x_t = gamma_t x0 + std_t z, and
 
         L = T E[ lambda(t) / std_t^2 || eps_theta(x_t, t) - z ||^2 ]
 
@@ -66,7 +66,7 @@ def dsm(model, sde, x0, rng, weighting="noise", eps=1e-5):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     x0 = _check_x0(x0)
-    t = sample_time(sde, x0.shape[0], rng, eps)
+    t = sample_time(sde, x0.shape[0], rng, t_min)
     z = rng.standard_normal(x0.shape)
     mean, std = sde.marginal(x0, t)
     xt = (mean + std * z).astype(model.dtype)
@@ -85,8 +85,8 @@ def score_fn_from_model(model, sde):
     def score_fn(x, t):
         t = np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],))
         _, std = sde.marginal_coeffs(t)
-        eps = F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
-        return -eps / bcast(std, eps)
+        e = F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
+        return -e / bcast(std, e)
 
     return score_fn
 
@@ -110,7 +110,7 @@ def sample_projections(shape, rng, kind="rademacher"):
     raise ValueError(f"projection must be one of {PROJECTIONS}; got {kind!r}")
 
 
-def _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting):
+def _ssm_batch(sde, x0, rng, projection, n_projections, t_min, weighting):
     """Check the arguments, draw t, z (as dsm does) then the probes. Each sample is repeated
     n_projections times (rows r = m B + b), so the mean over the R = n_projections B rows is
     the mean over samples of the mean over probes. -> xt (R, ...), t, std, w (R,), nu (R, ...)."""
@@ -120,7 +120,7 @@ def _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting):
         raise ValueError(f"projection must be one of {PROJECTIONS}; got {projection!r}")
     check_int(n_projections, "n_projections", lo=1)
     x0 = _check_x0(x0)
-    t = sample_time(sde, x0.shape[0], rng, eps)
+    t = sample_time(sde, x0.shape[0], rng, t_min)
     z = rng.standard_normal(x0.shape)
     mean, std = sde.marginal(x0, t)
     xt = np.concatenate([mean + std * z] * n_projections)
@@ -141,7 +141,7 @@ def _require_jvp(model):
 
 
 def ssm(model, sde, x0, rng, projection="rademacher", n_projections=1, variance_reduced=False,
-        eps=1e-5, weighting="noise"):
+        t_min=1e-5, weighting="noise"):
     """Sliced score matching, time-conditioned as the report's Algorithm 1 (ch. 4).
 
     Song, Garg, Shi & Ermon (UAI 2019), §3: with probes nu, E[nu nu^T] = I,
@@ -167,10 +167,10 @@ def ssm(model, sde, x0, rng, projection="rademacher", n_projections=1, variance_
     (`backward_jvp`). (The report's code detached this term; then only ||s|| shrinks.)
     """
     _require_jvp(model)
-    xt, t, std, w, nu = _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting)
-    F, dt = model.ops, model.dtype
-    e, edot = model.forward_jvp(F.asarray(xt.astype(dt)), F.asarray(t.astype(dt)), F.asarray(nu.astype(dt)))
-    nu = F.asarray(nu.astype(dt))
+    xt, t, std, w, nu = _ssm_batch(sde, x0, rng, projection, n_projections, t_min, weighting)
+    F, dtype = model.ops, model.dtype
+    e, edot = model.forward_jvp(F.asarray(xt.astype(dtype)), F.asarray(t.astype(dtype)), F.asarray(nu.astype(dtype)))
+    nu = F.asarray(nu.astype(dtype))
     R, axes = e.shape[0], tuple(range(1, e.ndim))
     c = _rows(F, sde.T * w / R, e)                              # d loss / d (row term)
     sd = _rows(F, std, e)
@@ -184,7 +184,7 @@ def ssm(model, sde, x0, rng, projection="rademacher", n_projections=1, variance_
 
 
 def ssm_fd(model, sde, x0, rng, projection="rademacher", n_projections=1, variance_reduced=False,
-           eps=1e-5, weighting="noise", fd_step=1e-2):
+           t_min=1e-5, weighting="noise", fd_step=1e-2):
     """`ssm` with the directional derivative by central differences (Pang et al. 2020, FD-SSM):
 
         nu^T grad_x(nu^T s) ~ nu^T (s(x + h nu) - s(x - h nu)) / 2h,   s(x) ~ (s(x+h nu) + s(x-h nu)) / 2,
@@ -195,15 +195,15 @@ def ssm_fd(model, sde, x0, rng, projection="rademacher", n_projections=1, varian
     weights, sign conventions and constant offset to dsm as `ssm` (up to the O(h^2) bias).
     """
     check_positive_finite(fd_step, "fd_step")
-    xt, t, std, w, nu = _ssm_batch(sde, x0, rng, projection, n_projections, eps, weighting)
-    F, dt = model.ops, model.dtype
+    xt, t, std, w, nu = _ssm_batch(sde, x0, rng, projection, n_projections, t_min, weighting)
+    F, dtype = model.ops, model.dtype
     h = fd_step * std / math.sqrt(np.prod(xt.shape[1:]))       # (R,)
     step = bcast(h, xt) * nu
-    out = model.forward(F.asarray(np.concatenate([xt + step, xt - step]).astype(dt)),
-                        F.asarray(np.tile(t, 2).astype(dt)))
+    out = model.forward(F.asarray(np.concatenate([xt + step, xt - step]).astype(dtype)),
+                        F.asarray(np.tile(t, 2).astype(dtype)))
     R = xt.shape[0]
     ep, em = out[:R], out[R:]
-    nu = F.asarray(nu.astype(dt))
+    nu = F.asarray(nu.astype(dtype))
     axes = tuple(range(1, out.ndim))
     c = _rows(F, sde.T * w / R, ep)
     sd_h = _rows(F, std / h, ep)                              # std / h = sqrt(D) / fd_step

@@ -3,9 +3,9 @@
 All take `score_fn(x, t) -> score` (any callable: a trained model wrapped by
 `losses.score_fn_from_model`, or an exact score such as `GaussianMixture.score`), start
 from fresh prior noise `sde.prior_sample` (never from the forward end-point of the data,
-the mistake in the report's code), and integrate from T down to `eps` on the uniform
-grid t_k = T - k (T - eps)/N, k = 0..N (or the `quadratic` spacing). The last step adds
-no noise (score_sde's `noise_removal`).
+the mistake in the report's code), and integrate from T down to the time floor `t_min`
+on a grid of N + 1 times (`time_grid`: "uniform" or "squared"). The last step adds no
+noise (score_sde's `noise_removal`).
 
 A score that is NaN or Inf stops sampling with a FloatingPointError naming the step and
 the time (a diverged model would otherwise return NaN images without a word).
@@ -18,19 +18,24 @@ import numpy as np
 
 from ._checks import check_array_float, check_finite_state, check_int, check_real, check_rng
 
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("uniform", "squared")
 
 
-def _grid(sde, steps, eps, spacing="uniform"):
-    """Times T = t_0 > t_1 > ... > t_N = eps. "uniform": equal steps. "quadratic":
-    t_k = eps + (T - eps)(1 - k/N)^2, finer near 0 where the score changes fastest (as
-    DDIM's quadratic timestep spacing); needed when std_t grows fast from 0 (OU, VE)."""
+def time_grid(sde, steps, t_min, spacing="uniform"):
+    """Times T = t_0 > t_1 > ... > t_N = t_min, N = steps:
+
+        "uniform"  t_k = t_min + (T - t_min)(1 - k/N)       equal steps
+        "squared"  t_k = t_min + (T - t_min)(1 - k/N)^2     steps shrinking linearly to 0 near
+                   t_min, where the score changes fastest; needed when std_t grows fast
+                   from 0 (OU, VE). (DDIM's "quadratic" skip, refdiff.ddpm.ddim_timesteps, is
+                   another formula, on the discrete chain.)
+    """
     steps = check_int(steps, "steps", lo=1)
-    eps = check_real(eps, "eps", lo=0, hi=sde.T, lo_open=True, hi_open=True)
+    t_min = check_real(t_min, "t_min", lo=0, hi=sde.T, lo_open=True, hi_open=True)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
     u = np.linspace(1.0, 0.0, steps + 1)
-    return eps + (sde.T - eps) * (u if spacing == "uniform" else u * u)
+    return t_min + (sde.T - t_min) * (u if spacing == "uniform" else u * u)
 
 
 def _score(score_fn, x, t, step):
@@ -49,14 +54,14 @@ def _start(sde, shape, rng):
     return sde.prior_sample(shape, rng)
 
 
-def euler_maruyama(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic", return_trajectory=False):
+def euler_maruyama(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared", return_trajectory=False):
     """Reverse-time Euler-Maruyama (report §1.3 applied to eq. 2.6):
 
         x <- x - [f(x, t) - g(t)^2 s(x, t)] h + g(t) sqrt(h) z,   h = t_k - t_{k+1} > 0.
 
     Returns x (shape) or (x, trajectory (N+1, *shape)).
     """
-    ts = _grid(sde, steps, eps, spacing)
+    ts = time_grid(sde, steps, t_min, spacing)
     x = _start(sde, shape, rng)
     traj = [x.copy()] if return_trajectory else None
     for k in range(steps):
@@ -84,7 +89,7 @@ def langevin_alpha(sde, t, discrete_steps=1000):
     return 1.0 - float(sde.discrete_betas(N)[i])
 
 
-def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic", snr=0.16, n_corrector=1,
+def predictor_corrector(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared", snr=0.16, n_corrector=1,
                         discrete_steps=1000):
     """Euler-Maruyama predictor + Langevin corrector (Song et al. 2021, Alg. 2-3 and 5),
     the corrector exactly as score_sde's `LangevinCorrector`.
@@ -100,7 +105,7 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
     """
     snr = check_real(snr, "snr", lo=0)
     n_corrector = check_int(n_corrector, "n_corrector", lo=0)
-    ts = _grid(sde, steps, eps, spacing)
+    ts = time_grid(sde, steps, t_min, spacing)
     x = _start(sde, shape, rng)
     axes = tuple(range(1, x.ndim))
     for k in range(steps):
@@ -121,11 +126,11 @@ def predictor_corrector(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="qua
     return x
 
 
-def probability_flow_heun(sde, score_fn, shape, steps, rng, eps=1e-5, spacing="quadratic"):
+def probability_flow_heun(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared"):
     """Deterministic sampling with the probability-flow ODE dx/dt = f - g^2/2 s
     (Song et al. 2021 eq. 13), Heun's method (2nd order; Karras et al. 2022 Alg. 1).
     The only randomness is the prior draw."""
-    ts = _grid(sde, steps, eps, spacing)
+    ts = time_grid(sde, steps, t_min, spacing)
     x = _start(sde, shape, rng)
     for k in range(steps):
         t0, t1 = ts[k], ts[k + 1]

@@ -252,7 +252,7 @@ def test_em_vp_is_euler_maruyama_on_the_model_score():
     model = make_model("mlp", dim=5, widths=(16,), dtype=np.float64, seed=2)
     sde = VP(0.1, 20.0)
     a = ddpm.em_vp(model, (7, 5), np.random.default_rng(4), steps=50, denoise=False)
-    b = euler_maruyama(sde, score_fn_from_model(model, sde), (7, 5), 50, np.random.default_rng(4), eps=1e-3,
+    b = euler_maruyama(sde, score_fn_from_model(model, sde), (7, 5), 50, np.random.default_rng(4), t_min=1e-3,
                        spacing="uniform")
     assert np.abs(b).max() > 0.1
     assert_close(a, b, rtol=1e-10, atol=1e-12, name="em_vp vs euler_maruyama")

@@ -74,7 +74,7 @@ def test_dsm_param_grads_match_finite_differences(weighting):
     sde = VP()
     model = make_model("mlp", dim=2, widths=[6], emb_dim=4, temb_dim=3, dtype=np.float64, seed=3)
     x0 = np.random.default_rng(0).standard_normal((5, 2))
-    loss = lambda: losses.dsm(model, sde, x0, np.random.default_rng(7), weighting=weighting, eps=0.05)
+    loss = lambda: losses.dsm(model, sde, x0, np.random.default_rng(7), weighting=weighting, t_min=0.05)
     model.zero_grad()
     loss()
     analytic = {k: g.copy() for k, g in model.grads.items()}
@@ -101,7 +101,7 @@ def test_dsm_bad_input():
         losses.dsm(model, VP(), np.zeros((2, 2)), rng, weighting="snr")
     with pytest.raises(ValueError, match="x0 contains NaN or Inf"):
         losses.dsm(model, VP(), np.array([[np.nan, 0.0]]), rng)
-    with pytest.raises(ValueError, match="eps must lie in"):
-        losses.dsm(model, VP(), np.zeros((2, 2)), rng, eps=2.0)
+    with pytest.raises(ValueError, match="t_min must lie in"):
+        losses.dsm(model, VP(), np.zeros((2, 2)), rng, t_min=2.0)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 2\)"):
         losses.dsm(model, VP(), np.zeros((2, 3)), rng)

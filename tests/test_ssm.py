@@ -82,7 +82,7 @@ def _mlp(dim=3, seed=3):
     ("ssm", dict(projection="rademacher")),
     ("ssm", dict(projection="gaussian", n_projections=3, weighting="likelihood")),
     ("ssm-vr", dict(projection="sphere", n_projections=2)),
-    ("ssm-vr", dict(weighting="none", eps=0.05)),
+    ("ssm-vr", dict(weighting="none", t_min=0.05)),
     ("ssm-fd", dict(projection="gaussian")),
     ("ssm-vr-fd", dict(n_projections=2, fd_step=0.1)),
 ])
@@ -254,7 +254,7 @@ def test_registry_signatures():
     (dict(n_projections=1.5), "n_projections must be an integer >= 1"),
     (dict(n_projections=True), "n_projections must be an integer >= 1"),
     (dict(weighting="snr"), "weighting must be one of"),
-    (dict(eps=0.0), "eps must lie in"),
+    (dict(t_min=0.0), "t_min must lie in"),
 ])
 @pytest.mark.parametrize("fn", [losses.ssm, losses.ssm_fd])
 def test_bad_arguments(fn, kwargs, match):

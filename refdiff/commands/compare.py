@@ -32,8 +32,8 @@ def add_arguments(p):
     for row in ROWS[1:]:
         p.add_argument(f"--{row}", default=None, metavar="CKPT", help=f"{ROW_TITLES[row]} checkpoint")
     p.add_argument("--n", type=positive_int, default=1000, help="images generated per model (default 1000)")
-    from ..ddpm import SAMPLERS
-    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+    from ..ddpm import DDPM_SAMPLERS
+    p.add_argument("--sampler", default=None, choices=DDPM_SAMPLERS,
                    help="DDPM sampler (default: refdiff.ddpm's, ancestral over all N steps; ddim --steps 50 is ~20x faster)")
     p.add_argument("--steps", type=positive_int, default=None, help="DDPM sampling steps (default: the sampler's)")
     p.add_argument("--clip", action="store_true", help="DDPM samplers clip each step's x0 prediction to [-1, 1]")

@@ -27,8 +27,9 @@ def add_arguments(p):
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0: deterministic)")
     p.add_argument("--variance", default="beta", choices=["beta", "beta_tilde"], help="ddpm sampler variance")
-    p.add_argument("--spacing", default=None, choices=["uniform", "quadratic", "trailing"],
-                   help="DDIM timestep spacing (default uniform); em: uniform or quadratic")
+    p.add_argument("--spacing", default=None, choices=["uniform", "linspace", "quadratic", "trailing", "squared"],
+                   help="ddim: uniform (default when --steps divides N, else linspace), linspace, quadratic or "
+                        "trailing; em: uniform (default) or squared")
     p.add_argument("--clip", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=positive_int, default=256, help="images per model call")

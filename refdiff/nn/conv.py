@@ -192,12 +192,12 @@ def conv2d_naive_forward(x, w, b, stride=1, padding=0):
     B, _, H, W = x.shape
     Cout, _, kH, kW = w.shape
     Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    x_pad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     w = w.astype(x.dtype, copy=False)
     y = np.zeros((B, Cout, Ho, Wo), dtype=x.dtype)
     for r in range(Ho):
         for c in range(Wo):
-            patch = xp[:, :, r * stride:r * stride + kH, c * stride:c * stride + kW]   # (B, Cin, kH, kW)
+            patch = x_pad[:, :, r * stride:r * stride + kH, c * stride:c * stride + kW]   # (B, Cin, kH, kW)
             y[:, :, r, c] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
     if b is not None:
         y += _bias(b, x.dtype)[:, None, None]

@@ -12,8 +12,9 @@ The output is a noise prediction eps_theta(x, t); the score is -eps_theta / std_
 `forward_jvp(x, t, v)` also returns the directional derivative eps_dot = (d eps/dx) v by
 forward mode (refdiff.nn.tangent), and `backward_jvp(deps, deps_dot)` back-propagates
 through both, which is what sliced score matching needs (refdiff.losses.ssm). The time
-branch does not depend on x: its tangent is zero and it runs the plain primal ops. `time_scale` maps the SDE's t in [0, T] onto the range where the
-sinusoids vary (1000 / T by default, the DDPM index range).
+branch does not depend on x: its tangent is zero and it runs the plain primal ops.
+`time_scale` maps the SDE's t in [0, T] onto the range where the sinusoids vary (1000 / T
+by default, the DDPM index range).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class ScoreMLP(Model):
     # -- forward mode, for sliced score matching ------------------------------------------------
     def forward_jvp(self, x, t, v):
         """x (B, D), t (B,), v (B, D) -> (eps_theta(x, t), (d eps_theta / dx) v), both (B, D)."""
-        F, T, p, c = self.ops, tangent_ops(self.ops), self.params, self.config
+        F, tan, p, c = self.ops, tangent_ops(self.ops), self.params, self.config
         self.check_input(x, (c["dim"],), t)
         if tuple(v.shape) != tuple(x.shape):
             raise ValueError(f"model {self.name!r}: the direction v must have the shape of x {tuple(x.shape)}; "
@@ -103,12 +104,12 @@ class ScoreMLP(Model):
         temb, act_t = F.silu_forward(a)
         h, hdot, layers = x, v, []
         for k in range(len(c["widths"])):
-            z, zdot, lin = T.linear_jvp_forward(h, hdot, p[f"layers.{k}.weight"], p[f"layers.{k}.bias"])
+            z, zdot, lin = tan.linear_jvp_forward(h, hdot, p[f"layers.{k}.weight"], p[f"layers.{k}.bias"])
             zt, lin_tk = F.linear_forward(temb, p[f"layers.{k}.temb.weight"], p[f"layers.{k}.temb.bias"])
-            z, zdot, add = T.add_channel_bias_jvp_forward(z, zdot, zt)
-            h, hdot, act = T.silu_jvp_forward(z, zdot)
+            z, zdot, add = tan.add_channel_bias_jvp_forward(z, zdot, zt)
+            h, hdot, act = tan.silu_jvp_forward(z, zdot)
             layers.append((lin, lin_tk, add, act))
-        y, ydot, lin_out = T.linear_jvp_forward(h, hdot, p["out.weight"], p["out.bias"])
+        y, ydot, lin_out = tan.linear_jvp_forward(h, hdot, p["out.weight"], p["out.bias"])
         self._jvp_caches = (lin_t, act_t, layers, lin_out)
         return y, ydot
 
@@ -117,19 +118,19 @@ class ScoreMLP(Model):
         gradients (through the primal and the tangent pass) accumulate into self.grads."""
         if getattr(self, "_jvp_caches", None) is None:
             raise RuntimeError("backward_jvp called before forward_jvp")
-        F, T, acc = self.ops, tangent_ops(self.ops), self.accumulate
+        F, tan, acc = self.ops, tangent_ops(self.ops), self.accumulate
         lin_t, act_t, layers, lin_out = self._jvp_caches
-        dh, dhdot, dw, db = T.linear_jvp_backward(deps, deps_dot, lin_out)
+        dh, dhdot, dw, db = tan.linear_jvp_backward(deps, deps_dot, lin_out)
         acc("out.weight", dw), acc("out.bias", db)
         dtemb = 0
         for k in reversed(range(len(layers))):
             lin, lin_tk, add, act = layers[k]
-            dz, dzdot = T.silu_jvp_backward(dh, dhdot, act)
-            dz, dzdot, dzt = T.add_channel_bias_jvp_backward(dz, dzdot, add)
+            dz, dzdot = tan.silu_jvp_backward(dh, dhdot, act)
+            dz, dzdot, dzt = tan.add_channel_bias_jvp_backward(dz, dzdot, add)
             dtk, dw, db = F.linear_backward(dzt, lin_tk)
             acc(f"layers.{k}.temb.weight", dw), acc(f"layers.{k}.temb.bias", db)
             dtemb = dtemb + dtk
-            dh, dhdot, dw, db = T.linear_jvp_backward(dz, dzdot, lin)
+            dh, dhdot, dw, db = tan.linear_jvp_backward(dz, dzdot, lin)
             acc(f"layers.{k}.weight", dw), acc(f"layers.{k}.bias", db)
         da = F.silu_backward(dtemb, act_t)
         _, dw, db = F.linear_backward(da, lin_t)

@@ -22,8 +22,8 @@ __all__ = ["ddpm_step", "em_step"]     # the ops; the *_coeffs helpers are impor
 
 def ddpm_coeffs(beta, alpha_bar, dtype):
     """(coef_eps, inv_sqrt_alpha) in float64, then cast to dtype: the two step scalars."""
-    t = np.dtype(dtype).type
-    return t(beta / math.sqrt(1.0 - alpha_bar)), t(1.0 / math.sqrt(1.0 - beta))
+    cast = np.dtype(dtype).type
+    return cast(beta / math.sqrt(1.0 - alpha_bar)), cast(1.0 / math.sqrt(1.0 - beta))
 
 
 def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
@@ -37,8 +37,8 @@ def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
 
 def em_coeffs(a, g, dt, dtype):
     """(a dt, g^2 dt, g sqrt(dt)) in float64, then cast to dtype."""
-    t = np.dtype(dtype).type
-    return t(a * dt), t(g * g * dt), t(g * math.sqrt(dt))
+    cast = np.dtype(dtype).type
+    return cast(a * dt), cast(g * g * dt), cast(g * math.sqrt(dt))
 
 
 def em_step(x, score, z, a, g, dt):
