@@ -376,7 +376,7 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="ddpm", steps=None, eta=
     if getattr(model, "kind", None) != "eps":
         raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
     schedule = schedule_from_meta(meta)
-    shape = (int(n),) + model_input_shape(model)
+    shape = (check_int(n, "n", lo=1),) + model_input_shape(model)
     common = dict(return_trajectory=return_trajectory, frames=frames, batch=batch)
     if sampler == "ddpm":
         if steps is not None and steps != schedule.num_steps:

@@ -99,6 +99,7 @@ def sample_projections(shape, rng, kind="rademacher"):
     """Probe directions nu (B, ...) with E[nu nu^T] = I, one per row (Song et al. 2019, §3):
     "gaussian" N(0, I); "rademacher" +-1 entries (the least-variance Hutchinson probe);
     "sphere" uniform on the sphere of radius sqrt(D), D = prod(shape[1:])."""
+    check_rng(rng)
     if kind == "gaussian":
         return rng.standard_normal(shape)
     if kind == "rademacher":

@@ -39,9 +39,11 @@ def time_grid(sde, steps, t_min, spacing="uniform"):
 
 
 def _score(score_fn, x, t, step):
-    s = score_fn(x, np.full(x.shape[0], t))
+    s = np.asarray(score_fn(x, np.full(x.shape[0], t)))
     if s.shape != x.shape:
         raise ValueError(f"score_fn returned shape {s.shape}; expected {x.shape}")
+    if s.dtype.kind not in "iuf":
+        raise TypeError(f"score_fn returned an array of dtype {s.dtype}; expected real numbers")
     check_finite_state(np.all(np.isfinite(s)), "the score", step, t)
     return s
 

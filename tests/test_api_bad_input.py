@@ -78,6 +78,7 @@ CASES = [
     ("moons rng=None", lambda: toy.moons(5, None), TypeError, "rng"),
     ("gmm rng=None", lambda: toy.GaussianMixture.default().sample(5, None), TypeError, "rng"),
     ("sliced_wasserstein rng=5", lambda: metrics.sliced_wasserstein(X0, X0, rng=5), TypeError, "rng"),
+    ("sample_projections rng=None", lambda: losses.sample_projections((3, 2), None), TypeError, "rng"),
     ("energy_distance rng='a'", lambda: metrics.energy_distance(X0, X0, rng="a"), TypeError, "rng"),
     # -- arrays of strings or objects ---------------------------------------------------------------
     ("frechet strings", lambda: metrics.frechet_distance(STRINGS, X0), TypeError, r"\ba\b.*(dtype|numbers)"),
@@ -87,6 +88,9 @@ CASES = [
     ("forward_simulate strings", lambda: samplers.forward_simulate(VP(), STRINGS, 5, rng()), TypeError,
      r"x0.*(dtype|numbers)"),
     ("marginal t string", lambda: VP().marginal(X0, "abc"), TypeError, r"\bt\b.*(dtype|numbers)"),
+    ("schedule beta_start string", lambda: DDPMSchedule(beta_start="1e-4"), TypeError, "beta_start"),
+    ("gmm score x strings", lambda: toy.GaussianMixture.default().score(STRINGS, 0.5, VP()), TypeError,
+     r"\bx\b.*(dtype|numbers)"),
     ("gmm means strings", lambda: toy.GaussianMixture([1.0], [["a", "b"]], [np.eye(2)]), TypeError,
      r"means.*(dtype|numbers)"),
     # -- integers: bool is not an int, a float is not silently truncated ------------------------------
@@ -98,6 +102,8 @@ CASES = [
     ("ring n=True", lambda: toy.ring(True, rng()), TypeError, r"\bn\b"),
     ("sliced n_projections=True", lambda: metrics.sliced_wasserstein(X0, X0, n_projections=True), TypeError,
      "n_projections"),
+    ("sample_from_checkpoint n=2.5", lambda: ddpm.sample_from_checkpoint(mlp(), {}, 2.5, rng(), sampler="ddim",
+                                                                           steps=2), TypeError, r"\bn\b"),
     ("energy max_n=0", lambda: metrics.energy_distance(X0, X0, max_n=0), ValueError, "max_n"),
     ("energy max_n=2.5", lambda: metrics.energy_distance(X0, X0, max_n=2.5), TypeError, "max_n"),
     ("make_model dim=inf", lambda: make_model("mlp", dim=float("inf")), VT, r"\bdim\b"),
@@ -123,6 +129,8 @@ CASES = [
     ("pc n_corrector=1.5", lambda: samplers.predictor_corrector(VP(), zero_score, SHAPE, 3, rng(),
                                                                 n_corrector=1.5), TypeError, "n_corrector"),
     # -- a non-finite score or model output stops sampling, naming the step and the time ------------------
+    ("em score_fn returns strings", lambda: samplers.euler_maruyama(VP(), lambda x, t: x.astype(str), SHAPE, 3,
+                                                                    rng()), TypeError, r"score.*(dtype|numbers)"),
     ("em NaN score", lambda: samplers.euler_maruyama(VP(), nan_score, SHAPE, 3, rng()), FloatingPointError, STEP_T),
     ("pc NaN score", lambda: samplers.predictor_corrector(VP(), nan_score, SHAPE, 3, rng()), FloatingPointError,
      STEP_T),

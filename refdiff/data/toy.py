@@ -90,7 +90,7 @@ class GaussianMixture:
 
     def score(self, x, t, sde):
         """Exact grad_x log p_t(x) under `sde`; x (N, D), t scalar or (N,) -> (N, D)."""
-        x = np.asarray(x, dtype=np.float64)
+        x = check_array_float(x, "x", finite=False)
         gamma, std = sde.marginal_coeffs(np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],)))
         # Sigma_nk = gamma_n^2 C_k + std_n^2 I = U_k diag(gamma_n^2 l_k + std_n^2) U_k^T
         lam = gamma[:, None, None] ** 2 * self.eigvals[None] + std[:, None, None] ** 2   # (N, K, D)
