@@ -33,27 +33,6 @@ def held_libraries():
     return sorted(m for m in WATCHED if m in sys.modules)
 
 
-def set_threads(n):
-    """Use n threads in numba's parallel loops, NumPy's OpenBLAS and torch, all in this one
-    process (conv_layers.py times single layers this way). scipy's OpenBLAS stays at 1
-    thread: refdiff_cuda's numba kernels call it from inside numba's threads. train_step.py
-    does not use this: each of its workers sets only its own library's threads."""
-    import numba
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        from threadpoolctl import ThreadpoolController
-        for lib in ThreadpoolController().lib_controllers:
-            if "numpy" in lib.filepath:
-                lib.set_num_threads(n)
-    except ImportError:
-        pass
-    try:
-        import torch
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
-
-
 def gemm_peak_gflops(n=2048, repeats=3):
     """float32 GEMM rate of NumPy's BLAS (n x n x n), the machine's practical peak."""
     rng = np.random.default_rng(0)
