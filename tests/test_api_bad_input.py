@@ -113,6 +113,7 @@ CASES = [
     ("ddim eta=True", lambda: ddpm.ddim(mlp(), SCHED, SHAPE, rng(), steps=2, eta=True), TypeError, "eta"),
     ("ssm_fd fd_step=True", lambda: losses.ssm_fd(mlp(), VP(), X0, rng(), fd_step=True), TypeError, "fd_step"),
     # -- keyword arguments ----------------------------------------------------------------------------
+    ("make_model bogus kwarg", lambda: make_model("mlp", depth=3), ValueError, r"depth.*dim, widths"),
     ("make_sde bogus kwarg", lambda: make_sde("vp", bogus=1), TypeError, r"bogus.*beta_min.*beta_max"),
     ("sliced p=nan", lambda: metrics.sliced_wasserstein(X0, X0, p=float("nan")), ValueError, r"\bp\b"),
     ("sliced p='2'", lambda: metrics.sliced_wasserstein(X0, X0, p="2"), TypeError, r"\bp\b"),

@@ -7,6 +7,7 @@ stays cheap and each model lives in its own file.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import numpy as np
 
@@ -29,6 +30,13 @@ def make_model(name, dtype=np.float32, seed=0, backend=None, **overrides):
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     module, factory = MODELS[name].split(":")
     build = getattr(importlib.import_module(module), factory)
+    params = inspect.signature(build).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            valid = [k for k in params if k not in ("dtype", "seed", "backend")]
+            raise ValueError(f"bad options for model {name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                             f"it takes {', '.join(valid)}")
     try:
         return build(dtype=dtype, seed=seed, backend=backend, **overrides)
     except TypeError as exc:
