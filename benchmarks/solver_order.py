@@ -191,6 +191,7 @@ def plot(rows, path):
             ax.loglog(r["h"], r["error"], "o-", label=f"{r['method']}: {r['slope']:.2f} (theory {r['theory']:g})")
         ax.set_title(f"{titles[prob]}: {kind} error")
         ax.set_xlabel("step h (1 / steps)")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("error")

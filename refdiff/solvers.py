@@ -342,3 +342,74 @@ SOLVERS = {"dpm2m": dpm_solver_pp, "edm": edm_sampler, "rk45": rk45_ode, "heun-s
 __all__ = ["SPACINGS", "SOLVERS", "data_prediction", "time_grid", "dpm_solver_pp", "dpm_solver_pp_ddpm",
            "edm_sigmas", "t_of_sigma", "edm_sampler", "rk45_ode", "em_step", "stochastic_heun_step",
            "reverse_heun"]
+
+
+# --- from a checkpoint ----------------------------------------------------------------------------------
+def continuous_sde(meta, what):
+    """The VP SDE whose discretisation is the DDPM chain a checkpoint was trained on
+    (refdiff.ddpm.vp_for_schedule); `what` names the caller in the error a cosine chain gets,
+    which has no such limit."""
+    from .ddpm import schedule_from_meta, vp_for_schedule
+
+    schedule = schedule_from_meta(meta)
+    if schedule.kind != "linear":
+        raise ValueError(f"{what} needs a continuous-time model: the VP SDE limit of a linear DDPM chain; this "
+                         f"model was trained on a {schedule.kind!r} chain, which has none (use the samplers "
+                         f"ddpm, ddim or dpm2m, which run on the chain itself)")
+    return vp_for_schedule(schedule)
+
+
+CHECKPOINT_SAMPLERS = ("dpm2m", "edm", "edm-sde", "rk45", "heun-sde")
+
+
+def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, batch=256, rtol=1e-5, atol=1e-5,
+                           s_churn=10.0):
+    """n samples from an eps-model checkpoint (refdiff.checkpoint.load_model) with the samplers
+    of this module, `batch` images at a time, reshaped to meta["image_shape"]:
+
+        dpm2m     DPM-Solver++(2M) on the checkpoint's own DDPM chain (any schedule), steps default 20
+        edm       EDM Heun (S_churn = 0) on the chain's VP SDE, steps default 18 (35 NFE)
+        edm-sde   EDM's stochastic sampler, S_churn = `s_churn`, steps default 18
+        rk45      adaptive RK45 on the VP SDE's probability-flow ODE (rtol, atol; steps must be None)
+        heun-sde  stochastic Heun on the reverse VP SDE, steps default 500, then one Tweedie step
+
+    The continuous ones feed the model the SDE's time t (step i of the chain is t = (i+1)/N,
+    refdiff.ddpm), from T = 1 down to 1e-3, as refdiff.ddpm.em_vp. Returns (x, nfe): x
+    (n, *image_shape) float64, nfe the score evaluations per image batch (the largest)."""
+    from .ddpm import model_input_shape, schedule_from_meta
+    from .losses import score_fn_from_model
+
+    if sampler not in CHECKPOINT_SAMPLERS:
+        raise ValueError(f"sampler must be one of {CHECKPOINT_SAMPLERS}; got {sampler!r}")
+    if getattr(model, "kind", None) != "eps":
+        raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
+    n, batch = _check_int(n, "n"), _check_int(batch, "batch")
+    if sampler != "rk45" and steps is not None:
+        steps = _check_int(steps, "steps")
+    shape1 = model_input_shape(model)
+    if sampler == "dpm2m":
+        schedule = schedule_from_meta(meta)
+        steps = 20 if steps is None else steps
+        run = lambda shp: (dpm_solver_pp_ddpm(model, schedule, shp, rng, steps=steps), steps)   # noqa: E731
+    else:
+        sde = continuous_sde(meta, f"the {sampler} sampler")
+        sf = score_fn_from_model(model, sde)
+        if sampler in ("edm", "edm-sde"):
+            steps = 18 if steps is None else steps
+            churn = s_churn if sampler == "edm-sde" else 0.0
+            run = lambda shp: (edm_sampler(sde, sf, shp, steps, rng, s_churn=churn), 2 * steps - 1)   # noqa: E731
+        elif sampler == "rk45":
+            run = lambda shp: rk45_ode(sde, sf, shp, steps, rng, rtol=rtol, atol=atol, return_nfe=True)   # noqa: E731
+        else:
+            steps = 500 if steps is None else steps
+
+            def run(shp):
+                x = reverse_heun(sde, sf, shp, steps, rng, t_min=1e-3, spacing="uniform")
+                return data_prediction(sde, sf, x, 1e-3), 2 * steps + 1
+    outs, nfe = [], 0
+    for start in range(0, n, batch):
+        x, k = run((min(batch, n - start),) + shape1)
+        outs.append(x)
+        nfe = max(nfe, int(k))
+    image_shape = tuple((meta or {}).get("image_shape") or shape1)
+    return np.concatenate(outs).reshape((n,) + image_shape), nfe

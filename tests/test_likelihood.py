@@ -175,3 +175,16 @@ def test_score_without_jvp_is_refused():
         L.log_likelihood(sde, lambda x, t: gmm.score(x, t, sde), np.zeros((2, 2)), np.random.default_rng(0))
     with pytest.raises(ValueError, match="0..255"):
         L.dequantize(np.array([256]), np.random.default_rng(0))
+
+
+def test_image_bits_per_dim_pipeline():
+    # 4-"pixel" images through a small float64 model: finite bits/dim, one NFE per batch, and a
+    # cosine chain (no VP SDE limit) refused with a clear error.
+    model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64, seed=3)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 4))
+    res = L.image_bits_per_dim(model, {}, pixels, np.random.default_rng(1), batch=2, rtol=1e-3, atol=1e-3)
+    assert res["bpd"].shape == (5,) and np.all(np.isfinite(res["bpd"])) and len(res["nfe"]) == 3
+    with pytest.raises(ValueError, match="continuous-time model"):
+        L.image_bits_per_dim(model, {"ddpm_schedule": {"kind": "cosine"}}, pixels, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="pixels"):
+        L.image_bits_per_dim(model, {}, pixels[:, :3], np.random.default_rng(1))

@@ -205,3 +205,27 @@ def test_strong_orders_on_geometric_brownian_motion():
                 x = step(lambda y, t: drift * y, lambda y, t: y, x, k / N, (k + 1) / N, inc[:, k])
             errs.append(np.mean(np.abs(x - exact)))
         assert abs(_observed_order(errs, Ns) - order) < 0.2, (order, errs)
+
+
+# --- from a checkpoint -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,nfe", [("dpm2m", 5), ("edm", 9), ("edm-sde", 9), ("heun-sde", 11), ("rk45", None)])
+def test_sample_from_checkpoint(sampler, nfe):
+    model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64, seed=2)
+    steps = None if sampler == "rk45" else 5
+    x, k = S.sample_from_checkpoint(model, {"image_shape": [1, 2, 2]}, 5, np.random.default_rng(0), sampler=sampler,
+                                    steps=steps, batch=3, rtol=1e-3, atol=1e-3)
+    assert x.shape == (5, 1, 2, 2) and np.all(np.isfinite(x))
+    assert k == nfe if nfe is not None else k > 0
+
+
+@pytest.mark.parametrize("sampler", ["edm", "edm-sde", "rk45", "heun-sde"])
+def test_continuous_samplers_refuse_a_cosine_chain(sampler):
+    # A cosine DDPM chain has no VP SDE limit: the continuous samplers cannot run on it (dpm2m can).
+    model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64)
+    meta = {"ddpm_schedule": {"kind": "cosine", "num_steps": 1000}}
+    with pytest.raises(ValueError, match="continuous-time model"):
+        S.sample_from_checkpoint(model, meta, 2, np.random.default_rng(0), sampler=sampler)
+    x, _ = S.sample_from_checkpoint(model, meta, 2, np.random.default_rng(0), sampler="dpm2m", steps=4)
+    assert x.shape == (2, 4)
+    with pytest.raises(ValueError, match="sampler"):
+        S.sample_from_checkpoint(model, meta, 2, np.random.default_rng(0), sampler="euler")
