@@ -78,4 +78,32 @@ def inpaint(sde, score_fn, y, mask, steps, rng, t_min=1e-3, spacing="squared", s
     return m * y + (1 - m) * x
 
 
-__all__ = ["STEPS", "check_mask", "inpaint"]
+def inpaint_from_checkpoint(model, meta, images, mask, rng, steps=1000, step="em", batch=256):
+    """`inpaint` with an eps-model checkpoint (refdiff.checkpoint.load_model) on the VP SDE of its
+    DDPM chain (refdiff.solvers.continuous_sde), from T = 1 to 1e-3 on the uniform grid with a
+    final Tweedie step, as refdiff.ddpm.em_vp; `batch` images at a time. images (n, ...) in
+    [-1, 1] and mask (n, ...) or (...) as `inpaint`; returns x (images.shape) float64."""
+    from .ddpm import model_input_shape
+    from .losses import score_fn_from_model
+    from .solvers import continuous_sde
+
+    sde = continuous_sde(meta, "inpainting")
+    images = np.asarray(images, dtype=np.float64)
+    shape1 = model_input_shape(model)
+    if images.ndim < 2 or int(np.prod(images.shape[1:])) != int(np.prod(shape1)):
+        raise ValueError(f"images must be (n, ...) of {int(np.prod(shape1))} values each for this model; "
+                         f"got shape {images.shape}")
+    m = np.broadcast_to(check_mask(mask, images.shape), images.shape)
+    if not (isinstance(batch, (int, np.integer)) and batch >= 1):
+        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+    sf, outs = score_fn_from_model(model, sde), []
+    for start in range(0, images.shape[0], batch):
+        y, mb = images[start:start + batch], m[start:start + batch]
+        shp = (len(y),) + shape1
+        x = inpaint(sde, sf, y.reshape(shp), mb.reshape(shp), steps, rng, t_min=1e-3, spacing="uniform",
+                    step=step, denoise=True)
+        outs.append(x.reshape(y.shape))
+    return np.concatenate(outs)
+
+
+__all__ = ["STEPS", "check_mask", "inpaint", "inpaint_from_checkpoint"]

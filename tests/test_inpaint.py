@@ -61,3 +61,18 @@ def test_bad_masks(mask, msg):
     sde, sf = two_images()
     with pytest.raises(ValueError, match="mask"):
         inpaint(sde, sf, np.zeros((5, 4)), mask, 10, np.random.default_rng(0))
+
+
+def test_inpaint_from_checkpoint_keeps_known_pixels():
+    from refdiff.inpaint import inpaint_from_checkpoint
+    from refdiff.nn.mlp import ScoreMLP
+    model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64, seed=4)
+    images = np.random.default_rng(0).uniform(-1, 1, (5, 1, 2, 2))
+    mask = np.array([[[1, 1], [0, 0]]])                                    # top row known, one mask for all
+    out = inpaint_from_checkpoint(model, {}, images, mask, np.random.default_rng(1), steps=20, batch=2)
+    assert out.shape == images.shape and np.array_equal(out[:, :, 0], images[:, :, 0])
+    with pytest.raises(ValueError, match="mask"):
+        inpaint_from_checkpoint(model, {}, images, np.ones((1, 3, 2)), np.random.default_rng(1), steps=5)
+    with pytest.raises(ValueError, match="continuous-time model"):
+        inpaint_from_checkpoint(model, {"ddpm_schedule": {"kind": "cosine"}}, images, mask,
+                                np.random.default_rng(1), steps=5)
