@@ -66,7 +66,8 @@ class Model:
         return {k: self.ops.to_numpy(v) for k, v in self.params.items()}
 
     def load_state(self, state):
-        """Copy host arrays into the parameters; keys and shapes must match exactly."""
+        """Copy host arrays into the parameters; keys and shapes must match exactly, and the
+        values be finite floating-point numbers (checked for all before any is copied)."""
         missing = sorted(set(self.params) - set(state))
         extra = sorted(set(state) - set(self.params))
         if missing or extra:
@@ -76,6 +77,13 @@ class Model:
             if tuple(v.shape) != tuple(self.params[k].shape):
                 raise ValueError(f"parameter {k!r} of model {self.name!r} has shape "
                                  f"{tuple(self.params[k].shape)}; the state has {tuple(v.shape)}")
+            if not np.issubdtype(np.dtype(v.dtype), np.floating):     # an int array would be cast silently
+                raise ValueError(f"parameter {k!r} of model {self.name!r}: the state has dtype {v.dtype}; "
+                                 f"parameters are floating point")
+            xp = np if isinstance(v, np.ndarray) else self.ops.xp
+            if not bool(xp.all(xp.isfinite(v))):
+                raise ValueError(f"parameter {k!r} of model {self.name!r}: the state holds NaN or Inf values")
+        for k, v in state.items():
             self.params[k][...] = self.ops.asarray(np.asarray(v, dtype=self.dtype))
 
     def spec(self):
