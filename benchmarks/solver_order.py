@@ -160,7 +160,8 @@ def ode(args):
     edm_exact = m + (x_min - m) * c * c / (c * c + smin ** 2)
     t_pf = 1e-5                                                # probability_flow_heun's default floor
     methods = {
-        "probability-flow-heun": (lambda N: samplers.probability_flow_heun(sde, sf, (n, 1), N, np.random.default_rng(0)),
+        "probability-flow-heun": (lambda N: samplers.probability_flow_heun(sde, sf, (n, 1), N,
+                                                                           np.random.default_rng(0)),
                                   exact_flow(x_T, t_pf), 2, lambda N: 2 * N),
         "dpm-solver++-1 (ddim)": (lambda N: solvers.dpm_solver_pp(sde, sf, (n, 1), N, None, order=1, x_T=x_T),
                                   exact_flow(x_T, t_min), 1, lambda N: N),

@@ -64,6 +64,7 @@ import math
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from ._checks import check_array_float, check_int, check_real
 from .sde import bcast
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -185,18 +186,13 @@ def _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min):
         raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}; got {probe!r}")
-    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
-        raise ValueError(f"probes must be an integer >= 1; got {probes!r}")
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
-    if not (isinstance(t_min, (int, float, np.floating)) and 0 < t_min < sde.T):
-        raise ValueError(f"t_min must lie in (0, T={sde.T}); got {t_min!r}")
-    x = np.asarray(x, dtype=np.float64)
+    check_int(probes, "probes", lo=1)
+    check_real(rtol, "rtol", lo=0, lo_open=True)
+    check_real(atol, "atol", lo=0, lo_open=True)
+    check_real(t_min, "t_min", lo=0, hi=sde.T, lo_open=True, hi_open=True)
+    x = check_array_float(x, "x")
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must have shape (B, ...) with B >= 1; got {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("x contains NaN or Inf")
     return x
 
 
@@ -262,8 +258,7 @@ def image_bits_per_dim(model, meta, pixels, rng, batch=100, divergence="hutchins
     sde = continuous_sde(meta, "the likelihood")
     if getattr(model, "kind", None) != "eps":
         raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+    check_int(batch, "batch", lo=1)
     pixels = np.asarray(pixels)
     shape1 = model_input_shape(model)
     if pixels.ndim < 2 or int(np.prod(pixels.shape[1:])) != int(np.prod(shape1)):

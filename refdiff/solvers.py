@@ -40,40 +40,28 @@ import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.optimize import brentq
 
-SPACINGS = ("uniform", "squared", "logsnr")
+from . import samplers
+from ._checks import check_array_float, check_int, check_real, check_rng
+
+SPACINGS = samplers.SPACINGS + ("logsnr",)
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
-def _check_int(v, name, lo=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
-    return int(v)
-
-
-def _check_real(v, name, lo=None, hi=None):
-    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng_txt = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
-        raise ValueError(f"{name} must be a finite number{rng_txt}; got {v!r}")
-    return float(v)
-
-
 def _check_t_min(sde, t_min):
-    if not (isinstance(t_min, (int, float, np.floating)) and 0 < t_min < sde.T):
-        raise ValueError(f"t_min must lie in (0, T={sde.T}); got {t_min!r}")
-    return float(t_min)
+    return check_real(t_min, "t_min", lo=0, hi=sde.T, lo_open=True, hi_open=True)
 
 
 def _start(sde, shape, rng, x_T):
     """The initial state: x_T (checked against `shape`) or a prior draw from rng."""
+    shape = tuple(shape)
+    for s in shape:
+        check_int(s, "shape entries", lo=1)
     if x_T is None:
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
-        return sde.prior_sample(tuple(shape), rng)
-    x = np.array(x_T, dtype=np.float64)
-    if x.shape != tuple(shape):
-        raise ValueError(f"x_T must have shape {tuple(shape)}; got {x.shape}")
-    return x
+        return sde.prior_sample(shape, check_rng(rng))
+    x = check_array_float(x_T, "x_T")
+    if x.shape != shape:
+        raise ValueError(f"x_T must have shape {shape}; got {x.shape}")
+    return x.copy()
 
 
 def _score(score_fn, x, t):
@@ -102,17 +90,14 @@ def data_prediction(sde, score_fn, x, t):
 
 
 def time_grid(sde, steps, t_min, spacing="logsnr"):
-    """Times T = t_0 > ... > t_N = t_min. "uniform" and "squared" as refdiff.samplers;
+    """Times T = t_0 > ... > t_N = t_min. "uniform" and "squared": refdiff.samplers.time_grid;
     "logsnr": lambda_t uniform (DPM-Solver's recommended skip for few steps, Lu et al. 2022
     §3.3), each t found by bisection since lambda is monotone."""
-    steps, t_min = _check_int(steps, "steps"), _check_t_min(sde, t_min)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
-    u = np.linspace(1.0, 0.0, steps + 1)
-    if spacing == "uniform":
-        return t_min + (sde.T - t_min) * u
-    if spacing == "squared":
-        return t_min + (sde.T - t_min) * u * u
+    if spacing != "logsnr":
+        return samplers.time_grid(sde, steps, t_min, spacing)
+    steps, t_min = check_int(steps, "steps", lo=1), _check_t_min(sde, t_min)
     lams = np.linspace(_lambda(sde, sde.T), _lambda(sde, t_min), steps + 1)
     inner = [brentq(lambda t: _lambda(sde, t) - lam, t_min, sde.T, xtol=1e-14, rtol=1e-14) for lam in lams[1:-1]]
     return np.array([sde.T] + inner + [t_min])
@@ -150,7 +135,7 @@ def dpm_solver_pp(sde, score_fn, shape, steps, rng, t_min=1e-3, order=2, spacing
     sigma = std_t, from T to t_min in `steps` steps (`steps` NFE); see `_dpm_pp_update`.
     lower_order_final: first order at the last step when steps < 15 (as diffusers; it
     stabilises very few steps). t_min = 1e-3 as DPM-Solver's discrete-time default."""
-    steps = _check_int(steps, "steps")
+    steps = check_int(steps, "steps", lo=1)
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2; got {order!r}")
     ts = time_grid(sde, steps, t_min, spacing)
@@ -196,8 +181,8 @@ def dpm_solver_pp_ddpm(model, schedule, shape, rng, steps=20, order=2, spacing="
 def edm_sigmas(sigma_min, sigma_max, steps, rho=7.0):
     """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
     i = 0..N-1, and sigma_N = 0. -> (N + 1,)."""
-    steps = _check_int(steps, "steps")
-    rho = _check_real(rho, "rho", lo=1e-9)
+    steps = check_int(steps, "steps", lo=1)
+    rho = check_real(rho, "rho", lo=1e-9)
     i = np.arange(steps)
     frac = i / (steps - 1) if steps > 1 else np.zeros(1)
     s = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -237,11 +222,11 @@ def edm_sampler(sde, score_fn, shape, steps, rng, t_min=1e-3, rho=7.0, sigma_max
 
     The end (sigma = 0) is a clean sample. 2N - 1 NFE; with s_churn = 0 the only draw is x_T.
     """
-    steps = _check_int(steps, "steps")
+    steps = check_int(steps, "steps", lo=1)
     t_min = _check_t_min(sde, t_min)
-    s_churn, s_noise = _check_real(s_churn, "s_churn", lo=0), _check_real(s_noise, "s_noise", lo=0)
+    s_churn, s_noise = check_real(s_churn, "s_churn", lo=0), check_real(s_noise, "s_noise", lo=0)
     sig_top = _sigma_of_t(sde, sde.T)
-    sig_max = min(_check_real(sigma_max, "sigma_max", lo=1e-12), sig_top)
+    sig_max = min(check_real(sigma_max, "sigma_max", lo=1e-12), sig_top)
     sig = edm_sigmas(_sigma_of_t(sde, t_min), sig_max, steps, rho)
 
     def denoise(x_hat, sigma):
@@ -272,9 +257,8 @@ def rk45_ode(sde, score_fn, shape, steps=None, rng=None, t_min=1e-3, rtol=1e-5, 
     choose the steps, so `steps` must be None. -> x, or (x, nfe) with return_nfe."""
     if steps is not None:
         raise ValueError(f"rk45 is adaptive: its steps come from rtol and atol; got steps={steps!r}")
-    rtol, atol = _check_real(rtol, "rtol"), _check_real(atol, "atol")
-    if rtol <= 0 or atol <= 0:
-        raise ValueError(f"rtol and atol must be > 0; got rtol={rtol}, atol={atol}")
+    rtol = check_real(rtol, "rtol", lo=0, lo_open=True)
+    atol = check_real(atol, "atol", lo=0, lo_open=True)
     t_min = _check_t_min(sde, t_min)
     x = _start(sde, shape, rng, x_T)
 
@@ -327,7 +311,7 @@ def reverse_heun(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared"
     """The reverse SDE from T to t_min by `stochastic_heun_step` on the grid of
     refdiff.samplers (same draws as its euler_maruyama: one N(0, I) per step but the last,
     which adds no noise). 2N NFE."""
-    ts = time_grid(sde, _check_int(steps, "steps"), t_min, spacing)
+    ts = time_grid(sde, check_int(steps, "steps", lo=1), t_min, spacing)
     b, sigma = _reverse_fields(sde, score_fn)
     x = _start(sde, shape, rng, x_T)
     for k in range(steps):
@@ -383,9 +367,9 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, bat
         raise ValueError(f"sampler must be one of {CHECKPOINT_SAMPLERS}; got {sampler!r}")
     if getattr(model, "kind", None) != "eps":
         raise ValueError(f"model {getattr(model, 'name', model)!r} is not a noise predictor (kind 'eps')")
-    n, batch = _check_int(n, "n"), _check_int(batch, "batch")
+    n, batch = check_int(n, "n", lo=1), check_int(batch, "batch", lo=1)
     if sampler != "rk45" and steps is not None:
-        steps = _check_int(steps, "steps")
+        steps = check_int(steps, "steps", lo=1)
     shape1 = model_input_shape(model)
     if sampler == "dpm2m":
         schedule = schedule_from_meta(meta)

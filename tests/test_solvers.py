@@ -68,7 +68,8 @@ def test_reverse_sde_solvers_return_the_one_image():
 
 
 def eps_oracle(schedule, x_star):
-    """An eps-model whose x0 prediction is exactly x_star on the DDPM chain: eps = (x - sqrt(abar) x*) / sqrt(1-abar)."""
+    """An eps-model whose x0 prediction is exactly x_star on the DDPM chain:
+    eps = (x - sqrt(abar) x*) / sqrt(1 - abar)."""
     class Oracle:
         name, kind, dtype = "oracle", "eps", np.dtype(np.float64)
         from refdiff.backend import get_ops
