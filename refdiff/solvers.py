@@ -40,10 +40,9 @@ import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.optimize import brentq
 
-from . import samplers
 from ._checks import check_array_float, check_int, check_real, check_rng
 
-SPACINGS = samplers.SPACINGS + ("logsnr",)
+SPACINGS = ("uniform", "squared", "logsnr")      # the first two: refdiff.samplers.time_grid
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
@@ -96,7 +95,8 @@ def time_grid(sde, steps, t_min, spacing="logsnr"):
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
     if spacing != "logsnr":
-        return samplers.time_grid(sde, steps, t_min, spacing)
+        from .samplers import time_grid as uniform_or_squared   # late: samplers registers this module's samplers
+        return uniform_or_squared(sde, steps, t_min, spacing)
     steps, t_min = check_int(steps, "steps", lo=1), _check_t_min(sde, t_min)
     lams = np.linspace(_lambda(sde, sde.T), _lambda(sde, t_min), steps + 1)
     inner = [brentq(lambda t: _lambda(sde, t) - lam, t_min, sde.T, xtol=1e-14, rtol=1e-14) for lam in lams[1:-1]]
