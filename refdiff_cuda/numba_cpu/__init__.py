@@ -15,14 +15,19 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     norm.py        group_norm 1,2  group_norm_silu 1,2
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
-Threads: numba's threading layer (omp where available, see below) is the only thread
-pool; scipy's OpenBLAS, which some kernels call, is pinned to one thread, and NumPy's is
-never called by versions >= 2. Results of reductions split across threads (weight gradients) depend on the
+Threads: numba's threading layer (omp where available, see configure_threads) is the only
+thread pool; scipy's OpenBLAS, which some kernels call, is pinned to one thread, and NumPy's
+is never called by versions >= 2. make_backend makes these settings (configure_threads),
+not the import. Results of reductions split across threads (weight gradients) depend on the
 thread count in the last bits; they agree with the reference within refdiff_cuda.testing.TOL.
 Not thread-safe: do not call the backend from several Python threads at once.
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
 ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
+JIT cache: every @njit kernel is cached (cache=True) in _cache.cache_dir() (NUMBA_CACHE_DIR,
+else $XDG_CACHE_HOME/refdiff/numba or ~/.cache/refdiff/numba), never in the package, so a
+second process loads them instead of compiling; only the SIMD kernels' LLVM IR (_simd.py,
+0.1-0.3 s) is compiled in every process.
 Non-finite inputs: conv results holding NaN are recomputed by version 1, so that NaN and inf
 land where the reference's do (conv_v4._v1_redo).
 """
@@ -33,19 +38,32 @@ import os
 import numba
 import numpy as np
 
-# Threading layer: OpenMP where numba has it, else its own "workqueue", unless the user chose
-# one (NUMBA_THREADING_LAYER / NUMBA_THREADING_LAYER_PRIORITY). Measured on the quiet 2-core
-# machine (benchmarks/results/threading_layer.json): a unet-seed training step took 0.52 s
-# with omp and 0.62-0.94 s with workqueue, whose second worker often sat idle (a 2-way split
-# GEMM ran 1.36x, not 2x, faster). On a machine shared with other CPU jobs it is the other way
-# round: libgomp's sleeping workers wait a scheduler slice to wake, and an empty parallel
-# region cost 12 ms with omp against 55 us with workqueue (a step launches ~700 regions);
-# there, set NUMBA_THREADING_LAYER=workqueue. Must be set before the first parallel call.
-if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+from .. import _ops
+from ._cache import caching_into
 
-from .. import _ops  # noqa: E402
-from . import conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3  # noqa: E402
+with caching_into():      # every cached kernel of these modules goes to the user cache directory
+    from . import _blas, conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3
+
+
+def configure_threads():
+    """The numba backend's thread settings, made by make_backend before any kernel runs.
+
+    Threading layer: OpenMP where numba has it, else its own "workqueue", unless the user
+    chose one (NUMBA_THREADING_LAYER / NUMBA_THREADING_LAYER_PRIORITY). Measured on the quiet
+    2-core machine (benchmarks/results/threading_layer.json): a unet-seed training step took
+    0.52 s with omp and 0.62-0.94 s with workqueue, whose second worker often sat idle (a
+    2-way split GEMM ran 1.36x, not 2x, faster). On a machine shared with other CPU jobs it is
+    the other way round: libgomp's sleeping workers wait a scheduler slice to wake, and an
+    empty parallel region cost 12 ms with omp against 55 us with workqueue (a step launches
+    ~700 regions); there, set NUMBA_THREADING_LAYER=workqueue. Takes effect only before the
+    process's first parallel call.
+    scipy's OpenBLAS: pinned to one thread, because conv2d version 3 and the _blas GEMMs call
+    it from inside numba's threads (threadpoolctl; NumPy's BLAS is left alone).
+    """
+    if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    _blas.pin_scipy_blas_to_one_thread()
+
 
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
@@ -56,6 +74,7 @@ KERNELS["silu"] = {**functional.KERNELS["silu"], 3: (silu_v3.silu_forward_v3, si
 
 
 def make_backend(versions=None):
+    configure_threads()
     return _ops.build("numba", KERNELS, versions, np,
                       asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
                       to_numpy=lambda a: np.asarray(a))

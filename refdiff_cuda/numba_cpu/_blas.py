@@ -1,8 +1,9 @@
 """BLAS GEMM callable from inside @njit code (for conv2d version 3).
 
 scipy ships its own OpenBLAS (LP64, separate from NumPy's ILP64 one) and exports its
-Fortran GEMMs as Cython function pointers; numba calls them through ctypes with raw
-pointers, so a parallel loop can run one single-threaded GEMM per batch chunk on data that
+Fortran GEMMs as Cython function pointers; their addresses are registered with LLVM under
+our own names (llvmlite add_symbol) and numba calls them by name (types.ExternalFunction),
+which, unlike a ctypes pointer baked into the code, lets the calling kernels be cached. So a parallel loop can run one single-threaded GEMM per batch chunk on data that
 is still in that core's cache. That OpenBLAS is pinned to 1 thread (threadpoolctl) so the
 GEMMs never spawn threads of their own inside numba's. NumPy's BLAS (the reference's) is
 left alone.
@@ -13,17 +14,21 @@ transb=True reads B as (N, K) (i.e. uses B^T).
 """
 from __future__ import annotations
 
-import ctypes
-
+import llvmlite.binding as ll
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.extending import get_cython_function_address
 
-_p = ctypes.c_void_p
-_SIG = ctypes.CFUNCTYPE(None, *([_p] * 13))
-_sgemm = _SIG(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
-_dgemm = _SIG(get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+
+def _blas_function(name):
+    """scipy's Fortran `name` (13 pointer arguments), callable from numba code by a fixed name."""
+    symbol = f"refdiff_scipy_{name}"
+    ll.add_symbol(symbol, get_cython_function_address("scipy.linalg.cython_blas", name))
+    return types.ExternalFunction(symbol, types.void(*[types.voidptr] * 13))
+
+
+_sgemm, _dgemm = _blas_function("sgemm"), _blas_function("dgemm")
 
 
 def pin_scipy_blas_to_one_thread():
@@ -36,7 +41,7 @@ def pin_scipy_blas_to_one_thread():
             lib.set_num_threads(1)
 
 
-@njit(cache=False)     # ctypes function pointers cannot be cached
+@njit(cache=True)
 def gemm_t(M, N, K, a, a_off, lda, transa, b, b_off, ldb, transb, c, c_off, ldc, beta):
     """Row-major C[c_off:] (M x N, ld ldc) = op(A) op(B) + beta C, op(A) (M x K), op(B) (K x N);
     transa: A is stored (K x M, ld lda) and read transposed; transb likewise B (N x K, ld ldb).
@@ -63,7 +68,7 @@ def gemm_t(M, N, K, a, a_off, lda, transa, b, b_off, ldb, transb, c, c_off, ldc,
                c[c_off:].ctypes, ints[5:].ctypes)
 
 
-@njit(cache=False)
+@njit(cache=True)
 def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
     """gemm_t with A read as stored (M x K, ld lda)."""
     gemm_t(M, N, K, a, a_off, lda, False, b, b_off, ldb, transb, c, c_off, ldc, beta)
@@ -79,7 +84,7 @@ def gemm(M, N, K, a, a_off, lda, b, b_off, ldb, transb, c, c_off, ldc, beta):
 _SMALL = 1 << 20        # multiply-adds below which one serial GEMM call beats splitting
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _mm_serial(a, transa, b, transb, c):
     """c = op(a) op(b), one BLAS call."""
     M, N = c.shape
@@ -88,7 +93,7 @@ def _mm_serial(a, transa, b, transb, c):
            0.0)
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=True)
 def _mm_par(a, transa, b, transb, c, chunks):
     """c = op(a) op(b), one BLAS call per chunk of c's columns, chunks on numba's threads."""
     M, N = c.shape
@@ -102,7 +107,7 @@ def _mm_par(a, transa, b, transb, c, chunks):
                    b.shape[1], transb, c.reshape(-1), j0, N, 0.0)
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=True)
 def _mm_nt_par(a, b, part, chunks):
     M, K = a.shape
     N = b.shape[0]

@@ -23,6 +23,8 @@ import ctypes
 import functools
 
 import numpy as np
+from numba import types
+from numba.core.datamodel.models import OpaqueModel, register_default
 
 LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 8}
 _TY = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -232,13 +234,67 @@ def _compile(ir, name):
     pb.getModulePassManager().run(mod, pb)
     engine.add_module(mod)
     engine.finalize_object()
-    return engine.get_function_address(name)
+    address = engine.get_function_address(name)
+    ll.add_symbol(name, address)     # numba code calls it by this name (kernel_function)
+    return address
+
+
+# Calls from numba code go by symbol name (types.ExternalFunction), not through a ctypes
+# pointer: the compiled caller then holds no address, so the loops calling these kernels are
+# cached (cache=True) like any other kernel. The IR itself is compiled in every process
+# (0.1-0.3 s in all) and registered under its name before a cached caller is loaded.
+_P, _I = types.voidptr, types.int64
+_SIGNATURES = {"uk": types.void(_P, _P, _I, _P, _I, _P, _I, _I),
+               "ukdw": types.void(_P, _I, _P, _P, _P, _I, _I, _I, _I, _I),
+               "silu32": types.void(_P, _P, _P, _I)}
+
+
+class _Kernel(types.ExternalFunction):
+    """A kernel called by its symbol name. Pickled as that name: numba keys the cache of a
+    closure by its pickled cells, and a plain ExternalFunction pickles differently in each
+    process (the cache would never hit)."""
+
+    def __reduce__(self):
+        return _function, (self.symbol,)
+
+
+register_default(_Kernel)(OpaqueModel)     # as numba registers ExternalFunction itself
+
+
+def _function(symbol):
+    return _Kernel(symbol, _SIGNATURES[symbol.split("_")[1]])     # refdiff_<kind>_...
+
+
+def kernel_function(MR, NV, dtype):
+    """kernel(MR, NV, dtype), callable from numba code."""
+    kernel(MR, NV, dtype)
+    return _function(_kernel_name(MR, NV, dtype))
+
+
+def dw_function(MR, KR, dtype):
+    """dw_kernel(MR, KR, dtype), callable from numba code."""
+    dw_kernel(MR, KR, dtype)
+    return _function(_dw_name(MR, KR, dtype))
+
+
+def silu_function():
+    """silu_kernel(), callable from numba code."""
+    silu_kernel()
+    return _function("refdiff_silu32")
+
+
+def _kernel_name(MR, NV, dtype):
+    return f"refdiff_uk_{MR}_{NV}_{np.dtype(dtype).char}"
+
+
+def _dw_name(MR, KR, dtype):
+    return f"refdiff_ukdw_{MR}_{KR}_{np.dtype(dtype).char}"
 
 
 @functools.lru_cache(maxsize=None)
 def kernel(MR, NV, dtype):
     """Address of the compiled kernel (K >= 1 and npix >= 1 required: the loops run at least once)."""
-    name = f"uk_{MR}_{NV}_{np.dtype(dtype).char}"
+    name = _kernel_name(MR, NV, dtype)
     return _compile(_ir(MR, NV, dtype).replace("@uk(", f"@{name}("), name)
 
 
@@ -254,14 +310,14 @@ def dw_kernel(MR, KR, dtype):
     tree (llvm.vector.reduce.fadd with reassoc: a fixed order, so the result is deterministic;
     the ordered, lane-by-lane reduction cost as much as the sum itself on one sample of a 28 x 28
     image). npix >= 1 and ns >= 1."""
-    name = f"ukdw_{MR}_{KR}_{np.dtype(dtype).char}"
+    name = _dw_name(MR, KR, dtype)
     return _compile(_ir_dw(MR, KR, dtype).replace("@ukdw(", f"@{name}("), name)
 
 
 @functools.lru_cache(maxsize=None)
 def silu_kernel():
     """Address of silu32(x, y, s, n) (float32; n a multiple of 16; see _ir_silu)."""
-    return _compile(_ir_silu(), "silu32")
+    return _compile(_ir_silu().replace("@silu32(", "@refdiff_silu32("), "refdiff_silu32")
 
 
 SILU_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)

@@ -25,10 +25,8 @@ from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn.conv import _check_conv, _check_int, _conv_out, _convt_out, _frame
 
-from ._blas import gemm, matmul, matmul_nt, pin_scipy_blas_to_one_thread
+from ._blas import gemm, matmul, matmul_nt
 from ._layout import cm, nchw
-
-pin_scipy_blas_to_one_thread()      # version 3 calls scipy's BLAS from numba's threads
 
 _JIT = dict(cache=True, fastmath=False)
 
@@ -356,7 +354,7 @@ def _im2col_chunk(x, kH, kW, pad, Ho, Wo, b0, nb, ones_row, cols):
         cols[K, :nb * n] = 1
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=True)
 def _conv_fwd_v3(x, w2, kH, kW, pad, Ho, Wo, ones_row, cb, Y, scratch):
     C, B, H, W = x.shape
     Cout, Kp = w2.shape
@@ -370,7 +368,7 @@ def _conv_fwd_v3(x, w2, kH, kW, pad, Ho, Wo, ones_row, cb, Y, scratch):
              Y.reshape(-1), b0 * n, B * n, 0.0)
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=True)
 def _conv_bwd_v3(x, dyc, w2, w_adj, kH, kW, pad, ones_row, cb, dw_part, dX, scratch, scratch2):
     C, B, H, W = x.shape
     Cout, Kp = w2.shape

@@ -72,7 +72,7 @@ def _wide_cols(xp, B, HpWp, Wp, kH, kW, nw, b0, nb, cols):
                     cols[row, bb * nw:(bb + 1) * nw] = xp[c, s:s + nw]
 
 
-@njit(parallel=True, cache=False)        # calls BLAS through a ctypes pointer: not cacheable
+@njit(parallel=True, cache=True)
 def _wide_fwd(xp, B, Hp, Wp, kH, kW, Ho, Wo, w2, bias, has_b, cb, Y, cols_s, yw_s):
     """Y (Cout, B, Ho, Wo) = conv of the padded planes xp with w2 (Cout, C kH kW) (+ bias)."""
     Cout, K = w2.shape
@@ -117,7 +117,7 @@ def _widen(dyc, b0, nb, Wp, sample_stride, dyw):
                     dyw[co, o + q] = 0.0
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=True)
 def _wide_dw(xp, dyc, B, Hp, Wp, kH, kW, cb, dw_part, cols_s, dyw_s):
     """dw_part[thread] += dy_wide cols^T over that thread's chunks (dy_wide: 0 in garbage columns)."""
     Cout, _, Ho, Wo = dyc.shape

@@ -31,6 +31,7 @@ from numba import get_num_threads, get_thread_id, njit, prange
 from refdiff.nn.conv import _check_conv, _conv_out
 
 from . import _simd
+from ._cache import cached_njit
 from ._layout import cm, native, nchw
 from .conv import conv2d_backward_v2, conv2d_forward_v2
 from .conv_v4 import (_dense_applies, _narrow, _pad_planes, _v1_redo, _wide_applies, _widen, conv2d_backward_v4,
@@ -47,9 +48,9 @@ _DW_PIXELS = 1024
 @functools.lru_cache(maxsize=None)
 def _dw_loop(dtype):
     """The parallel dw loop for one dtype (see conv2d_backward_v5)."""
-    kdw = _simd.DW_SIG(_simd.dw_kernel(DR, DK, np.dtype(dtype)))
+    kdw = _simd.dw_function(DR, DK, np.dtype(dtype))
 
-    @njit(parallel=True, cache=False)
+    @cached_njit(parallel=True)
     def loop(xp, HpWp, Wp, off, dyc, cb, dw_part, dyw_s, ldy):
         Cout, B, Ho, Wo = dyc.shape
         Cp, Kp = dw_part.shape[1], dw_part.shape[2]
@@ -72,9 +73,9 @@ def _dw_loop(dtype):
 @functools.lru_cache(maxsize=None)
 def _forward_loop(dtype):
     """The parallel forward loop for one dtype, with the kernels for 1..MR channels bound in."""
-    k1, k2, k3, k4, k5, k6, k7, k8 = [_simd._SIG(_simd.kernel(m, NV, np.dtype(dtype))) for m in range(1, MR + 1)]
+    k1, k2, k3, k4, k5, k6, k7, k8 = [_simd.kernel_function(m, NV, np.dtype(dtype)) for m in range(1, MR + 1)]
 
-    @njit(parallel=True, cache=False)      # ctypes function pointers: not cacheable
+    @cached_njit(parallel=True)
     def loop(xp, HpWp, Wp, off, w2, Ho, Wo, bias, has_b, Y, yw_s, ldy):
         Cout, K = w2.shape
         B = Y.shape[1]

@@ -17,9 +17,10 @@ import functools
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import _simd
+from ._cache import cached_njit
 from ._layout import flat_pair, native
 from .functional import silu_backward_v2, silu_forward_v2
 
@@ -28,9 +29,9 @@ _CHUNK = 16384        # elements per kernel call (a multiple of 16)
 
 @functools.lru_cache(maxsize=None)
 def _loop():
-    k = _simd.SILU_SIG(_simd.silu_kernel())
+    k = _simd.silu_function()
 
-    @njit(parallel=True, cache=False)
+    @cached_njit(parallel=True)
     def loop(x, y, s):
         n = x.size
         main = n - n % 16
