@@ -17,7 +17,8 @@ just before it was removed notices (the inode at the path changed) and starts ov
 one process the lock is re-entrant, so a command and the library it calls can both hold it.
 
 `prepare_output_dir` creates a directory and proves it writable before any work is done,
-so that a bad --out fails in a second, not after the first epoch.
+so that a bad --out fails in a second, not after the first epoch; `require_memory` does the
+same for a result that could never fit in this machine's memory.
 """
 from __future__ import annotations
 
@@ -151,6 +152,22 @@ def prepare_output_dir(path, flag="--out"):
         raise OutputDirError(f"cannot write to {flag} {path!r}: {why.get(exc.errno, exc.strerror)}; "
                              f"choose a writable directory") from None
     return path
+
+
+def physical_memory():
+    """Bytes of RAM on this machine (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):      # pragma: no cover - not POSIX
+        return None
+
+
+def require_memory(nbytes, what):
+    """MemoryError, before any work, if `nbytes` exceed this machine's RAM. `what` says what
+    needs them (e.g. "--n 10000000000 images of (1, 28, 28)")."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise MemoryError(f"{what} need about {nbytes / 2**30:.3g} GiB; this machine has {total / 2**30:.3g} GiB")
 
 
 # --- one run per directory ------------------------------------------------------------------------------------

@@ -1,7 +1,23 @@
-"""Optimisation: Adam(W), an exponential moving average of parameters, gradient clipping.
+"""Optimisation: Adam(W), an exponential moving average of parameters, gradient clipping,
+a subset of a model's parameters seen as a model, and the divergence check.
 
 The update itself is the op `adam_update` of the model's backend, so the accelerated
 backends can fuse it; this module keeps the state and the bookkeeping.
+
+DivergenceGuard (after every update) stops a run that diverged, on any of:
+- a non-finite loss;
+- a non-finite parameter or Adam moment (m, v). The loss alone is not enough: a huge step
+  can leave Inf in the weights after a finite loss, and Adam's v can overflow to Inf
+  (g^2 > 3.4e38 in float32) while the loss stays finite: the update m / (sqrt(v) + eps) is
+  then 0 and training silently freezes at a diverged loss;
+- a loss that exploded: |loss| > LOSS_FACTOR * max(ref, 1), ref being the smallest median of
+  |loss| over a window of the last LOSS_WINDOW steps seen so far in this run. A minibatch
+  loss of a run that is learning stays within a small factor of its level (the relative
+  noise of a mean over B examples is O(1/sqrt(B))); a factor of 1e4 over the best level
+  ever reached is far outside that noise, yet far below the losses of diverged runs (1e20
+  and more with Adam at lr 1e3). The floor of 1 keeps a loss that has become tiny (a
+  classifier at 1e-4) from making ordinary batches look like explosions; the minimum over
+  time catches a slow climb as well as a jump.
 """
 from __future__ import annotations
 
@@ -47,6 +63,12 @@ class Adam:
         return out
 
     def load_state(self, state):
+        """Restore state() output; KeyError / ValueError if it does not fit these parameters."""
+        for k in self.m:
+            for name in (f"m/{k}", f"v/{k}"):
+                if tuple(state[name].shape) != tuple(self.m[k].shape):
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(state[name].shape)}; "
+                                     f"the parameter has {tuple(self.m[k].shape)}")
         self.step_count = int(state["step"])
         for k in self.m:
             self.m[k][...] = self.model.ops.asarray(state[f"m/{k}"])
@@ -82,6 +104,10 @@ class EMA:
         return out
 
     def load_state(self, state):
+        for k in self.shadow:
+            if tuple(state[k].shape) != tuple(self.shadow[k].shape):
+                raise ValueError(f"EMA state {k!r} has shape {tuple(state[k].shape)}; the parameter has "
+                                 f"{tuple(self.shadow[k].shape)}")
         self.num_updates = int(state.get("__num_updates__", 0))
         for k in self.shadow:
             self.shadow[k][...] = self.model.ops.asarray(state[k])
@@ -107,3 +133,71 @@ def clip_grad_norm(model, max_norm):
         for g in model.grads.values():
             g *= scale
     return total
+
+
+class ParamSubset:
+    """The parameters of `model` whose names start with `prefix`, looking like a model to
+    Adam (which reads .params, .grads and .ops). Arrays are shared, not copied."""
+
+    def __init__(self, model, prefix):
+        self.ops = model.ops
+        self.params = {k: v for k, v in model.params.items() if k.startswith(prefix)}
+        self.grads = {k: model.grads[k] for k in self.params}
+        if not self.params:
+            raise ValueError(f"model {model.name!r} has no parameters starting with {prefix!r}")
+
+
+# --- divergence ----------------------------------------------------------------------------------------
+LOSS_FACTOR = 1e4
+LOSS_WINDOW = 50
+
+
+class DivergenceError(FloatingPointError, ValueError):
+    """Training diverged. A FloatingPointError (the CLI exits 1, a runtime failure), and a
+    ValueError for code that catches the errors of a bad configuration (e.g. a huge lr)."""
+
+
+def _all_finite(xp, arrays):
+    """One device reduction for many arrays: the float64 sum of each is finite iff the array
+    is (a float32 array cannot overflow a float64 sum; NaN and Inf propagate)."""
+    total = 0.0
+    for a in arrays:
+        total = total + xp.sum(a, dtype=np.float64)
+    return math.isfinite(float(total))
+
+
+class DivergenceGuard:
+    """`check(out)` after every update (see the module docstring); raises FloatingPointError
+    saying what diverged. `optimizers`: dict name -> Adam (their m and v are checked)."""
+
+    def __init__(self, model, optimizers=None, factor=LOSS_FACTOR, window=LOSS_WINDOW):
+        self.model, self.optimizers = model, dict(optimizers or {})
+        self.factor, self.window = float(factor), int(window)
+        self.recent, self.ref = [], math.inf
+
+    def _arrays(self):
+        yield from (("parameter", k, a) for k, a in self.model.params.items())
+        for name, opt in self.optimizers.items():
+            yield from ((f"{name} optimizer's first moment (Adam m)", k, a) for k, a in opt.m.items())
+            yield from ((f"{name} optimizer's second moment (Adam v)", k, a) for k, a in opt.v.items())
+
+    def check(self, out):
+        """out: the step's dict of losses (its "loss" entry is watched) or a float."""
+        loss = float(out["loss"] if isinstance(out, dict) else out)
+        if isinstance(out, dict):
+            bad = [k for k, v in out.items() if not math.isfinite(float(v))]
+            if bad:
+                raise FloatingPointError(f"{', '.join(bad)} is {out[bad[0]]}")
+        elif not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}")
+        xp = self.model.ops.xp
+        if not _all_finite(xp, (a for _, _, a in self._arrays())):
+            for what, k, a in self._arrays():
+                if not bool(xp.all(xp.isfinite(a))):
+                    raise FloatingPointError(f"the update left NaN or Inf in {what} {k!r} (loss {loss:.4g})")
+        if len(self.recent) and abs(loss) > self.factor * max(self.ref, 1.0):
+            raise FloatingPointError(f"the loss exploded to {loss:.4g}, more than {self.factor:.0e} x the run's "
+                                     f"typical level {max(self.ref, 1.0):.4g} (median of |loss| over "
+                                     f"{self.window} steps, floor 1)")
+        self.recent = (self.recent + [abs(loss)])[-self.window:]
+        self.ref = min(self.ref, float(np.median(self.recent)))

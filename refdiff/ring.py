@@ -6,19 +6,30 @@ samples against independent real samples with the Fréchet distance and the slic
 Wasserstein distance, next to the same distances between two independent real samples
 (the noise floor). The report's code reused the forward end-points of the data as the
 starting points of the reverse run, so its samples were not new; ours are.
+
+    run(cfg, out_dir)              the whole experiment into out_dir (what `refdiff ring` does):
+                                   checkpoint.npz, metrics.json, samples.npy, ring.png
+    train(cfg) -> model, ema, sde, loss history
+    sample_and_score(cfg, model, ema, sde) -> samples, one real set, metrics, sampling seconds
+
+Training stops with DivergenceError (refdiff.optim.DivergenceGuard: non-finite loss,
+weights or Adam moments, or an exploding loss) before anything is written.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
 
-from . import checkpoint, losses, metrics, samplers
+from . import checkpoint, io, losses, metrics, samplers
 from .data import make_toy
 from .nn import make_model
-from .optim import EMA, Adam
+from .optim import EMA, Adam, DivergenceError, DivergenceGuard
 from .sde import make_sde
+
+OUTPUTS = ("checkpoint.npz", "metrics.json", "samples.npy", "ring.png")
 
 SDE_DEFAULTS = {
     "ou": dict(beta=5.0),                       # e^{-5} = 0.007: p_T close to N(0, I)
@@ -41,14 +52,17 @@ class RingConfig:
     widths: tuple = (128, 128)
     ema_decay: float = 0.999
     n: int = 20000                # generated (and real) points scored
-    floor_pairs: int = 16         # real sets averaged on both sides (see evaluate)
+    floor_pairs: int = 16         # real sets averaged on both sides (see sample_and_score)
     seed: int = 0
     backend: str = "numpy"
 
     def validate(self):
-        for name in ("steps", "train_steps", "batch", "n", "floor_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("steps", "train_steps", "batch", "n", "floor_pairs", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer; got {v!r}")
+            if v < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'seed' else 1}; got {v}")
         if self.n < 3:
             raise ValueError(f"n must be >= 3 to fit a covariance; got {self.n}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -60,24 +74,43 @@ class RingConfig:
         if self.sampler not in samplers.SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(samplers.SAMPLERS)}; got {self.sampler!r}")
         make_toy(self.data)
+        self.check_memory()
+        return self
+
+    def memory_bytes(self):
+        """A generous estimate of the peak memory: per point of a batch, the MLP's float32
+        activations and caches (~6 arrays per layer); per scored point, the float64 samples,
+        the sampler's state and three real sets."""
+        per_point = 4 * 6 * (sum(self.widths) + 192) + 8 * 2 * 8
+        return max(self.n, self.batch) * per_point
+
+    def check_memory(self):
+        """MemoryError, before any work, if memory_bytes() exceeds this machine's memory."""
+        io.require_memory(self.memory_bytes(), f"--n {self.n} and --batch {self.batch}")
 
 
 def train(cfg, progress=None):
-    """-> (model, ema, loss history). Data are drawn fresh each step (infinite data)."""
+    """-> (model, ema, sde, loss history). Data are drawn fresh each step (infinite data).
+    DivergenceError if the run diverges (refdiff.optim.DivergenceGuard)."""
     rng = np.random.default_rng([cfg.seed, 1])
     sde = make_sde(cfg.sde, **SDE_DEFAULTS[cfg.sde])
     draw = make_toy(cfg.data)
     model = make_model("mlp", dim=2, widths=cfg.widths, time_scale=1000.0 / sde.T,
                        seed=cfg.seed, backend=cfg.backend)
     opt, ema = Adam(model, lr=cfg.lr), EMA(model, cfg.ema_decay)
+    guard = DivergenceGuard(model, {"model": opt})
     loss_fn, history = losses.LOSSES[cfg.loss], []
     for k in range(cfg.train_steps):
         opt.lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * k / cfg.train_steps)))
         model.zero_grad()
         loss = loss_fn(model, sde, draw(cfg.batch, rng), rng)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {k}: lower --lr")
-        opt.step()
+        if np.isfinite(loss):
+            opt.step()
+        try:
+            guard.check(loss)
+        except FloatingPointError as exc:
+            raise DivergenceError(f"ring training diverged at step {k + 1} of {cfg.train_steps}: {exc}; nothing "
+                                  f"was saved (lower --lr)") from None
         ema.update()
         history.append(loss)
         if progress is not None:
@@ -85,8 +118,9 @@ def train(cfg, progress=None):
     return model, ema, sde, history
 
 
-def evaluate(cfg, model, ema, sde):
-    """Sample cfg.n points with the EMA weights and score them. -> (samples, metrics)."""
+def sample_and_score(cfg, model, ema, sde):
+    """Sample cfg.n points with the EMA weights and score them against real sets.
+    -> (samples (n, 2), the last real set drawn (n, 2), metrics dict, sampling seconds)."""
     ema.swap()
     try:
         score_fn = losses.score_fn_from_model(model, sde)
@@ -125,3 +159,28 @@ def evaluate(cfg, model, ema, sde):
 def save_checkpoint(path, cfg, model, ema, history):
     checkpoint.save_model(path, model, ema=ema, config=dataclasses.asdict(cfg),
                           final_loss=float(np.mean(history[-100:])))
+
+
+def run(cfg, out_dir, force=False, plot=True, progress=None, log=None):
+    """The whole experiment into `out_dir` (OUTPUTS), holding its RunLock; -> metrics.
+    An existing run there is refused unless `force`. Every file is written atomically, after
+    training and sampling succeeded (a diverged or interrupted run writes nothing)."""
+    cfg.validate()
+    with io.output_run(out_dir, log=log) as out:
+        existing = [f for f in OUTPUTS if os.path.lexists(os.path.join(out, f))]
+        if existing and not force:
+            raise ValueError(f"{out!r} already holds a ring run ({', '.join(existing)}): pass --force to "
+                             f"overwrite it, or choose another --out")
+        t0 = time.perf_counter()
+        model, ema, sde, history = train(cfg, progress)
+        train_s = time.perf_counter() - t0
+        x, real, m, sample_s = sample_and_score(cfg, model, ema, sde)
+        m.update(n=cfg.n, train_seconds=train_s, sample_seconds=sample_s, seed=cfg.seed,
+                 config=dataclasses.asdict(cfg), final_loss=float(sum(history[-100:]) / min(100, len(history))))
+        save_checkpoint(os.path.join(out, "checkpoint.npz"), cfg, model, ema, history)
+        io.write_json(os.path.join(out, "metrics.json"), m)
+        io.save_npy(os.path.join(out, "samples.npy"), x)
+        if plot:
+            from .figures import ring_figure
+            ring_figure(os.path.join(out, "ring.png"), cfg, model, ema, sde, x, real)
+    return m

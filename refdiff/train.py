@@ -10,25 +10,19 @@ backend and machine). At the end of every epoch it writes, atomically:
                          the training config, the DDPM schedule, the image shape
     DIR/metrics.json     per epoch: mean of each loss, seconds
 
-The objective is chosen by `model.kind` from OBJECTIVES, "module:attr" strings imported
-on use, so each model's file holds its own objective. An objective implements:
+The objective is chosen by `model.kind` from refdiff.objectives.OBJECTIVES (the losses
+and their optimisers; see that module for what an objective implements).
 
-    __init__(model, config)   config: dict(TrainConfig); read the keys you use, None
-                              meaning "your default"
-    defaults                  dict; its "batch" is used when config["batch"] is None
-    optimizers()              dict name -> refdiff.optim.Adam, the same objects every call
-                              (saved as optim/<name>/..., restored on resume)
-    step(x, y, rng)           one update on x (B, C, H, W), a backend array in the model's
-                              dtype, and labels y (B,) int64 (host); every random draw from
-                              `rng`; -> dict name -> float, with a "loss" entry
-    ema (optional)            a refdiff.optim.EMA updated by step(); saved under ema/, and
-                              what `refdiff sample` uses unless --no-ema
-    state() / load_state(d)   (optional) any other arrays a resume needs
+Before any work the Trainer checks the output directory (created and written to), the
+data set (not empty) and the model arguments (none cast silently); `fit` holds the
+directory's RunLock (refdiff.io) and, after every step, refdiff.optim.DivergenceGuard checks
+the loss, the weights and the optimizer moments: a diverged run stops with DivergenceError
+naming the epoch and step, and the checkpoint on disk stays the last finite state (its
+arrays are checked again by checkpoint.save before writing).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -39,19 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import checkpoint
-from .ddpm import ddpm_loss, model_input_shape
-from .optim import EMA, Adam, clip_grad_norm
-from .sde import VP, DDPMSchedule
+from .ddpm import model_input_shape
+from .io import Progress, RunLock, prepare_output_dir, write_json
+from .objectives import OBJECTIVES, get_objective  # noqa: F401 - the registry, also read from here
+from .optim import DivergenceError, DivergenceGuard
 
-OBJECTIVES = {
-    "eps": "refdiff.train:EpsObjective",
-    "vae": "refdiff.nn.vae:VAEObjective",
-    "gan": "refdiff.nn.gan:GANObjective",
-    "classifier": "refdiff.nn.classifier:ClassifierObjective",
-}
 CHECKPOINT, METRICS = "checkpoint.npz", "metrics.json"
 # Keys that may change when a run is resumed: the length of the run and where it computes.
 RESUMABLE_CHANGES = ("epochs", "backend")
+# make_model arguments the config sets itself; model_args may not set them too.
+RESERVED_MODEL_ARGS = ("dtype", "seed", "backend")
 
 
 @dataclass
@@ -101,65 +92,15 @@ class TrainConfig:
             bad("seed", "must be an integer >= 0")
         if not isinstance(self.model_args, dict):
             bad("model_args", "must be a dict")
+        for k in RESERVED_MODEL_ARGS:
+            if k in self.model_args:
+                raise ValueError(f"train config: model_args may not set {k!r}: it is the config's own {k} "
+                                 f"(--{k}); got model_args {self.model_args!r}")
         try:    # as a checkpoint stores it (tuples -> lists), so that resuming compares equal
             self.model_args = json.loads(json.dumps(self.model_args))
         except (TypeError, ValueError):
             bad("model_args", "must hold JSON values (numbers, strings, lists)")
         return self
-
-
-# --- objectives -----------------------------------------------------------------------------------
-def get_objective(kind):
-    """The objective class registered for a model kind."""
-    if kind not in OBJECTIVES:
-        raise ValueError(f"no training objective for models of kind {kind!r}; known: {sorted(OBJECTIVES)}")
-    module, attr = OBJECTIVES[kind].split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-class EpsObjective:
-    """Noise prediction. loss "ddpm": Ho et al.'s simple loss on the discrete chain
-    (refdiff.ddpm.ddpm_loss, mean over pixels); any name in refdiff.losses.LOSSES ("dsm",
-    "ssm", ...): that continuous loss on VP(beta_min, beta_max) (its own scale: a sum over
-    pixels). Adam, optional global-norm clipping, then the EMA update."""
-
-    defaults = dict(lr=1e-4, batch=128, loss="ddpm", ema_decay=0.999, grad_clip=None)
-
-    def __init__(self, model, config=None):
-        from .losses import LOSSES
-
-        config = dict(config or {})
-        c = dict(self.defaults, **{k: config[k] for k in self.defaults if config.get(k) is not None})
-        if getattr(model, "kind", None) != "eps":
-            raise ValueError(f"EpsObjective needs a noise-prediction model (kind 'eps'); got {model.kind!r}")
-        if c["loss"] != "ddpm" and c["loss"] not in LOSSES:
-            raise ValueError(f"loss must be 'ddpm' or one of {sorted(LOSSES)}; got {c['loss']!r}")
-        self.model, self.config = model, c
-        self.loss_fn = None if c["loss"] == "ddpm" else LOSSES[c["loss"]]
-        sched = {k: config[k] for k in ("num_steps", "beta_start", "beta_end") if config.get(k) is not None}
-        self.schedule = DDPMSchedule(kind=config.get("schedule") or "linear", **sched)
-        self.sde = VP(config.get("beta_min") or 0.1, config.get("beta_max") or 20.0)
-        self.input_shape = model_input_shape(model)
-        self.ema = EMA(model, decay=c["ema_decay"])
-        self._opt = {"model": Adam(model, lr=c["lr"])}
-
-    def optimizers(self):
-        return self._opt
-
-    def step(self, x, y, rng):
-        m = self.model
-        x0 = np.asarray(m.ops.to_numpy(x)).reshape((x.shape[0],) + self.input_shape)
-        m.zero_grad()
-        if self.loss_fn is None:
-            loss = ddpm_loss(m, self.schedule, x0, rng)
-        else:
-            loss = self.loss_fn(m, self.sde, x0, rng)
-        if self.config["grad_clip"] is not None and math.isfinite(loss):
-            clip_grad_norm(m, self.config["grad_clip"])
-        if math.isfinite(loss):               # a NaN loss is reported by the Trainer, no update
-            self._opt["model"].step()
-            self.ema.update()
-        return {"loss": loss}
 
 
 class _Optimizers:
@@ -172,37 +113,76 @@ class _Optimizers:
         return {f"{name}/{k}": v for name, opt in self.optimizers.items() for k, v in opt.state().items()}
 
 
+def _same_value(given, used):
+    """True if a model stores `used` for an argument given as `given` without changing it
+    (16 and 16.0 are the same width; 16.7 -> 16 and true -> 1 are not)."""
+    if given is None:
+        return True                        # "the model's default": whatever it chose
+    if isinstance(given, bool) or isinstance(used, bool):
+        return type(given) is type(used) and given == used
+    if isinstance(given, (int, float)) and isinstance(used, (int, float)):
+        return given == used
+    if isinstance(given, (list, tuple)) and isinstance(used, (list, tuple)):
+        return len(given) == len(used) and all(_same_value(a, b) for a, b in zip(given, used))
+    if isinstance(given, dict) and isinstance(used, dict):
+        return given.keys() == used.keys() and all(_same_value(given[k], used[k]) for k in given)
+    return given == used
+
+
+def _build_model(c, image_shape):
+    """The model of config `c` for images of `image_shape`; ValueError if a model_args value
+    would be cast to another (widths=[16.7] -> 16, [true] -> 1)."""
+    from .nn import make_model
+
+    args = dict(c.model_args)
+    if c.model == "mlp" and "dim" not in args:      # the MLP on flattened images
+        args["dim"] = int(np.prod(image_shape))
+    model = make_model(c.model, dtype=np.dtype(c.dtype), seed=c.seed, backend=c.backend, **args)
+    for k, v in c.model_args.items():
+        if k in model.config and not _same_value(v, model.config[k]):
+            raise ValueError(f"model_args {k}={json.dumps(v)}: model {c.model!r} would use "
+                             f"{k}={json.dumps(model.config[k])}; give a value of the type it takes")
+    return model
+
+
 # --- the trainer ----------------------------------------------------------------------------------------
 class Trainer:
+    """Trains `config` into `out_dir` (see the module docstring).
+
+    Everything that can be checked before the first step is checked here, cheapest first: the
+    config, the output directory (created, written to), an existing run there (refused
+    unless `resume`), the data set (at least one image), the model arguments (none cast
+    silently), the checkpoint to resume. `fit` holds the directory's RunLock while it runs."""
+
     def __init__(self, config, out_dir, resume=False, log=None, progress_stream=None):
         from .data.images import load_images
-        from .nn import make_model
 
         self.config = config.validate() if isinstance(config, TrainConfig) else TrainConfig(**config).validate()
         self.out_dir, self.log = os.fspath(out_dir), log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.progress_stream = progress_stream or sys.stderr
         c = self.config
+        self.path = os.path.join(self.out_dir, CHECKPOINT)
+        prepare_output_dir(self.out_dir)
+        if not resume and os.path.lexists(self.path):
+            raise ValueError(f"{self.path!r} exists: pass --resume to continue that run, or choose another --out")
         x, y = load_images(c.data, c.split)
         if c.limit is not None:
             x, y = x[:c.limit], y[:c.limit]
+        if len(x) == 0:
+            raise ValueError(f"the {c.split!r} split of data set {c.data!r} holds no images: nothing to train on")
         self.x, self.y, self.image_shape = x, y, tuple(x.shape[1:])
-        args = dict(c.model_args)
-        if c.model == "mlp" and "dim" not in args:      # the MLP on flattened images
-            args["dim"] = int(np.prod(self.image_shape))
-        self.model = make_model(c.model, dtype=np.dtype(c.dtype), seed=c.seed, backend=c.backend, **args)
+        self.model = _build_model(c, self.image_shape)
         if self.model.kind == "eps" and int(np.prod(model_input_shape(self.model))) != int(np.prod(self.image_shape)):
             raise ValueError(f"model {c.model!r} takes inputs of shape {model_input_shape(self.model)}; "
                              f"the images of {c.data!r} have shape {self.image_shape}")
         self.objective = get_objective(self.model.kind)(self.model, dataclasses.asdict(c))
         self.batch = int(c.batch or getattr(self.objective, "defaults", {}).get("batch", 128))
         self.epoch, self.history = 0, []
-        self.path = os.path.join(self.out_dir, CHECKPOINT)
-        if resume and os.path.exists(self.path):
+        self.saved_epoch = None            # the epoch of the checkpoint on disk (None: there is none)
+        if resume and os.path.lexists(self.path):
             self._resume()
         elif resume:
             self.log(f"no checkpoint at {self.path}: starting a new run")
-        elif os.path.exists(self.path):
-            raise ValueError(f"{self.path!r} exists: pass --resume to continue that run, or choose another --out")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _meta(self):
@@ -221,7 +201,6 @@ class Trainer:
         extra = obj.state() if callable(getattr(obj, "state", None)) else None
         checkpoint.save_model(self.path, self.model, ema=getattr(obj, "ema", None),
                               optimizer=_Optimizers(obj.optimizers()), extra_arrays=extra, **self._meta())
-        from .commands.common import write_json
         secs = [h["seconds"] for h in self.history]
         write_json(os.path.join(self.out_dir, METRICS), dict(
             history=self.history, epochs_done=self.epoch, config=dataclasses.asdict(self.config),
@@ -230,7 +209,11 @@ class Trainer:
 
     def _resume(self):
         arrays, meta = checkpoint.load(self.path)
-        old = meta.get("train_config") or {}
+        old = meta.get("train_config")
+        if not isinstance(old, dict) or not isinstance(meta.get("epoch"), int) or isinstance(meta["epoch"], bool) \
+                or meta["epoch"] < 0 or not isinstance(meta.get("history", []), list):
+            raise checkpoint.CheckpointError(f"cannot resume {self.path!r}: it is not a checkpoint of `refdiff train` "
+                                             f"(no train_config, epoch and history)")
         new = dataclasses.asdict(self.config)
         diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
         if diff:
@@ -251,21 +234,34 @@ class Trainer:
                 opt.load_state({k[len(name) + 1:]: v for k, v in sec["optim"].items() if k.startswith(name + "/")})
             if callable(getattr(self.objective, "load_state", None)):
                 self.objective.load_state(sec["extra"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"cannot resume {self.path!r}: its state does not match "
                                              f"({type(exc).__name__}: {exc})") from None
         self.epoch, self.history = int(meta["epoch"]), list(meta.get("history", []))
+        self.saved_epoch = self.epoch
         self.log(f"resuming {self.path} after epoch {self.epoch}")
 
     # -- training -------------------------------------------------------------------------------------------
-    def fit(self):
-        """Train up to config.epochs; -> the history (one dict per epoch)."""
-        from .commands.common import Progress
+    def _on_disk(self):
+        """Where the last finite state is, for a message about a stopped run."""
+        if self.saved_epoch is None:
+            return "no checkpoint was written (the run stopped before its first epoch ended)"
+        return f"the checkpoint of epoch {self.saved_epoch} is intact in {self.path} (the last finite state)"
 
+    def fit(self):
+        """Train up to config.epochs; -> the history (one dict per epoch). Holds the output
+        directory's RunLock. After every step the DivergenceGuard checks the loss, the
+        parameters and the optimizer moments; a failure raises DivergenceError saying what
+        went wrong where and which checkpoint (the last finite state) is on disk."""
+        with RunLock(self.out_dir):
+            return self._fit()
+
+    def _fit(self):
         c, F, n = self.config, self.model.ops, len(self.x)
         steps_per_epoch = math.ceil(n / self.batch)
         todo = max(c.epochs - self.epoch, 0)
         progress = Progress(todo * steps_per_epoch, label="train", stream=self.progress_stream)
+        guard = DivergenceGuard(self.model, self.objective.optimizers())
         done, t_run = 0, time.perf_counter()
         for e in range(self.epoch, c.epochs):
             rng = np.random.default_rng([c.seed, e])
@@ -273,10 +269,12 @@ class Trainer:
             sums, t0 = {}, time.perf_counter()
             for s in range(steps_per_epoch):
                 idx = order[s * self.batch:(s + 1) * self.batch]
-                out = self.objective.step(F.asarray(self.x[idx].astype(self.model.dtype)), self.y[idx], rng)
-                if not all(math.isfinite(v) for v in out.values()):
-                    raise ValueError(f"training diverged at epoch {e + 1}, step {s + 1}: {out}; the checkpoint of "
-                                     f"epoch {self.epoch} is intact (lower the learning rate or set grad_clip)")
+                try:
+                    out = self.objective.step(F.asarray(self.x[idx].astype(self.model.dtype)), self.y[idx], rng)
+                    guard.check(out)
+                except FloatingPointError as exc:
+                    raise DivergenceError(f"training diverged at epoch {e + 1}, step {s + 1}: {exc}; {self._on_disk()}; "
+                                          f"lower --lr or set --grad-clip") from None
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
                 done += 1
@@ -287,4 +285,5 @@ class Trainer:
             self.history.append(dict(epoch=self.epoch, seconds=time.perf_counter() - t0,
                                      **{k: v / n for k, v in sums.items()}))
             self.save()
+            self.saved_epoch = self.epoch
         return self.history

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from refdiff import cli
-from refdiff import evaluate as E
+from refdiff import image_scores as E
 from refdiff.checkpoint import save_model
 from refdiff.nn import make_model
-from refdiff.nn.classifier import ClassifierObjective
+from refdiff.objectives import ClassifierObjective
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,7 @@ def test_classifier_trains_but_cannot_sample(tmp_path, capsys):
 
 
 def test_image_grid_layout():
-    from refdiff.viz import image_grid
+    from refdiff.figures import image_grid
     x = np.stack([np.full((1, 2, 3), v) for v in (-1.0, 0.0, 3.0)])    # 3 images 2 x 3; 3.0 is clipped
     g = image_grid(x, nrow=2, pad=1)
     assert g.shape == (2 * 3 + 1, 2 * 4 + 1)

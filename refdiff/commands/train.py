@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from .common import positive_float, positive_int
+from .common import add_backend_flag, positive_float, positive_int
+
+INTERRUPTED = "the checkpoint of the last finished epoch in --out is intact: continue with --resume"
 
 
 def _model_arg(s):
@@ -44,25 +47,28 @@ def add_arguments(p):
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="eps-models only (default %(default)s)")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="max global gradient norm")
     p.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
-    p.add_argument("--backend", default=d.backend, choices=["numpy", "numba", "numba-cuda", "cupy"])
+    add_backend_flag(p, d.backend)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
 
 
 def run(args):
+    from ..io import output_run
     from ..train import TrainConfig, Trainer
 
     cfg = TrainConfig(data=args.data, model=args.model, model_args=dict(args.model_arg), epochs=args.epochs,
                       batch=args.batch, lr=args.lr, seed=args.seed, loss=args.loss, ema_decay=args.ema_decay,
                       grad_clip=args.grad_clip, limit=args.limit, backend=args.backend, dtype=args.dtype)
-    trainer = Trainer(cfg, args.out, resume=args.resume)
-    if trainer.epoch >= cfg.epochs:
-        print(f"{trainer.path} already has {trainer.epoch} epochs (>= --epochs {cfg.epochs}): nothing to do")
-        return 0
-    m = trainer.model
-    print(f"training {m.name} ({m.num_parameters():,} parameters, kind {m.kind}) on {len(trainer.x)} images "
-          f"of {cfg.data}, batch {trainer.batch}, epochs {trainer.epoch + 1}..{cfg.epochs}, backend {cfg.backend}")
-    history = trainer.fit()
+    cfg.validate()
+    with output_run(args.out, log=lambda s: print(s, file=sys.stderr)):
+        trainer = Trainer(cfg, args.out, resume=args.resume)
+        if trainer.epoch >= cfg.epochs:
+            print(f"{trainer.path} already has {trainer.epoch} epochs (>= --epochs {cfg.epochs}): nothing to do")
+            return 0
+        m = trainer.model
+        print(f"training {m.name} ({m.num_parameters():,} parameters, kind {m.kind}) on {len(trainer.x)} images "
+              f"of {cfg.data}, batch {trainer.batch}, epochs {trainer.epoch + 1}..{cfg.epochs}, backend {cfg.backend}")
+        history = trainer.fit()
     last = history[-1]
     print(f"epoch {last['epoch']}: loss {last['loss']:.5g}, {last['seconds']:.1f}s per epoch -> {args.out}")
     return 0

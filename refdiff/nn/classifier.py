@@ -6,10 +6,10 @@
                      -> Linear 10                                       (B, 10)  = logits
 
 421,642 parameters. Trained with cross-entropy (stable log-softmax), Adam 1e-3, batch 64,
-10 epochs. The 128-d penultimate layer is the feature space of refdiff.evaluate's
+10 epochs. The 128-d penultimate layer is the feature space of refdiff.image_scores'
 Fréchet distance (an FID with an extractor that fits MNIST).
 
-`ClassifierObjective` adds two things the report does not have, because 4,000 training
+refdiff.objectives.ClassifierObjective adds two things the report does not have, because 4,000 training
 images (mnist5k) are a small set for a 421k-parameter network: random shifts of up to
 `shift` pixels (padding with the background value -1), and an exponential moving average
 of the weights (Polyak averaging: refdiff.optim.EMA, decay min(0.999, (1+n)/(10+n)) at
@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Model
-from .vae import _known
 
 IMAGE = (1, 28, 28)
 
@@ -113,48 +112,3 @@ def random_shift(x, rng, max_shift, fill=-1.0):
     cols = ox[:, None] + np.arange(W)[None, :]                          # (B, W)
     return padded[np.arange(B)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
-
-
-class ClassifierObjective:
-    """Cross-entropy, Adam 1e-3, batch 64, 10 epochs (SEED_NOTES §3); `shift` > 0 adds
-    random translations of up to that many pixels (0 = the report's plain training);
-    `self.ema` averages the weights (`ema_decay`; 0 = the last weights)."""
-
-    defaults = dict(lr=1e-3, batch=64, epochs=10, shift=2, ema_decay=0.999)
-
-    def __init__(self, model, config=None):
-        from ..optim import EMA
-
-        self.model = model
-        self.config = dict(self.defaults, **_known(config, self.defaults))
-        if int(self.config["shift"]) < 0 or int(self.config["shift"]) > 13:
-            raise ValueError(f"classifier shift must be an integer in [0, 13]; got {self.config['shift']}")
-        self.ema = EMA(model, decay=float(self.config["ema_decay"]))
-        self._opt = None
-
-    def optimizers(self):
-        from ..optim import Adam
-        if self._opt is None:
-            self._opt = {"classifier": Adam(self.model, lr=self.config["lr"])}
-        return self._opt
-
-    def loss_and_grad(self, x, y):
-        """Mean cross-entropy of a batch; its gradient is left in model.grads (zeroed first).
-        Returns (loss, accuracy on the batch)."""
-        m, F = self.model, self.model.ops
-        m.zero_grad()
-        logits = m.forward(x)
-        loss, cache = F.log_softmax_cross_entropy_forward(logits, y)
-        m.backward(F.log_softmax_cross_entropy_backward(1.0, cache))
-        acc = float(F.xp.mean(F.xp.argmax(logits, axis=1) == F.asarray(y)))
-        return loss, acc
-
-    def step(self, x, y, rng):
-        if y is None:
-            raise ValueError("the classifier objective needs labels")
-        F = self.model.ops
-        x = F.asarray(random_shift(F.to_numpy(x), rng, int(self.config["shift"])))
-        loss, acc = self.loss_and_grad(x, y)
-        self.optimizers()["classifier"].step()
-        self.ema.update()
-        return {"loss": loss, "acc": acc}

@@ -10,26 +10,14 @@ Losses (Goodfellow et al. 2014, eq. 1 and the non-saturating variant of §3):
 
 D's sigmoid is folded into `bce_with_logits` (the stable form). One Model holds both
 networks, parameters prefixed "G." and "D."; each gets its own Adam(2e-4, (0.5, 0.999))
-over its subset through `ParamSubset`.
+over its subset through refdiff.optim.ParamSubset (the losses: refdiff.objectives.GANObjective).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .base import Model
-from .vae import IMAGE, PIXELS, _check_widths, _known, dense_stack_backward, dense_stack_forward
-
-
-class ParamSubset:
-    """The parameters of `model` whose names start with `prefix`, looking like a model to
-    refdiff.optim.Adam (which reads .params, .grads and .ops). Arrays are shared, not copied."""
-
-    def __init__(self, model, prefix):
-        self.ops = model.ops
-        self.params = {k: v for k, v in model.params.items() if k.startswith(prefix)}
-        self.grads = {k: model.grads[k] for k in self.params}
-        if not self.params:
-            raise ValueError(f"model {model.name!r} has no parameters starting with {prefix!r}")
+from .vae import IMAGE, PIXELS, _check_widths, dense_stack_backward, dense_stack_forward
 
 
 class GAN(Model):
@@ -100,64 +88,3 @@ class GAN(Model):
         F = self.ops
         return F.xp.concatenate([self.generate_forward(F.asarray(z[i:i + batch]))[0]
                                  for i in range(0, int(n), batch)])
-
-
-class GANObjective:
-    """Alternating updates, one D step then one G step per batch (Goodfellow et al. 2014,
-    Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (SEED_NOTES §3)."""
-
-    defaults = dict(lr=2e-4, beta1=0.5, beta2=0.999, batch=128)
-
-    def __init__(self, model, config=None):
-        self.model = model
-        self.config = dict(self.defaults, **_known(config, self.defaults))
-        self._opt = None
-
-    def optimizers(self):
-        from ..optim import Adam
-        if self._opt is None:
-            c = self.config
-            betas = (c["beta1"], c["beta2"])
-            self._opt = {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas),
-                         "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas)}
-        return self._opt
-
-    def d_loss_and_grad(self, x, z):
-        """L_D on real x and fake G(z); its gradient w.r.t. D's parameters is left in
-        model.grads (all grads zeroed first). Returns (L_D, mean D(x), mean D(G(z)))."""
-        m, F = self.model, self.model.ops
-        m.zero_grad()
-        fake, _ = m.generate_forward(z)                      # held fixed: no G backward
-        xp = F.xp
-        losses, probs = [], []
-        for batch, target in ((x, 1.0), (fake, 0.0)):
-            logit, cache = m.discriminate_forward(batch)
-            loss, c_bce = F.bce_with_logits_forward(logit, xp.full(logit.shape, target, dtype=logit.dtype), "mean")
-            m.discriminate_backward(F.bce_with_logits_backward(1.0, c_bce), cache)
-            losses.append(loss)
-            probs.append(float(xp.mean(F.sigmoid_forward(logit)[0])))
-        return losses[0] + losses[1], probs[0], probs[1]
-
-    def g_loss_and_grad(self, z):
-        """Non-saturating L_G = BCE(D(G(z)), 1); its gradient w.r.t. G's parameters is left
-        in model.grads (all grads zeroed first; D's stay zero)."""
-        m, F = self.model, self.model.ops
-        m.zero_grad()
-        fake, g_cache = m.generate_forward(z)
-        logit, d_cache = m.discriminate_forward(fake)
-        loss, c_bce = F.bce_with_logits_forward(logit, F.xp.ones(logit.shape, dtype=logit.dtype), "mean")
-        dfake = m.discriminate_backward(F.bce_with_logits_backward(1.0, c_bce), d_cache, accumulate=False)
-        m.generate_backward(dfake, g_cache)
-        return loss
-
-    def step(self, x, y, rng):
-        """One D step then one G step, each on fresh z; labels y are ignored."""
-        m, F = self.model, self.model.ops
-        opt = self.optimizers()
-        draw = lambda: F.asarray(rng.standard_normal((x.shape[0], m.config["z_dim"])).astype(m.dtype))
-        d_loss, d_real, d_fake = self.d_loss_and_grad(x, draw())
-        opt["D"].step()
-        g_loss = self.g_loss_and_grad(draw())
-        opt["G"].step()
-        # "loss" (the trainer's progress line) is the sum; d_loss and g_loss are what to read
-        return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}

@@ -161,16 +161,11 @@ def default_classifier_path(source="mnist5k"):
     return os.path.join(cache_dir(), "classifier-" + re.sub(r"[^A-Za-z0-9]+", "_", source).strip("_") + ".npz")
 
 
-def heldout_split():
-    """The name load_images gives the held-out split."""
-    return "heldout"
-
-
 def load_real(source="mnist5k"):
     """-> (x_train, y_train, x_heldout, y_heldout) from refdiff.data.images."""
     from .data.images import load_images
     x_tr, y_tr = load_images(source, "train")
-    x_te, y_te = load_images(source, heldout_split())
+    x_te, y_te = load_images(source, "heldout")
     return x_tr, y_tr, x_te, y_te
 
 
@@ -182,7 +177,7 @@ def train_classifier(path, source="mnist5k", epochs=10, seed=0, shift=2, batch=6
     tuple, to reuse already loaded images; `log(str)` receives one line per epoch."""
     from .checkpoint import save_model
     from .nn import make_model
-    from .nn.classifier import ClassifierObjective
+    from .objectives import ClassifierObjective
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     x_tr, y_tr, x_te, y_te = data if data is not None else load_real(source)
@@ -235,4 +230,33 @@ def build_evaluator(classifier_path=None, source="mnist5k", log=None):
     data = load_real(source)
     clf, path = load_or_train_classifier(classifier_path, source, log=log, data=data)
     return Evaluator(clf, data[0], data[2], data[3]), path
+
+
+# --- a file of images, scored ----------------------------------------------------------------------------
+def load_samples(path):
+    """A .npy file of images -> the array (checked by check_images when scored)."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"samples file {path!r} does not exist")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as exc:       # noqa: BLE001 - a corrupt .npy fails in numpy's parser in many ways
+        raise ValueError(f"samples file {path!r} is not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    if not isinstance(x, np.ndarray):
+        x.close()
+        raise ValueError(f"samples file {path!r} holds several arrays (.npz); give one .npy array")
+    return x
+
+
+def score_file(samples, out_dir, classifier=None, source="mnist5k", log=None):
+    """Score the images in the .npy file `samples` and write out_dir/metrics.json (holding
+    the directory's RunLock); -> the metrics (Evaluator.score's, plus the file names)."""
+    from . import io
+
+    with io.output_run(out_dir, log=log) as out:
+        x = check_images(load_samples(samples), f"samples in {samples!r}")   # fail before any training
+        ev, clf_path = build_evaluator(classifier, source, log=log)
+        metrics, _ = ev.score(x, "samples")
+        metrics.update(samples=os.path.abspath(samples), classifier=os.path.abspath(clf_path), data=source)
+        io.write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
 

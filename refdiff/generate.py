@@ -1,0 +1,114 @@
+"""Images from a checkpoint: load the generator it holds, draw n images, write them.
+
+    load_generator(path, want=None, use_ema=True, backend=None) -> (model, meta, info)
+    generate(model, meta, n, rng, **sampler_args) -> (x (n, 1, H, W) float32 in [-1, 1], info)
+    sample_to_dir(SampleConfig(...), out_dir) -> info      (what `refdiff sample` does)
+
+Diffusion (eps) models go through refdiff.ddpm.sample_from_checkpoint (its samplers and
+their options: sampler, steps, eta, variance, spacing, clip, batch); VAE and GAN through
+their own `sample`. Every model's output is clipped to [-1, 1] the same way (a DDPM sampler
+may overshoot; clipping, never min-max normalising: report §3.4.3). sample_to_dir writes
+DIR/samples.npy, DIR/grid.png, DIR/sample.json and, with `gif`, DIR/denoise.gif, each
+atomically, holding DIR's RunLock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import io
+from .checkpoint import CheckpointError, load_model
+
+KINDS = {"vae": "vae", "gan": "gan", "ddpm": "eps"}      # a row of the comparison -> the model kind it needs
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str                     # a checkpoint.npz written by `refdiff train`
+    n: int = 64                         # images drawn
+    seed: int = 0                       # numpy.random.default_rng(seed) draws everything
+    use_ema: bool = True                # the EMA weights where the checkpoint has them
+    gif: bool = False                   # also write denoise.gif (eps models only)
+    frames: int = 40                    # frames of the GIF
+    backend: str = "numpy"              # where the model runs (refdiff_cuda.BACKENDS)
+    sampler_args: dict = field(default_factory=dict)   # refdiff.ddpm.sample_from_checkpoint's options
+
+    def validate(self):
+        for name, lo in (("n", 1), ("frames", 2), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"sample config: {name} must be an integer >= {lo}; got {v!r}")
+        return self
+
+
+def load_generator(path, want=None, use_ema=True, backend=None, label="checkpoint"):
+    """The model in checkpoint `path`; `want` (a kind, e.g. "eps") must match if given;
+    `label` names the file in messages. -> (model, meta, info dict: checkpoint, model, kind,
+    epoch, ema)."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{label} {path!r} does not exist")
+    model, sections, meta = load_model(path, backend=backend, use_ema=use_ema)
+    if want is not None and model.kind != want:
+        raise ValueError(f"{label} {path!r} holds a {model.name!r} model (kind {model.kind!r}); "
+                         f"expected kind {want!r}")
+    if model.kind == "eps":
+        from .ddpm import schedule_from_meta
+        try:
+            schedule_from_meta(meta)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path!r} records a DDPM schedule that cannot be used "
+                                  f"({meta.get('ddpm_schedule')!r}: {exc})") from None
+    shape = meta.get("image_shape")
+    if shape is not None and not (isinstance(shape, list) and shape and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise CheckpointError(f"checkpoint {path!r} records an image_shape {shape!r} that is not a list of sizes")
+    info = dict(checkpoint=os.path.abspath(path), model=model.name, kind=model.kind, epoch=meta.get("epoch"),
+                ema=bool(use_ema and sections["ema"]))
+    return model, meta, info
+
+
+def generate(model, meta, n, rng, gif=False, frames=40, **sampler_args):
+    """n images from a loaded model. -> (x (n, 1, H, W) float32 clipped to [-1, 1], trajectory
+    (frames, n, ...) or None, info). ValueError for a model that cannot generate images."""
+    shape = tuple((meta or {}).get("image_shape") or (1, 28, 28))
+    per_image = 8 * int(np.prod(shape)) * (2 + (frames if gif else 0))      # float64 result, float32 copy, frames
+    io.require_memory(int(n) * per_image, f"{n} images of {shape}")
+    traj = None
+    if model.kind == "eps":
+        from . import ddpm
+        out = ddpm.sample_from_checkpoint(model, meta, n, rng, return_trajectory=gif, frames=frames,
+                                          **sampler_args)
+        x, traj = out if gif else (out, None)
+        info = dict(sampler=sampler_args.get("sampler", "ddpm"), **{k: v for k, v in sampler_args.items()
+                                                                   if k != "sampler"})
+    elif callable(getattr(model, "sample", None)):
+        if gif:
+            raise ValueError(f"--gif shows a denoising chain; a {model.kind!r} model has none")
+        x, info = model.ops.to_numpy(model.sample(n, rng)), {}
+    else:
+        raise ValueError(f"the checkpoint holds a {model.name!r} model, which cannot generate images")
+    return np.clip(np.asarray(x, dtype=np.float32), -1, 1), traj, info
+
+
+def sample_to_dir(cfg, out_dir, log=None):
+    """Draw cfg.n images and write them into `out_dir` (module docstring); -> info dict."""
+    from .figures import save_gif, save_grid
+
+    cfg.validate()
+    with io.output_run(out_dir, log=log) as out:
+        model, meta, info = load_generator(cfg.checkpoint, use_ema=cfg.use_ema, backend=cfg.backend)
+        info.update(n=cfg.n, seed=cfg.seed)
+        t0 = time.perf_counter()
+        x, traj, extra = generate(model, meta, cfg.n, np.random.default_rng(cfg.seed), gif=cfg.gif,
+                                  frames=cfg.frames, **cfg.sampler_args)
+        info.update(extra, sample_seconds=time.perf_counter() - t0)
+        io.save_npy(os.path.join(out, "samples.npy"), x)
+        save_grid(os.path.join(out, "grid.png"), x)
+        if traj is not None:
+            save_gif(os.path.join(out, "denoise.gif"), traj)
+        io.write_json(os.path.join(out, "sample.json"), dict(info, config=dataclasses.asdict(cfg)))
+    return info
