@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from refdiff.nn import functional as F
 from refdiff.nn import make_model, model_from_spec
-from refdiff.nn.classifier import ClassifierObjective, random_shift
+from refdiff.nn.classifier import random_shift
+from refdiff.objectives import ClassifierObjective
 from tests.helpers import TOL, assert_close, check_grads, numerical_grad
 
 

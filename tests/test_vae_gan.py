@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from refdiff.nn import functional as F
 from refdiff.nn import make_model, model_from_spec
-from refdiff.nn.gan import GANObjective, ParamSubset
-from refdiff.nn.vae import VAEObjective
+from refdiff.objectives import GANObjective, VAEObjective
+from refdiff.optim import ParamSubset
 from tests.helpers import TOL, assert_close, check_grads, numerical_grad
 
 dims = st.integers(1, 5)
