@@ -3,10 +3,11 @@
 scipy ships its own OpenBLAS (LP64, separate from NumPy's ILP64 one) and exports its
 Fortran GEMMs as Cython function pointers; their addresses are registered with LLVM under
 our own names (llvmlite add_symbol) and numba calls them by name (types.ExternalFunction),
-which, unlike a ctypes pointer baked into the code, lets the calling kernels be cached. So a parallel loop can run one single-threaded GEMM per batch chunk on data that
-is still in that core's cache. That OpenBLAS is pinned to 1 thread (threadpoolctl) so the
-GEMMs never spawn threads of their own inside numba's. NumPy's BLAS (the reference's) is
-left alone.
+which, unlike a ctypes pointer baked into the code, lets the calling kernels be cached. So
+a parallel loop can run one single-threaded GEMM per batch chunk on data that is still in
+that core's cache. That OpenBLAS is pinned to 1 thread (threadpoolctl, called by the
+backend's configure_threads) so the GEMMs never spawn threads of their own inside numba's.
+NumPy's BLAS (the reference's) is left alone.
 
 gemm(M, N, K, a, lda, b, ldb, c, ldc, beta): row-major C (M, N) = A (M, K) B (K, N)
 (+ beta C), with leading dimensions, computed as the column-major C^T = B^T A^T.

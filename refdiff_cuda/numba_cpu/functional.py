@@ -17,7 +17,6 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from refdiff.nn import functional as F
 
 from ._blas import matmul
 from ._layout import cm, flat_pair, nchw

@@ -199,14 +199,12 @@ def _gn_bwd_v2(dy, x, G, gamma, beta, mean, rstd, half, one, with_silu, dx, dgam
                 sgx += ga * pg
                 continue
             pg, pb = 0.0, 0.0
-            for s in range(S):
+            for s in range(S):                              # with SiLU (without, see above):
                 xh = (x[c, b, s] - mu) * r
-                d = dy[c, b, s]
-                if with_silu:                               # dz = dy * silu'(z), z = xh ga + be
-                    z = xh * ga + be
-                    sz = half * (one + math.tanh(half * z))
-                    d = d * (sz * (one + z * (one - sz)))
-                    dx[c, b, s] = d                         # keep dz for the second pass
+                z = xh * ga + be                            # dz = dy * silu'(z), z = xh ga + be
+                sz = half * (one + math.tanh(half * z))
+                d = dy[c, b, s] * (sz * (one + z * (one - sz)))
+                dx[c, b, s] = d                             # keep dz for the second pass
                 pg += d * xh
                 pb += d
                 gg = d * ga
