@@ -2,14 +2,14 @@
 against finite differences, its architecture, the shift augmentation, bad input."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from refdiff.nn import functional as F
 from refdiff.nn import make_model, model_from_spec
 from refdiff.nn.classifier import random_shift
 from refdiff.objectives import ClassifierObjective
-from tests.helpers import TOL, assert_close, check_grads, numerical_grad
+from tests.helpers import assert_fd, check_grads, examples, fd_grad
 
 
 def _ce(labels):
@@ -19,13 +19,15 @@ def _ce(labels):
     return fwd
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(b=st.integers(1, 6), k=st.integers(1, 7), scale=st.sampled_from([0.1, 3.0, 30.0]),
        seed=st.integers(0, 2**31))
+@example(b=5, k=5, scale=30.0, seed=57915)      # |L dy| ~ 160: FD rounding ~ 2e-8, past a fixed atol of 1e-8
 def test_cross_entropy_grad(b, k, scale, seed):
     rng = np.random.default_rng(seed)
     z, y = scale * rng.standard_normal((b, k)), rng.integers(0, k, b)
-    check_grads(_ce(y), F.log_softmax_cross_entropy_backward, [z], rng)
+    # log-sum-exp subtracts the largest logit: its rounding is that of max |z|, not of the loss
+    check_grads(_ce(y), F.log_softmax_cross_entropy_backward, [z], rng, scale=float(np.abs(z).max()))
 
 
 def test_cross_entropy_value_and_extremes():
@@ -68,13 +70,12 @@ def test_classifier_grad_end_to_end():
     for k, p in m.params.items():
         flat = p.reshape(-1)                             # a view: FD perturbs the parameter
         for j in rng.choice(flat.size, size=min(4, flat.size), replace=False):
-            assert_close(grads[k].reshape(-1)[j], numerical_grad(loss, flat[j:j + 1])[0],
-                         name=f"d loss / d {k}[{j}]", **TOL["fd64"])
+            assert_fd(grads[k].reshape(-1)[j:j + 1], fd_grad(loss, flat[j:j + 1]), name=f"d loss / d {k}[{j}]")
     m.zero_grad()
     logits = m.forward(x)
     dx = m.backward(F.log_softmax_cross_entropy_backward(1.0, F.log_softmax_cross_entropy_forward(logits, y)[1]))
     sub = (1, 0, slice(12, 14), slice(12, 15))
-    assert_close(dx[sub], numerical_grad(loss, x[sub]), name="d loss / d x", **TOL["fd64"])
+    assert_fd(dx[sub], fd_grad(loss, x[sub]), name="d loss / d x")
 
 
 def test_random_shift():

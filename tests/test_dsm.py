@@ -7,7 +7,7 @@ from refdiff.nn import make_model
 from refdiff.nn.base import Model
 from refdiff.optim import Adam
 from refdiff.sde import OU, VE, VP
-from tests.helpers import TOL, assert_close, numerical_grad
+from tests.helpers import assert_fd, fd_grad, inner
 
 
 class GaussianScoreModel(Model):
@@ -64,8 +64,7 @@ def test_gaussian_score_model_grads():
     model.forward(x, t)
     model.backward(dy)
     for k, p in model.params.items():
-        assert_close(model.grads[k], numerical_grad(lambda: float(np.sum(model.forward(x, t) * dy)), p),
-                     name=k, **TOL["fd64"])
+        assert_fd(model.grads[k], fd_grad(lambda: inner(model.forward(x, t), dy), p), name=k)
 
 
 @pytest.mark.parametrize("weighting", ["noise", "likelihood", "none"])
@@ -79,7 +78,7 @@ def test_dsm_param_grads_match_finite_differences(weighting):
     loss()
     analytic = {k: g.copy() for k, g in model.grads.items()}
     for k, p in model.params.items():
-        assert_close(analytic[k], numerical_grad(loss, p), name=k, rtol=1e-5, atol=1e-7)
+        assert_fd(analytic[k], fd_grad(loss, p), name=k)
 
 
 def test_dsm_weightings_relate_as_documented():

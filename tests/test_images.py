@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import refdiff.data.images as images
 from refdiff.data.images import load_images, parse_idx
+from tests.helpers import examples
 
 
 def idx_bytes(arr, code=0x08):
@@ -35,7 +36,7 @@ def write_idx_dir(d, n_train=7, n_test=3, size=(28, 28), gz=True, seed=0):
 
 
 # --- IDX ----------------------------------------------------------------------------------------------
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
        code=st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E]), seed=st.integers(0, 2**31))
 def test_parse_idx_round_trip(shape, code, seed):

@@ -3,15 +3,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.special import logsumexp
 
 from refdiff.nn import functional as F
 from refdiff.nn import make_model
-from tests.helpers import TOL, assert_close, check_grads, numerical_grad
+from tests.helpers import TOL, assert_close, assert_fd, check_grads, examples, fd_grad, inner
+
+F64 = TOL[np.dtype(np.float64)]
 
 dims = st.integers(1, 6)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(b=dims, d_in=dims, d_out=dims, bias=st.booleans(), seed=st.integers(0, 2**31))
 def test_linear_grad(b, d_in, d_out, bias, seed):
     rng = np.random.default_rng(seed)
@@ -25,13 +28,36 @@ def test_linear_grad(b, d_in, d_out, bias, seed):
 
 
 @pytest.mark.parametrize("op", ["silu", "relu", "tanh", "sigmoid", "leaky_relu"])
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(shape=st.lists(dims, min_size=1, max_size=4), seed=st.integers(0, 2**31))
 def test_activation_grad(op, shape, seed):
     rng = np.random.default_rng(seed)
     x = 3 * rng.standard_normal(shape)
     x[np.abs(x) < 1e-3] = 0.5          # keep FD away from the kinks of relu/leaky relu
     check_grads(getattr(F, op + "_forward"), getattr(F, op + "_backward"), [x], rng)
+
+
+def test_activation_values():
+    """Each forward against its textbook formula written with other NumPy functions (the
+    gradient tests only tie backward to forward, so a wrong forward would pass them):
+    float64, a few ulps apart: TOL[float64]."""
+    x = np.linspace(-30, 30, 601)
+    want = {"sigmoid": np.exp(-np.logaddexp(0, -x)), "silu": x * np.exp(-np.logaddexp(0, -x)),
+            "relu": np.where(x > 0, x, 0.0), "tanh": np.sinh(x) / np.cosh(x),
+            "leaky_relu": np.where(x > 0, x, 0.2 * x)}
+    for op, w in want.items():
+        assert_close(getattr(F, op + "_forward")(x)[0], w, name=op, **F64)
+    z = x[:600].reshape(3, -1)
+    assert_close(F.log_softmax_forward(z), z - logsumexp(z, axis=1, keepdims=True), name="log_softmax", **F64)
+
+
+def test_linear_and_reparam_values():
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((4, 3)), rng.standard_normal((2, 3)), rng.standard_normal(2)
+    want = np.array([[sum(x[i, k] * w[j, k] for k in range(3)) + b[j] for j in range(2)] for i in range(4)])
+    assert_close(F.linear_forward(x, w, b)[0], want, name="linear", **F64)
+    mu, lv, eps = rng.standard_normal((2, 3)), rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    assert_close(F.gaussian_reparam_forward(mu, lv, eps)[0], mu + np.sqrt(np.exp(lv)) * eps, name="reparam", **F64)
 
 
 @pytest.mark.parametrize("op", ["silu", "sigmoid", "tanh"])
@@ -42,7 +68,7 @@ def test_activation_extremes_finite(op):
     assert y.dtype == np.float32 and np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(b=dims, c1=dims, c2=dims, hw=st.lists(dims, min_size=0, max_size=2), seed=st.integers(0, 2**31))
 def test_concat_and_channel_bias_grad(b, c1, c2, hw, seed):
     rng = np.random.default_rng(seed)
@@ -55,8 +81,7 @@ def test_mse_grad():
     rng = np.random.default_rng(0)
     p, t, w = rng.standard_normal((4, 3)), rng.standard_normal((4, 3)), rng.uniform(0.5, 2, 4)
     loss, cache = F.mse_forward(p, t, w)
-    num = numerical_grad(lambda: F.mse_forward(p, t, w)[0], p)
-    assert_close(F.mse_backward(cache), num, name="mse grad", **TOL["fd64"])
+    assert_fd(F.mse_backward(cache), fd_grad(lambda: F.mse_forward(p, t, w)[0], p), name="mse grad")
     assert loss == pytest.approx(np.mean(w * np.sum((p - t) ** 2, axis=1)))
 
 
@@ -75,7 +100,7 @@ def test_time_embedding_repeated_t_same_as_distinct():
     assert np.array_equal(e[0], e[2]) and np.array_equal(e[0], e[3]) and not np.array_equal(e[0], e[1])
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(b=st.integers(1, 4), dim=st.integers(1, 3), depth=st.integers(1, 3), seed=st.integers(0, 2**31))
 def test_mlp_end_to_end_grads(b, dim, depth, seed):
     rng = np.random.default_rng(seed)
@@ -84,10 +109,10 @@ def test_mlp_end_to_end_grads(b, dim, depth, seed):
     dy = rng.standard_normal((b, dim))
     m.zero_grad()
     dx = m.backward(dy) if m.forward(x, t) is not None else None
-    loss = lambda: float(np.sum(m.forward(x, t) * dy))
-    assert_close(dx, numerical_grad(loss, x), name="dx", **TOL["fd64"])
+    loss = lambda: inner(m.forward(x, t), dy)
+    assert_fd(dx, fd_grad(loss, x), name="dx")
     for k, p in m.params.items():
-        assert_close(m.grads[k], numerical_grad(loss, p), name=f"grad {k}", **TOL["fd64"])
+        assert_fd(m.grads[k], fd_grad(loss, p), name=f"grad {k}")
 
 
 def test_mlp_float32_stays_float32():
