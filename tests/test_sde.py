@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 from refdiff import metrics, samplers
 from refdiff.data import GaussianMixture
 from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast
+from tests.helpers import examples
 
 SDES = [OU(5.0), OU(2.0, sigma=1.5, T=2.0), VP(), SubVP(), VE(0.01, 4.0)]
 IDS = [repr(s) for s in SDES]
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(u=st.floats(0.01, 0.99))
 def test_marginal_solves_the_moment_odes(sde, u):
     """For dX = -a(t) X dt + g dW: d gamma/dt = -a gamma and d var/dt = -2 a var + g^2."""
@@ -96,6 +97,27 @@ def test_ddpm_schedule_linear_values():
     assert np.allclose(s.alpha_bars, np.cumprod(1 - s.betas))
     c = DDPMSchedule(kind="cosine")
     assert np.all(np.diff(c.alpha_bars) < 0) and c.alpha_bars[-1] < 1e-3
+
+
+def betas_for_alpha_bar(num_steps, max_beta=0.999):
+    """diffusers' betas_for_alpha_bar (scheduling_ddpm.py), written out independently:
+    beta_i = min(1 - abar((i+1)/N) / abar(i/N), max_beta), abar(t) = cos((t + 0.008)/1.008 pi/2)^2
+    (Nichol & Dhariwal 2021, eq. 17 and the clip at 0.999 below it)."""
+    import math
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)])
+
+
+@pytest.mark.parametrize("num_steps", [1000, 50, 7])
+def test_ddpm_schedule_cosine_values(num_steps):
+    """Every beta of the cosine chain equals Nichol & Dhariwal's formula (diffusers'
+    betas_for_alpha_bar), the last one clipped at 0.999 exactly; float64, the same
+    operations in another order: a few ulps, TOL[float64]."""
+    c = DDPMSchedule(num_steps=num_steps, kind="cosine")
+    want = betas_for_alpha_bar(num_steps)
+    np.testing.assert_allclose(c.betas, want, rtol=1e-10, atol=1e-12)
+    assert c.betas[-1] == 0.999 and want[-1] == 0.999      # abar(1) = cos(pi/2)^2 ~ 0: beta -> 1, clipped
+    np.testing.assert_allclose(c.alpha_bars, np.cumprod(1 - want), rtol=1e-10, atol=1e-15)
 
 
 def test_vp_is_the_continuous_limit_of_ddpm():
