@@ -58,7 +58,7 @@ def _os_error(exc):
     what = exc.strerror or str(exc)
     if exc.errno in _DISK_FULL:
         return FAILURE, (f"no space left on device writing{where}: free some space and run again "
-                         f"(the files already there are intact; `train --resume` continues from the last checkpoint)")
+                         f"(the files already there are intact)")
     if exc.errno in _NOT_WRITABLE:
         return BAD_INPUT, f"cannot write{where}: {what}; choose a writable --out"
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):

@@ -14,7 +14,7 @@ For a set of images x (N, 1, 28, 28) in [-1, 1] and the MNIST CNN of refdiff.nn.
                     held-out split has (1,000 for mnist5k; FD estimates are biased upward at
                     small N, so compare sets of equal size: 1,000 generated images by default)
 
-What the report did wrong and this module refuses to do (SEED_NOTES §4): it scored 100 images,
+What the report did wrong and this module refuses to do (report §3.4.3, table 3.2 and fig. 3.5): it scored 100 images,
 and min-max normalised the DDPM's images one by one but not the other models'. Here every
 set must already be in [-1, 1] (checked, never rescaled), and the default is 1,000 images.
 
@@ -171,7 +171,7 @@ def load_real(source="mnist5k"):
 
 def train_classifier(path, source="mnist5k", epochs=10, seed=0, shift=2, batch=64, lr=1e-3,
                      log=None, data=None):
-    """Train the CNN (SEED_NOTES §3 recipe, plus `shift`-pixel random translations and weight
+    """Train the CNN (the recipe of the report's code, plus `shift`-pixel random translations and weight
     averaging, see refdiff.nn.classifier) and save it to `path` as a refdiff checkpoint whose
     params are the averaged weights. -> (model holding them, info dict). `data` = load_real's
     tuple, to reuse already loaded images; `log(str)` receives one line per epoch."""

@@ -227,9 +227,15 @@ class RunLock:
         old = _read_pid(fd)
         if old is not None and old != os.getpid() and not _pid_alive(old):
             self.stale_pid = old
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:              # a full disk shows here first: name the file
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            raise OSError(exc.errno, exc.strerror, self.path) from None
         _HELD[key] = [fd, 1]
         self.cleaned = clean_temporaries(self.directory)
         return self

@@ -106,7 +106,7 @@ class EpsObjective:
 # --- VAE ---
 class VAEObjective:
     """Negative ELBO, BCE(sum) + KL(sum), AdamW(lr 1e-3, weight decay 0.01 = PyTorch's AdamW
-    default), batch 128 (SEED_NOTES §3). Reported losses are per image."""
+    default), batch 128 (the report's code). Reported losses are per image."""
 
     defaults = dict(lr=1e-3, weight_decay=0.01, batch=128)
 
@@ -145,7 +145,7 @@ class VAEObjective:
 # --- GAN ---
 class GANObjective:
     """Alternating updates, one D step then one G step per batch (Goodfellow et al. 2014,
-    Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (SEED_NOTES §3)."""
+    Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (the report's code)."""
 
     defaults = dict(lr=2e-4, beta1=0.5, beta2=0.999, batch=128)
 
@@ -205,7 +205,7 @@ class GANObjective:
 
 # --- the MNIST classifier ---
 class ClassifierObjective:
-    """Cross-entropy, Adam 1e-3, batch 64, 10 epochs (SEED_NOTES §3); `shift` > 0 adds
+    """Cross-entropy, Adam 1e-3, batch 64, 10 epochs (the report's code); `shift` > 0 adds
     random translations of up to that many pixels (0 = the report's plain training);
     `self.ema` averages the weights (`ema_decay`; 0 = the last weights)."""
 

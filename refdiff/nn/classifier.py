@@ -1,4 +1,5 @@
-"""The MNIST CNN that scores generated images (report §3.4.3; SEED_NOTES §3), by hand.
+"""The MNIST CNN that scores generated images (report §3.4.3), by hand; its layers
+and training settings are those of the report's code.
 
     x (B, 1, 28, 28) -> Conv(1->32, 3, pad 1) -> ReLU -> MaxPool 2     (B, 32, 14, 14)
                      -> Conv(32->64, 3, pad 1) -> ReLU -> MaxPool 2    (B, 64, 7, 7)

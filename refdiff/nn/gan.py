@@ -1,4 +1,5 @@
-"""Generative adversarial network of the report's comparison (§3.4.3; SEED_NOTES §3), by hand.
+"""Generative adversarial network of the report's comparison (§3.4.3), by hand; its layers
+and training settings are those of the report's code.
 
     G   z (B, 64) ~ N(0, I) -> 128 -> 256 -> 512 (ReLU) -> 784, tanh -> image in [-1, 1]
     D   x (B, 784) -> 512 -> 256 -> 128 (LeakyReLU 0.2) -> 1 logit;  D(x) = sigmoid(logit)

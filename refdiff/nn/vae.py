@@ -1,4 +1,5 @@
-"""Variational auto-encoder of the report's comparison (§3.4.3; SEED_NOTES §3), by hand.
+"""Variational auto-encoder of the report's comparison (§3.4.3), by hand; its layers
+and training settings are those of the report's code.
 
     encoder   u = (x + 1)/2 flattened (B, 784) -> 512 -> 128 (ReLU) -> mu, logvar (B, 16)
     latent    z = mu + e^(logvar/2) eps,  eps ~ N(0, I)            (reparameterisation)
