@@ -1,4 +1,4 @@
-"""refdiff's DPM-Solver++(2M) and EDM Heun against diffusers' schedulers of the same name.
+"""refdiff's DPM-Solver++(2M), EDM Heun and likelihood against diffusers and score_sde's recipe.
 
 Run OUTSIDE refdiff's dependencies, in a scratch environment holding torch and diffusers
 (refdiff never imports either):
@@ -15,6 +15,11 @@ Both sides are driven by the same oracle, the exact denoiser of GaussianMixture.
 2. HeunDiscreteScheduler(use_karras_sigmas=True, same betas) against refdiff.solvers.edm_sampler
    (S_churn = 0) on a VE SDE spanning the scheduler's sigmas, with sigma_max and t_min set to
    its Karras grid's ends and x_T scaled to its init_noise_sigma.
+
+3. refdiff.likelihood.log_likelihood against score_sde's likelihood.py recipe written here in
+   torch: the drift's divergence by autograd (v^T grad(v . drift), the same Rademacher probe;
+   and the full autograd Jacobian's trace for "exact"), the mixture's score by autograd of its
+   log-density (independent of refdiff's analytic score and JVP), the same solve_ivp call.
 
 Prints and writes benchmarks/results/crosscheck_diffusers.json: the largest and the median
 absolute difference of the outputs (points of size ~2) per step count, with diffusers' schedule
@@ -121,6 +126,58 @@ def heun(gmm, steps, z, f64):
     return float(np.max(d)), float(np.median(d))
 
 
+def score_sde_recipe(gmm, sde, x, probe, exact):
+    """score_sde's get_likelihood_fn (likelihood.py) with torch autograd: log p per point."""
+    from scipy import integrate
+    means = torch.from_numpy(gmm.means)
+    var0 = torch.from_numpy(gmm.covs[:, 0, 0])             # isotropic components
+    logw = torch.log(torch.from_numpy(gmm.weights))
+    B, D = x.shape
+
+    def drift(y, t):
+        y = y.requires_grad_(True) if not y.requires_grad else y
+        gamma, std = (float(c) for c in sde.marginal_coeffs(np.float64(t)))
+        v = gamma ** 2 * var0 + std ** 2                   # (K,)
+        d2 = ((y[:, None, :] - gamma * means[None]) ** 2).sum(-1)
+        logp = torch.logsumexp(logw - 0.5 * D * torch.log(2 * np.pi * v) - 0.5 * d2 / v, dim=1)
+        score = torch.autograd.grad(logp.sum(), y, create_graph=True)[0]
+        g2 = float(sde.diffusion(np.float64(t))) ** 2
+        return -float(sde.a(np.float64(t))) * y - 0.5 * g2 * score
+
+    def ode_func(t, z):
+        y = torch.from_numpy(z[:-B].reshape(B, D).copy()).requires_grad_(True)
+        f = drift(y, t)
+        if exact:
+            div = sum(torch.autograd.grad(f[:, i].sum(), y, retain_graph=True)[0][:, i] for i in range(D))
+        else:
+            div = (torch.autograd.grad((f * probe).sum(), y)[0] * probe).sum(1)
+        return np.concatenate([f.detach().numpy().ravel(), div.detach().numpy()])
+
+    init = np.concatenate([x.ravel(), np.zeros(B)])
+    sol = integrate.solve_ivp(ode_func, (1e-5, sde.T), init, rtol=1e-5, atol=1e-5, method="RK45")
+    z = sol.y[:-B, -1].reshape(B, D)
+    return sde.prior_logp(z) + sol.y[-B:, -1]
+
+
+def likelihood_check(gmm):
+    from refdiff import likelihood
+    from refdiff.sde import VP
+    sde = VP()
+    x = gmm.sample(200, np.random.default_rng(1))
+    rows = []
+    for exact in (True, False):
+        rng = np.random.default_rng(2)
+        ours, _ = likelihood.log_likelihood(sde, likelihood.mixture_score(gmm, sde), x, rng,
+                                            divergence="exact" if exact else "hutchinson")
+        probe = likelihood.sample_probes((1,) + x.shape, np.random.default_rng(2))[0]   # the same probe
+        theirs = score_sde_recipe(gmm, sde, x, torch.from_numpy(probe), exact)
+        rows.append(dict(check="refdiff.likelihood.log_likelihood vs score_sde's recipe (torch autograd)",
+                         divergence="exact" if exact else "hutchinson (same Rademacher probe)", points=len(x),
+                         max_abs_diff_nats=float(np.max(np.abs(ours - theirs))),
+                         median_abs_diff_nats=float(np.median(np.abs(ours - theirs)))))
+    return rows
+
+
 def main():
     torch.set_default_dtype(torch.float64)
     gmm = GaussianMixture.default()
@@ -132,13 +189,17 @@ def main():
                       schedule=sched, steps=n, abs_diff=dpm(gmm, n, z, f64)) for n in (10, 20, 50)]
         rows += [dict(check="HeunDiscreteScheduler Karras vs refdiff.solvers.edm_sampler (S_churn 0)",
                       schedule=sched, steps=n, abs_diff=heun(gmm, n, z, f64)) for n in (10, 18, 50)]
+    lik = likelihood_check(gmm)
+    for r in lik:
+        print(f"{r['check']}, {r['divergence']}: |diff| max {r['max_abs_diff_nats']:.3g} nats, "
+              f"median {r['median_abs_diff_nats']:.3g}")
     for r in rows:
         r["max_abs_diff"], r["median_abs_diff"] = r.pop("abs_diff")
         print(f"{r['check']}, {r['schedule']} schedule: {r['steps']} steps, |diff| max {r['max_abs_diff']:.3g} "
               f"median {r['median_abs_diff']:.3g}")
     import diffusers
     out = dict(command="PYTHONPATH=. /tmp/xv/bin/python benchmarks/crosscheck_diffusers.py", points=len(z),
-               torch=torch.__version__, diffusers=diffusers.__version__, results=rows)
+               torch=torch.__version__, diffusers=diffusers.__version__, results=rows, likelihood=lik)
     path = os.path.join(HERE, "results", "crosscheck_diffusers.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
