@@ -6,7 +6,9 @@
 Public: module-level functions and classes of refdiff/*.py, refdiff/nn/*.py and
 refdiff/data/*.py (not refdiff/commands/, the command-line layer, tested through the CLI),
 and the methods of those classes, whose names do not start with "_". A test "references" a
-name when the name appears as a word in a test file (tests/test_*.py). That is a
+name when the name appears as a word in a test file (tests/test_*.py), or, for an op pair
+member, its op name as a string (tests pass it to getattr), or, for a registered model
+factory, its registry name. That is a
 necessary condition for a value check, not a proof of one: docs/testing.md lists, for the
 numerical core, which test checks each by value.
 """
@@ -44,9 +46,22 @@ def references():
     tests = {p.name: p.read_text() for p in sorted((ROOT / "tests").glob("test_*.py"))}
     table = {}
     for module, name in public_names():
-        word = re.compile(r"\b" + re.escape(name.split(".")[-1]) + r"\b")
-        table[(module, name)] = [t for t, text in tests.items() if word.search(text)]
+        table[(module, name)] = [t for t, text in tests.items() if any(p.search(text) for p in _patterns(name))]
     return table
+
+
+def _patterns(name):
+    """The name as a word; for an op pair member (conv2d_jvp_forward) also its op name as a
+    string ("conv2d"), which tests pass to getattr; for a registered factory (unet_seed) also
+    its registry name ("unet-seed")."""
+    short = name.split(".")[-1]
+    pats = [re.compile(r"\b" + re.escape(short) + r"\b")]
+    stem = re.sub(r"(_jvp)?_(forward|backward)$", "", short)
+    if stem != short:
+        pats.append(re.compile(r"[\"']" + re.escape(stem) + r"[\"']"))
+    if "_" in short:
+        pats.append(re.compile(r"[\"']" + re.escape(short.replace("_", "-")) + r"[\"']"))
+    return pats
 
 
 def main(argv=None):
