@@ -11,6 +11,8 @@ plus second-derivative terms (~2-3x DSM); SSM-FD runs the plain model on 2B rows
 neither grows with D beyond what DSM does, since one probe replaces D tangent passes.
 
     PYTHONPATH=. python benchmarks/ssm_cost.py [--out benchmarks/results/ssm_cost.json] [--reps 30]
+    PYTHONPATH=. python benchmarks/ssm_cost.py --reps 1 --dims 2 --batch 8 --unet-batch 2 --out /tmp/ssm_cost.json
+                                                                                    (a quick check that it runs)
 """
 from __future__ import annotations
 
@@ -24,22 +26,17 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from refdiff import losses  # noqa: E402
 from refdiff.nn import make_model  # noqa: E402
-from refdiff.nn.unet import SMALL_CONFIG, UNet  # noqa: E402
-from refdiff.nn.unet_jvp import UNetJVP  # noqa: E402
 from refdiff.optim import Adam  # noqa: E402
 from refdiff.sde import VP  # noqa: E402
 
 LOSS_NAMES = ["dsm", "ssm", "ssm-vr", "ssm-fd"]
-
-
-class JVPUNet(UNetJVP, UNet):
-    """unet-small with the forward-mode methods (until UNetJVP is mixed into UNet itself)."""
 
 
 def bench(label, build, x0, reps, seed=0):
@@ -81,7 +78,8 @@ def main():
     args = p.parse_args()
     rng = np.random.default_rng(0)
     t_start = time.perf_counter()
-    out = {"what": "median wall and CPU seconds per training step (zero_grad + loss forward/backward + Adam), "
+    out = {"command": "python benchmarks/ssm_cost.py " + " ".join(sys.argv[1:]),
+           "what": "median wall and CPU seconds per training step (zero_grad + loss forward/backward + Adam), "
                    "float32, numpy reference backend; *_ratio_to_dsm = step / DSM step",
            "reps": args.reps, "host": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "blas_threads": os.environ["OPENBLAS_NUM_THREADS"], "load_average_at_start": os.getloadavg(), "mlp": {}, "unet-small": None}
@@ -90,14 +88,16 @@ def main():
         build = lambda: make_model("mlp", dim=D, widths=(128, 128), seed=0)
         out["mlp"][str(D)] = dict(batch=args.batch, **bench(f"mlp D={D}", build, x0, args.reps))
     x0 = rng.uniform(-1, 1, (args.unet_batch, 1, 28, 28))
-    build = lambda: JVPUNet(seed=0, **SMALL_CONFIG)
+    build = lambda: make_model("unet-small", seed=0)     # UNet carries forward_jvp / backward_jvp
     out["unet-small"] = dict(batch=args.unet_batch, image="1x28x28",
                              **bench("unet-small 28x28", build, x0, max(1, args.reps // 3)))
     out["seconds_total"] = time.perf_counter() - t_start
     out["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    tmp = f"{args.out}.{os.getpid()}.tmp"          # written whole, then renamed: never half a file
+    with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
+    os.replace(tmp, args.out)
     print(f"total {out['seconds_total']:.0f} s -> {args.out}")
 
 

@@ -1,7 +1,5 @@
-"""Forward mode for the UNet: `forward_jvp` / `backward_jvp` as a mixin (reference).
-
-    class UNet(UNetJVP, Model): ...          # or, without touching unet.py:
-    class JVPUNet(UNetJVP, UNet): pass
+"""Forward mode for the UNet: `forward_jvp` / `backward_jvp`, inherited by refdiff.nn.unet.UNet
+(reference). Like the MLP (refdiff/nn/mlp.py), the model class itself carries its JVP.
 
 `forward_jvp(x, t, v)` returns eps_theta(x, t) and its directional derivative
 (d eps_theta / dx) v; `backward_jvp(deps, deps_dot)` returns the gradient of
@@ -9,141 +7,165 @@
 through the primal and the tangent pass. Sliced score matching needs exactly that
 (refdiff.losses.ssm; report ch. 4).
 
-The methods mirror refdiff.nn.unet.UNet.forward step for step (same parameter names, same
-order of ops, same stage plan `self.stages` and sizes `self.sizes`), replacing each op by its
-tangent pair from refdiff.nn.tangent: conv2d, conv_transpose2d, silu, group_norm, concat and
-the time-embedding add. The time MLPs do not depend on x: their tangent is zero, so they run
-the plain primal pairs and their gradients come from the primal upstream only. They use only
-what a UNet holds: `params`, `config`, `stages`, `sizes`, `ops`, `accumulate`, `check_input`.
+How: forward mode is the forward pass on dual numbers. UNet.forward itself runs, unchanged,
+on Dual(x, v) (a primal array and its tangent), with the model's ops replaced by
+TangentOps: every op given a Dual runs its tangent pair from refdiff.nn.tangent,
+
+    conv2d_forward(Dual(h, hd), w, b, s, p)  ->  conv2d_jvp_forward(h, hd, w, b, s, p)
+
+and likewise conv_transpose2d, silu, group_norm, add_channel_bias and concat; an op given a
+plain array runs the primal pair (the time MLPs: they do not depend on x, their tangent is
+zero). UNet.backward then walks that tape with Dual cotangents (dy, dydot), each op's
+backward being the tangent pair's backward, and the parameter gradients of both passes
+accumulate. So the network's structure is written once, in unet.py; this module holds only
+the change of number system. The skip term c(t) x is linear: Dual arithmetic gives
+c(t) (x, v) (Dual.__add__ / __mul__).
 """
 from __future__ import annotations
-
-import numpy as np
 
 from .tangent import tangent_ops
 
 
-def _num_groups(channels, max_groups):
-    from .unet import num_groups   # late import: unet.py imports this module
-    return num_groups(channels, max_groups)
+class Dual:
+    """(x, dot): an array of the forward pass and its tangent, same shape and dtype."""
+    __array_ufunc__ = None          # ndarray * Dual defers to Dual.__rmul__
+
+    def __init__(self, x, dot):
+        self.x, self.dot = x, dot
+
+    shape = property(lambda self: self.x.shape)
+    ndim = property(lambda self: self.x.ndim)
+    dtype = property(lambda self: self.x.dtype)
+
+    def astype(self, dtype, copy=True):
+        return Dual(self.x.astype(dtype, copy=copy), self.dot.astype(dtype, copy=copy))
+
+    def __add__(self, other):       # a plain array is a constant: no tangent
+        if isinstance(other, Dual):
+            return Dual(self.x + other.x, self.dot + other.dot)
+        return Dual(self.x + other, self.dot)
+
+    __radd__ = __add__
+
+    def __mul__(self, c):           # c: a constant (no tangent), e.g. the skip coefficient
+        if isinstance(c, Dual):
+            raise TypeError("Dual * Dual: the UNet's forward multiplies only by constants")
+        return Dual(self.x * c, self.dot * c)
+
+    def __rmul__(self, c):
+        if isinstance(c, Dual):
+            raise TypeError("Dual * Dual: the UNet's forward multiplies only by constants")
+        return Dual(c * self.x, c * self.dot)
+
+
+class _DualArrayModule:
+    """The array module as the forward sees it: Duals pass through asarray; isfinite looks at
+    the primal (forward_jvp checks the direction itself); the rest is the backend's."""
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def asarray(self, a, *args, **kwargs):
+        return a if isinstance(a, Dual) else self._xp.asarray(a, *args, **kwargs)
+
+    def isfinite(self, a):
+        return self._xp.isfinite(a.x if isinstance(a, Dual) else a)
+
+
+def _pair(op):
+    """(forward, backward) of `op` on Duals: its tangent pair; on plain arrays: the primal pair."""
+    def forward(self, x, *args, **kwargs):
+        if not isinstance(x, Dual):
+            return getattr(self._ops, op + "_forward")(x, *args, **kwargs)
+        y, ydot, cache = getattr(self._tangent, op + "_jvp_forward")(x.x, x.dot, *args, **kwargs)
+        return Dual(y, ydot), cache
+
+    def backward(self, dy, cache):
+        if not isinstance(dy, Dual):
+            return getattr(self._ops, op + "_backward")(dy, cache)
+        dx, dxdot, *grads = getattr(self._tangent, op + "_jvp_backward")(dy.x, dy.dot, cache)
+        return (Dual(dx, dxdot), *grads) if grads else Dual(dx, dxdot)
+    return forward, backward
+
+
+class TangentOps:
+    """A backend's ops for a forward pass on Duals (see the module docstring); every other
+    name (time_embedding, asarray, to_numpy, name, ...) is the backend's own."""
+
+    def __init__(self, ops):
+        self._ops, self._tangent = ops, tangent_ops(ops)
+        self.xp = _DualArrayModule(ops.xp)
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    linear_forward, linear_backward = _pair("linear")
+    silu_forward, silu_backward = _pair("silu")
+    add_channel_bias_forward, add_channel_bias_backward = _pair("add_channel_bias")
+    group_norm_forward, group_norm_backward = _pair("group_norm")
+    conv2d_forward, conv2d_backward = _pair("conv2d")
+    conv_transpose2d_forward, conv_transpose2d_backward = _pair("conv_transpose2d")
+
+    def concat_forward(self, xs, axis=1):
+        if not any(isinstance(a, Dual) for a in xs):
+            return self._ops.concat_forward(xs, axis)
+        y, ydot, cache = self._tangent.concat_jvp_forward([a.x for a in xs], [a.dot for a in xs], axis)
+        return Dual(y, ydot), cache
+
+    def concat_backward(self, dy, cache):
+        if not isinstance(dy, Dual):
+            return self._ops.concat_backward(dy, cache)
+        dxs, dxdots = self._tangent.concat_jvp_backward(dy.x, dy.dot, cache)
+        return [Dual(a, b) for a, b in zip(dxs, dxdots)]
 
 
 class UNetJVP:
-    """Mixin: forward-mode derivative and its adjoint for refdiff.nn.unet.UNet."""
+    """forward_jvp / backward_jvp of refdiff.nn.unet.UNet: its forward and backward run on
+    Duals. The primal tape of a pending forward is left as it was."""
+
+    _STATE = ("_tape", "_out_shape", "_skip")
+
+    def _run_tangent(self, method, args, state):
+        """method(*args) with TangentOps and the given tape state; -> (result, state after)."""
+        saved = tuple(getattr(self, k, None) for k in self._STATE) + (self.ops,)
+        for k, v in zip(self._STATE, state):
+            setattr(self, k, v)
+        self.ops = TangentOps(saved[-1])
+        try:
+            out = method(*args)
+            return out, tuple(getattr(self, k, None) for k in self._STATE)
+        finally:
+            self.ops = saved[-1]
+            for k, v in zip(self._STATE, saved):
+                setattr(self, k, v)
 
     def forward_jvp(self, x, t, v):
         """x, v (B, C, H, W), t (B,) -> (eps_theta (B, C, H, W), (d eps_theta/dx) v (B, C, H, W))."""
-        F, T, c = self.ops, tangent_ops(self.ops), self.config
-        s = c["image_size"]
-        x, v = F.xp.asarray(x), F.xp.asarray(v)
-        self.check_input(x, (c["in_channels"], s, s), t)
+        xp = self.ops.xp
+        x, v = xp.asarray(x), xp.asarray(v)
         if tuple(v.shape) != tuple(x.shape):
             raise ValueError(f"model {self.name!r}: the direction v must have the shape of x {tuple(x.shape)}; "
                              f"got {tuple(v.shape)}")
-        t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
-        if not np.all(np.isfinite(t_host)):
-            raise ValueError(f"model {self.name!r}: t contains NaN or Inf")
-        h, hd = x.astype(self.dtype, copy=False), v.astype(self.dtype, copy=False)
-        emb = F.time_embedding(t_host * c["time_scale"], c["emb_dim"], dtype=self.dtype)
-        tape, skips = [], []
-        for k in range(len(c["channels"])):
-            h, hd = self._stage_jvp(f"enc.{k}", h, hd, emb, tape)
-            skips.append((h, hd))
-            tape.append(("skip", k, None))
-            h, hd = self._resample_jvp(f"down.{k}", h, hd, self.sizes[k] % 2 == 1, False, tape)
-        h, hd = self._stage_jvp("mid", h, hd, emb, tape)
-        for k in reversed(range(len(c["channels"]))):
-            h, hd = self._resample_jvp(f"up.{k}", h, hd, self.sizes[k] % 2 == 1, True, tape)
-            h, hd, cache = T.concat_jvp_forward([skips[k][0], h], [skips[k][1], hd], axis=1)
-            tape.append(("concat", k, cache))
-            h, hd = self._stage_jvp(f"dec.{k}", h, hd, emb, tape)
-        y, yd = self._conv_jvp("out", h, hd, 1, 1, False, tape)
-        self._jvp_skip = None
-        if c.get("input_skip"):                       # eps = c(t) x + net: tangent c(t) v + net's
-            self._jvp_skip = self.skip_coefficient(t_host)
-            y = y + self._jvp_skip * x.astype(self.dtype, copy=False)
-            yd = yd + self._jvp_skip * v.astype(self.dtype, copy=False)
-        self._jvp_tape, self._jvp_out_shape = tape, tuple(y.shape)
-        return y, yd
-
-    def _stage_jvp(self, name, h, hd, emb, tape):
-        F, T, p = self.ops, tangent_ops(self.ops), self.params
-        a, lin0 = F.linear_forward(emb, p[f"{name}.time.0.weight"], p[f"{name}.time.0.bias"])
-        a, act = F.silu_forward(a)
-        v, lin2 = F.linear_forward(a, p[f"{name}.time.2.weight"], p[f"{name}.time.2.bias"])
-        h, hd, add = T.add_channel_bias_jvp_forward(h, hd, v)      # v has no tangent
-        tape.append(("time", f"{name}.time", (lin0, act, lin2, add)))
-        for j, (c_in, _, use_norm) in enumerate(self.stages[name]):
-            prefix = f"{name}.blocks.{j}"
-            if use_norm:
-                g = _num_groups(c_in, self.config["max_groups"])
-                h, hd, cache = T.group_norm_jvp_forward(h, hd, g, p[prefix + ".norm.weight"],
-                                                        p[prefix + ".norm.bias"])
-                tape.append(("group_norm", prefix + ".norm", cache))
-            h, hd = self._silu_jvp(*self._conv_jvp(prefix + ".conv1", h, hd, 1, 1, False, tape), tape)
-            h, hd = self._silu_jvp(*self._conv_jvp(prefix + ".conv2", h, hd, 1, 1, False, tape), tape)
-        return h, hd
-
-    def _resample_jvp(self, name, h, hd, odd, transpose, tape):
-        """As UNet._resample: down [Conv(2,1) -> SiLU ->] Conv(4,2,1); up ConvT(4,2,1) [-> SiLU -> ConvT(2,1)]."""
-        halve, shrink = (2, 1), (1, 0)
-        if not odd:
-            return self._conv_jvp(name + ".0", h, hd, *halve, transpose, tape)
-        first, second = (halve, shrink) if transpose else (shrink, halve)
-        h, hd = self._silu_jvp(*self._conv_jvp(name + ".0", h, hd, *first, transpose, tape), tape)
-        return self._conv_jvp(name + ".2", h, hd, *second, transpose, tape)
-
-    def _conv_jvp(self, name, h, hd, stride, padding, transpose, tape):
-        op = "conv_transpose2d" if transpose else "conv2d"
-        fwd = getattr(tangent_ops(self.ops), op + "_jvp_forward")
-        h, hd, cache = fwd(h, hd, self.params[name + ".weight"], self.params[name + ".bias"], stride, padding)
-        tape.append((op, name, cache))
-        return h, hd
-
-    def _silu_jvp(self, h, hd, tape):
-        h, hd, cache = tangent_ops(self.ops).silu_jvp_forward(h, hd)
-        tape.append(("silu", None, cache))
-        return h, hd
+        if v.ndim and not bool(xp.all(xp.isfinite(v))):
+            raise ValueError(f"model {self.name!r}: the direction v contains NaN or Inf")
+        y, self._jvp_state = self._run_tangent(self.forward, (Dual(x, v), t), (None, None, None))
+        return y.x, y.dot
 
     def backward_jvp(self, deps, deps_dot):
         """Gradient of <eps, deps> + <eps_dot, deps_dot>: returns d/dx (B, C, H, W); the
         parameter gradients accumulate into self.grads."""
-        if getattr(self, "_jvp_tape", None) is None:
+        state = getattr(self, "_jvp_state", None)
+        if state is None or state[0] is None:
             raise RuntimeError("backward_jvp called before forward_jvp")
-        F, T = self.ops, tangent_ops(self.ops)
-        dy, dyd = F.xp.asarray(deps), F.xp.asarray(deps_dot)
+        xp = self.ops.xp
+        dy, dyd = xp.asarray(deps), xp.asarray(deps_dot)
         for name, a in (("deps", dy), ("deps_dot", dyd)):
-            if tuple(a.shape) != self._jvp_out_shape:
+            if tuple(a.shape) != state[1]:
                 raise ValueError(f"model {self.name!r}: {name} must have the output's shape "
-                                 f"{self._jvp_out_shape}; got {tuple(a.shape)}")
-        dy, dyd = dy.astype(self.dtype, copy=False), dyd.astype(self.dtype, copy=False)
-        dy_out, d_skips = dy, {}
-        for op, name, cache in reversed(self._jvp_tape):
-            if op == "skip":                          # the encoder output also fed dec.k
-                ds, dsd = d_skips.pop(name)
-                dy, dyd = dy + ds, dyd + dsd
-            elif op == "concat":
-                (ds, dy), (dsd, dyd) = T.concat_jvp_backward(dy, dyd, cache)
-                d_skips[name] = (ds, dsd)
-            elif op == "time":
-                dy, dyd = self._time_jvp_backward(name, dy, dyd, cache)
-            elif op == "silu":
-                dy, dyd = T.silu_jvp_backward(dy, dyd, cache)
-            else:                                     # conv2d, conv_transpose2d, group_norm
-                dy, dyd, dw, db = getattr(T, op + "_jvp_backward")(dy, dyd, cache)
-                self.accumulate(name + ".weight", dw)
-                self.accumulate(name + ".bias", db)
-        if getattr(self, "_jvp_skip", None) is not None:   # c(t) v does not depend on x
-            dy = dy + self._jvp_skip * dy_out
-        self._jvp_tape = None
-        return dy
-
-    def _time_jvp_backward(self, name, dh, dhd, caches):
-        F, acc = self.ops, self.accumulate
-        lin0, act, lin2, add = caches
-        dh, dhd, dv = tangent_ops(self.ops).add_channel_bias_jvp_backward(dh, dhd, add)
-        da, dw, db = F.linear_backward(dv, lin2)
-        acc(name + ".2.weight", dw), acc(name + ".2.bias", db)
-        _, dw, db = F.linear_backward(F.silu_backward(da, act), lin0)
-        acc(name + ".0.weight", dw), acc(name + ".0.bias", db)
-        return dh, dhd
+                                 f"{state[1]}; got {tuple(a.shape)}")
+        self._jvp_state = None
+        dx, _ = self._run_tangent(self.backward, (Dual(dy, dyd),), state)
+        return dx.x                  # dx.dot, the gradient with respect to v, is not needed
