@@ -59,7 +59,11 @@ quadrature (tests/test_likelihood.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -278,5 +282,53 @@ def image_bits_per_dim(model, meta, pixels, rng, batch=100, divergence="hutchins
     return dict(bpd=np.concatenate(bpd), nfe=nfes)
 
 
-__all__ = ["DIVERGENCES", "PROBES", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
+@dataclass
+class LikelihoodConfig:
+    checkpoint: str                     # a checkpoint.npz of an eps-model (`refdiff train`)
+    data: str = "mnist5k"               # image source (refdiff.data.images.load_images)
+    split: str = "heldout"              # train | heldout
+    n: int = 500                        # the first n images of the split
+    batch: int = 100                    # images per ODE solve
+    divergence: str = "hutchinson"      # or "exact" (one JVP per pixel)
+    probes: int = 1                     # Hutchinson probes per image
+    probe: str = "rademacher"           # or "gaussian"
+    rtol: float = 1e-5                  # RK45 tolerances (score_sde's defaults)
+    atol: float = 1e-5
+    t_min: float = 1e-5                 # where the ODE starts (score_sde's eps)
+    seed: int = 0                       # dequantisation noise and probes
+    use_ema: bool = True
+    backend: str = "numpy"
+
+
+def likelihood_to_dir(cfg, out_dir, log=None):
+    """What `refdiff likelihood` does: bits/dim of cfg.n real images under cfg.checkpoint, written
+    to out_dir/metrics.json (mean, standard error over the images, NFE per batch, the config),
+    atomically, holding the directory's RunLock. -> the metrics dict."""
+    from . import io
+    from .data.images import load_images
+    from .generate import load_generator
+
+    check_int(cfg.n, "n", lo=1)
+    with io.output_run(out_dir, log=log) as out:
+        model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
+        x, _ = load_images(cfg.data, cfg.split)
+        if cfg.n > len(x):
+            raise ValueError(f"n = {cfg.n} is more than the {len(x)} images of {cfg.data} {cfg.split}")
+        pixels = np.round((x[:cfg.n].astype(np.float64) + 1.0) * 127.5).astype(np.int64)   # back to 0..255
+        t0 = time.perf_counter()
+        res = image_bits_per_dim(model, meta, pixels, np.random.default_rng(cfg.seed), batch=cfg.batch,
+                                 divergence=cfg.divergence, probes=cfg.probes, probe=cfg.probe, rtol=cfg.rtol,
+                                 atol=cfg.atol, t_min=cfg.t_min, log=log)
+        bpd = res["bpd"]
+        info.update(bits_per_dim_mean=float(bpd.mean()),
+                    bits_per_dim_se=float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else None,
+                    nfe_per_batch=res["nfe"], nfe_mean=float(np.mean(res["nfe"])),
+                    seconds=time.perf_counter() - t0, config=dataclasses.asdict(cfg),
+                    convention="uniform dequantisation (p + u) / 256 onto [-1, 1); bpd = -logp / (D ln 2) + 7 "
+                               "(score_sde likelihood.py / run_lib.py, centred data)")
+        io.write_json(os.path.join(out, "metrics.json"), info)
+    return info
+
+
+__all__ = ["DIVERGENCES", "PROBES", "LikelihoodConfig", "likelihood_to_dir", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
            "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim"]

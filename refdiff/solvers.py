@@ -35,6 +35,7 @@ docs/likelihood-and-solvers.md).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -397,3 +398,61 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, bat
         nfe = max(nfe, int(k))
     image_shape = tuple((meta or {}).get("image_shape") or shape1)
     return np.concatenate(outs).reshape((n,) + image_shape), nfe
+
+
+def sample_to_dir(cfg, out_dir, log=None, inpaint_mask=None, inpaint_from=None):
+    """What `refdiff sample` does for this module's samplers and for inpainting: cfg is a
+    refdiff.generate.SampleConfig whose sampler_args are `sample_from_checkpoint`'s options
+    (sampler, steps, batch, rtol, atol). With inpaint_mask and inpaint_from (.npy paths: a 0/1
+    mask of one image's shape or of the images', and images in [-1, 1]) the first cfg.n images
+    are completed by refdiff.inpaint.inpaint_from_checkpoint instead (sampler "em" or
+    "heun-sde", steps default 1000). Writes out_dir/samples.npy, grid.png, sample.json
+    atomically under the directory's RunLock (as refdiff.generate.sample_to_dir). -> info."""
+    import dataclasses
+    import time
+
+    from . import io
+    from .figures import save_grid
+    from .generate import load_generator
+
+    cfg.validate()
+    args = dict(cfg.sampler_args)
+    if (inpaint_mask is None) != (inpaint_from is None):
+        raise ValueError("--inpaint MASK.npy and --from IMAGES.npy go together")
+    with io.output_run(out_dir, log=log) as out:
+        model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
+        rng, t0 = np.random.default_rng(cfg.seed), time.perf_counter()
+        if inpaint_mask is not None:
+            from .inpaint import inpaint_from_checkpoint
+            sampler = args.get("sampler", "em")
+            if sampler not in ("em", "heun-sde"):
+                raise ValueError(f"--inpaint runs the reverse SDE: use --sampler em or heun-sde; got {sampler!r}")
+            images, mask = (_load_npy(p, flag) for p, flag in ((inpaint_from, "--from"), (inpaint_mask, "--inpaint")))
+            if cfg.n > len(images):
+                raise ValueError(f"--n {cfg.n} is more than the {len(images)} images in --from {inpaint_from!r}")
+            if mask.shape == images.shape:
+                mask = mask[:cfg.n]
+            x = inpaint_from_checkpoint(model, meta, images[:cfg.n], mask, rng, steps=args.get("steps") or 1000,
+                                        step="em" if sampler == "em" else "heun", batch=args.get("batch", 256))
+            info.update(inpaint=os.path.abspath(inpaint_mask), source=os.path.abspath(inpaint_from), sampler=sampler)
+        else:
+            x, nfe = sample_from_checkpoint(model, meta, cfg.n, rng, **args)
+            info.update(args, nfe=nfe)
+        x = np.clip(np.asarray(x, dtype=np.float32), -1, 1)
+        info.update(n=cfg.n, seed=cfg.seed, sample_seconds=time.perf_counter() - t0)
+        io.save_npy(os.path.join(out, "samples.npy"), x)
+        save_grid(os.path.join(out, "grid.png"), x)
+        io.write_json(os.path.join(out, "sample.json"), dict(info, config=dataclasses.asdict(cfg)))
+    return info
+
+
+def _load_npy(path, flag):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {path!r} is not a .npy array file ({exc})") from None
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{flag} {path!r} must hold one array, not an .npz archive")
+    return a
