@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from refdiff import metrics, samplers
 from refdiff.data import GaussianMixture
 from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast
-from tests.helpers import examples
+from tests.helpers import TOL, assert_close, examples
 
 SDES = [OU(5.0), OU(2.0, sigma=1.5, T=2.0), VP(), SubVP(), VE(0.01, 4.0)]
 IDS = [repr(s) for s in SDES]
@@ -115,9 +115,9 @@ def test_ddpm_schedule_cosine_values(num_steps):
     operations in another order: a few ulps, TOL[float64]."""
     c = DDPMSchedule(num_steps=num_steps, kind="cosine")
     want = betas_for_alpha_bar(num_steps)
-    np.testing.assert_allclose(c.betas, want, rtol=1e-10, atol=1e-12)
+    assert_close(c.betas, want, name="betas", **TOL[np.dtype(np.float64)])
     assert c.betas[-1] == 0.999 and want[-1] == 0.999      # abar(1) = cos(pi/2)^2 ~ 0: beta -> 1, clipped
-    np.testing.assert_allclose(c.alpha_bars, np.cumprod(1 - want), rtol=1e-10, atol=1e-15)
+    assert_close(c.alpha_bars, np.cumprod(1 - want), name="alpha_bars", **TOL[np.dtype(np.float64)])
 
 
 def test_vp_is_the_continuous_limit_of_ddpm():
