@@ -1,0 +1,59 @@
+"""The benchmarks' one-library-per-process rule (benchmarks/train_step.py): each worker
+holds only its own library, and the check that reports it can fail.
+
+A PyTorch step run in a process that also holds numba and threadpoolctl takes ~1.7x as
+long as in a clean process, so a worker that quietly imports another implementation's
+library makes every ratio of the benchmark wrong without any error.
+"""
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import _common  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_isolation_flags_a_foreign_library_in_each_kind_of_worker():
+    clean = {"numpy": [], "torch": ["torch"], "numba": ["numba", "refdiff_cuda", "threadpoolctl"]}
+    assert train_step._isolation(clean) == {}
+    dirty = {"numpy": ["numba"], "torch": ["threadpoolctl", "torch"], "numba": ["numba", "torch"],
+             "cupy": ["refdiff_cuda", "torch"]}
+    assert train_step._isolation(dirty) == {"numpy": ["numba"], "torch": ["threadpoolctl"],
+                                            "numba": ["torch"], "cupy": ["torch"]}
+
+
+def test_each_worker_sets_only_its_own_librarys_threads():
+    assert set(train_step._worker_env("numpy", 2)) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    assert train_step._worker_env("torch", 2) == {}          # torch.set_num_threads inside the worker
+    assert train_step._worker_env("numba", 3)["NUMBA_NUM_THREADS"] == "3"
+
+
+def test_environ_is_restored(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with train_step._environ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+
+
+def test_held_libraries_reads_sys_modules(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert "torch" in _common.held_libraries()
+    monkeypatch.delitem(sys.modules, "torch")
+    assert "torch" not in _common.held_libraries()
+
+
+def test_reference_worker_holds_no_other_library():
+    """A real spawned reference worker: refdiff's NumPy path must import none of torch,
+    numba, refdiff_cuda, threadpoolctl, and its first loss is finite."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workers, infos, notes = train_step._start_workers(["numpy"], 2, 1, tmp)
+        proc, conn = workers["numpy"]
+        try:
+            held = train_step._ask(conn, "numpy", None, "libraries")
+        finally:
+            proc.join(timeout=30)
+    assert held == [] and notes == {}
+    assert infos["numpy"]["first_loss"] > 0
