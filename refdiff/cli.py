@@ -1,7 +1,8 @@
 """The `refdiff` command: one subcommand per module in refdiff/commands/.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`, and may define
-`INTERRUPTED`, the sentence printed when the user interrupts it; COMMANDS maps subcommand
+`INTERRUPTED`, the sentence printed when the user interrupts it (or raise KeyboardInterrupt
+with a more precise one); COMMANDS maps subcommand
 names to modules (imported when the parser is built). A command maps its flags onto the
 library's config and calls the library; it does no work of its own.
 
@@ -69,7 +70,8 @@ def _os_error(exc):
 def describe(exc, interrupted=None):
     """(exit code, one-line message) for an exception that ended a command."""
     if isinstance(exc, KeyboardInterrupt):
-        return INTERRUPT, "interrupted" + (f"; {interrupted}" if interrupted else "")
+        note = str(exc) or interrupted         # a command may say what is on disk at that moment
+        return INTERRUPT, "interrupted" + (f"; {note}" if note else "")
     if isinstance(exc, FloatingPointError):
         return FAILURE, str(exc)
     if isinstance(exc, MemoryError):

@@ -242,7 +242,7 @@ class Trainer:
         self.log(f"resuming {self.path} after epoch {self.epoch}")
 
     # -- training -------------------------------------------------------------------------------------------
-    def _on_disk(self):
+    def on_disk(self):
         """Where the last finite state is, for a message about a stopped run."""
         if self.saved_epoch is None:
             return "no checkpoint was written (the run stopped before its first epoch ended)"
@@ -273,8 +273,8 @@ class Trainer:
                     out = self.objective.step(F.asarray(self.x[idx].astype(self.model.dtype)), self.y[idx], rng)
                     guard.check(out)
                 except FloatingPointError as exc:
-                    raise DivergenceError(f"training diverged at epoch {e + 1}, step {s + 1}: {exc}; {self._on_disk()}; "
-                                          f"lower --lr or set --grad-clip") from None
+                    raise DivergenceError(f"training diverged at epoch {e + 1}, step {s + 1}: {exc}; "
+                                          f"{self.on_disk()}; lower --lr or set --grad-clip") from None
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
                 done += 1

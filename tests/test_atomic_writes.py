@@ -134,3 +134,24 @@ def test_kill_9_then_resume_is_bit_for_bit(tmp_path):
     for k in xa:
         assert np.array_equal(xa[k], xb[k]), k
     assert sorted(os.listdir(b)) == ["checkpoint.npz", "metrics.json"]
+
+
+def test_ctrl_c_says_what_is_on_disk_and_leaves_no_temporary(tmp_path):
+    """SIGINT during `refdiff train`: exit 130, one line naming the intact checkpoint, the lock
+    released and no temporary left (the interrupt may fall inside a write)."""
+    p = subprocess.Popen(TRAIN + ["--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.npz").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(np.random.default_rng().uniform(0, 0.3))
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    if p.returncode == 0:
+        pytest.skip("the run ended before the interrupt")
+    assert p.returncode == 130, err
+    epoch = checkpoint.load(tmp_path / "checkpoint.npz")[1]["epoch"]
+    lines = [l for l in err.splitlines() if l.startswith("refdiff")]
+    assert lines == [f"refdiff train: interrupted; the checkpoint of epoch {epoch} is intact in "
+                     f"{tmp_path / 'checkpoint.npz'} (the last finite state): continue with --resume"], err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "metrics.json"]

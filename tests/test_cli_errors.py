@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -338,7 +337,7 @@ def test_debug_flag_after_the_command(fx, tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
-# --- the measurement ----------------------------------------------------------------------------------------------------
+# --- the measurement ----------------------------------------------------------------------------------------
 class CaseTimeout(BaseException):
     """A case still running after the measurement's time limit (not an Exception: main must not catch it)."""
 

@@ -43,7 +43,8 @@ def test_train_divergence_keeps_the_last_finite_checkpoint(tmp_path):
                                               r"checkpoint of epoch 1 is intact"):
         _trainer(tmp_path / "a", 4, **UNSTABLE).fit()
     _trainer(tmp_path / "b", 1, **UNSTABLE).fit()
-    (xa, ma), (xb, mb) = checkpoint.load(tmp_path / "a" / "checkpoint.npz"), checkpoint.load(tmp_path / "b" / "checkpoint.npz")
+    xa, ma = checkpoint.load(tmp_path / "a" / "checkpoint.npz")
+    xb, mb = checkpoint.load(tmp_path / "b" / "checkpoint.npz")
     assert ma["epoch"] == mb["epoch"] == 1 and sorted(xa) == sorted(xb)
     assert all(np.array_equal(xa[k], xb[k]) for k in xa)
     assert sorted(os.listdir(tmp_path / "a")) == ["checkpoint.npz", "metrics.json"]   # no lock, no temporaries

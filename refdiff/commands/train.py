@@ -14,7 +14,7 @@ import sys
 
 from .common import add_backend_flag, positive_float, positive_int
 
-INTERRUPTED = "the checkpoint of the last finished epoch in --out is intact: continue with --resume"
+INTERRUPTED = "nothing was written"      # before training starts; during it, the Trainer says what is on disk
 
 
 def _model_arg(s):
@@ -68,7 +68,10 @@ def run(args):
         m = trainer.model
         print(f"training {m.name} ({m.num_parameters():,} parameters, kind {m.kind}) on {len(trainer.x)} images "
               f"of {cfg.data}, batch {trainer.batch}, epochs {trainer.epoch + 1}..{cfg.epochs}, backend {cfg.backend}")
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{trainer.on_disk()}: continue with --resume") from None
     last = history[-1]
     print(f"epoch {last['epoch']}: loss {last['loss']:.5g}, {last['seconds']:.1f}s per epoch -> {args.out}")
     return 0
