@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from refdiff import checkpoint
 from refdiff.nn import make_model
 from refdiff.optim import EMA, Adam
+from tests.helpers import examples
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def _loads_to_original_or_refuses(path, arrays, meta):
         assert got[k].dtype == arrays[k].dtype and np.array_equal(got[k], arrays[k]), k
 
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=examples(250), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @SETTINGS
@@ -85,7 +87,7 @@ def test_flipped_header_byte_is_refused_or_harmless(original, tmp_path, data):
     _loads_to_original_or_refuses(path, arrays, meta)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_truncation_is_refused(original, tmp_path, data):
     blob, _, _ = original
