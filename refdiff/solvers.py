@@ -417,6 +417,9 @@ def sample_to_dir(cfg, out_dir, log=None, inpaint_mask=None, inpaint_from=None):
 
     cfg.validate()
     args = dict(cfg.sampler_args)
+    if cfg.gif:
+        raise ValueError(f"--gif shows the denoising chain of the ddpm, ddim and em samplers; "
+                         f"{args.get('sampler')!r} and inpainting keep no trajectory")
     if (inpaint_mask is None) != (inpaint_from is None):
         raise ValueError("--inpaint MASK.npy and --from IMAGES.npy go together")
     with io.output_run(out_dir, log=log) as out:
