@@ -228,7 +228,7 @@ def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, pro
     y0 = np.concatenate([x.ravel(), np.zeros(B)])
     sol = solve_ivp(rhs, (t_min, sde.T), y0, method=method, rtol=rtol, atol=atol)
     if not sol.success:
-        raise RuntimeError(f"the probability-flow ODE did not integrate: {sol.message}")
+        raise FloatingPointError(f"the probability-flow ODE did not integrate: {sol.message}")
     z, delta = sol.y[:B * D, -1].reshape(shape), sol.y[B * D:, -1]
     return sde.prior_logp(z) + delta, int(sol.nfev)
 

@@ -20,9 +20,10 @@ Samplers (NFE = score evaluations for N = `steps`):
                          S_churn = 0 is Alg. 1 (deterministic); 2N - 1 NFE
     rk45_ode             the probability-flow ODE by scipy's adaptive RK45 (Song et al. 2021,
                          §4.3 / score_sde's ode_sampler); the NFE is scipy's nfev
-    reverse_heun         the reverse SDE by the stochastic Heun method (Rümelin 1982): strong
-                         order 1 for additive noise where Euler-Maruyama has 1/2 in general
-                         (its weak order 1, 2 with additive noise); 2N NFE
+    reverse_heun         the reverse SDE by the stochastic Heun method (Rümelin 1982); 2N NFE.
+                         With additive noise (the reverse diffusion SDE) its weak order is 2
+                         where Euler-Maruyama's is 1 (both are strong order 1 there; with
+                         multiplicative noise EM falls to strong order 1/2, Heun keeps 1)
 
 `em_step` and `stochastic_heun_step` are the generic one-step maps the reverse-SDE samplers
 and benchmarks/solver_order.py share.
@@ -171,11 +172,18 @@ def dpm_solver_pp_ddpm(model, schedule, shape, rng, steps=20, order=2, spacing="
         e = np.asarray(F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t))), np.float64)
         return (x - sigmas[k] * e) / alphas[k]
 
-    x = rng.standard_normal(tuple(shape)) if x_T is None else np.array(x_T, dtype=np.float64)
-    hist = []
+    x, hist = _start(_UnitPrior, shape, rng, x_T), []
     for k in range(len(tau)):
         x = _dpm_pp_update(x, k, alphas, sigmas, data_fn, order, lower_order_final and len(tau) < 15, hist)
     return x
+
+
+class _UnitPrior:
+    """The DDPM chain's prior N(0, I) (drawn as refdiff.ddpm.ddim draws it)."""
+
+    @staticmethod
+    def prior_sample(shape, rng):
+        return rng.standard_normal(shape)
 
 
 # --- EDM (Karras et al. 2022) ------------------------------------------------------------------------
@@ -269,7 +277,7 @@ def rk45_ode(sde, score_fn, shape, steps=None, rng=None, t_min=1e-3, rtol=1e-5, 
 
     sol = solve_ivp(f, (sde.T, t_min), x.ravel(), method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
-        raise RuntimeError(f"RK45 failed: {sol.message}")
+        raise FloatingPointError(f"RK45 on the probability-flow ODE failed: {sol.message}")
     out = sol.y[:, -1].reshape(x.shape)
     return (out, int(sol.nfev)) if return_nfe else out
 
@@ -322,11 +330,6 @@ def reverse_heun(sde, score_fn, shape, steps, rng, t_min=1e-5, spacing="squared"
     return x
 
 
-SOLVERS = {"dpm2m": dpm_solver_pp, "edm": edm_sampler, "rk45": rk45_ode, "heun-sde": reverse_heun}
-
-__all__ = ["SPACINGS", "SOLVERS", "data_prediction", "time_grid", "dpm_solver_pp", "dpm_solver_pp_ddpm",
-           "edm_sigmas", "t_of_sigma", "edm_sampler", "rk45_ode", "em_step", "stochastic_heun_step",
-           "reverse_heun"]
 
 
 # --- from a checkpoint ----------------------------------------------------------------------------------
@@ -459,3 +462,8 @@ def _load_npy(path, flag):
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{flag} {path!r} must hold one array, not an .npz archive")
     return a
+
+
+__all__ = ["SPACINGS", "CHECKPOINT_SAMPLERS", "data_prediction", "time_grid", "dpm_solver_pp", "dpm_solver_pp_ddpm",
+           "edm_sigmas", "t_of_sigma", "edm_sampler", "rk45_ode", "em_step", "stochastic_heun_step",
+           "reverse_heun", "continuous_sde", "sample_from_checkpoint", "sample_to_dir"]
