@@ -330,5 +330,6 @@ def likelihood_to_dir(cfg, out_dir, log=None):
     return info
 
 
-__all__ = ["DIVERGENCES", "PROBES", "LikelihoodConfig", "likelihood_to_dir", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
-           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim"]
+__all__ = ["DIVERGENCES", "PROBES", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
+           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim", "LikelihoodConfig",
+           "likelihood_to_dir"]
