@@ -1,8 +1,8 @@
 """Golden end-to-end test: 10 Adam steps of DDPM training of a small UNet; every backend
 (and the reference itself, to catch drift of the reference) must reproduce the stored
 losses and every gradient of every step (tests/golden/, regenerate with
-`python -m tests.golden.make_golden`). The CUDA-simulator and CuPy runs live in
-test_backend_numba_cuda.py and test_backend_cupy.py."""
+`python -m tests.golden.make_golden`). Here: the reference itself, and that the comparison
+fails loudly; every accelerated backend's run is test_backend_ops.py's test_reproduces_golden."""
 import numpy as np
 import pytest
 
@@ -26,13 +26,6 @@ def _run(backend, golden, steps=None):
 
 def test_reference_reproduces_golden(golden):
     _run("numpy", golden)
-
-
-@pytest.mark.parametrize("versions", [None, 1], ids=["newest", "v1"])
-def test_numba_reproduces_golden(golden, versions):
-    pytest.importorskip("numba")
-    import refdiff_cuda as rc
-    _run(rc.get_backend("numba", versions=versions), golden)
 
 
 def test_golden_comparison_fails_loudly(golden):
