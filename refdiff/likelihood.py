@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from ._checks import check_array_float, check_int, check_real
+from ._checks import check_array_float, check_int, check_real, check_rng
 from .sde import bcast
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -212,7 +212,7 @@ def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, pro
     x = _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min)
     _require_jvp(score_fn)
     B, shape, D = x.shape[0], x.shape, int(np.prod(x.shape[1:]))
-    v = sample_probes((probes,) + shape, rng, probe) if divergence == "hutchinson" else None
+    v = sample_probes((probes,) + shape, check_rng(rng), probe) if divergence == "hutchinson" else None
 
     def rhs(t, y):
         xt = y[:B * D].reshape(shape)

@@ -169,6 +169,12 @@ def test_bad_arguments(kw, msg):
         L.log_likelihood(sde, L.mixture_score(gmm, sde), np.zeros((2, 2)), np.random.default_rng(0), **kw)
 
 
+def test_hutchinson_needs_a_generator():
+    gmm, sde = GaussianMixture.default(), VP()
+    with pytest.raises(TypeError, match="rng"):
+        L.log_likelihood(sde, L.mixture_score(gmm, sde), np.zeros((2, 2)), None)
+
+
 def test_score_without_jvp_is_refused():
     gmm, sde = GaussianMixture.default(), VP()
     with pytest.raises(ValueError, match="jvp"):
