@@ -23,7 +23,7 @@ $PY -c "import numba_cuda" 2>/dev/null || $PY -m pip install -q --only-binary=:a
 
 unset NUMBA_ENABLE_CUDASIM
 timeout 150 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/gpu_check_tests.xml" \
-  tests/test_backend_cupy.py tests/test_backend_numba_cuda.py tests/test_backend_registry.py \
+  tests/test_backend_ops.py tests/test_backend_registry.py \
   > "$OUT/gpu_check_tests.log" 2>&1
 TESTS_RC=$?
 tail -3 "$OUT/gpu_check_tests.log"
