@@ -8,9 +8,9 @@ state by a fresh forward-noised copy of the known data at the current time,
 
 so that the unknown entries are always denoised next to known entries with the right noise
 level, and the reverse-time drift carries the known content into them. After the last step the
-known entries are set to y itself, so they are exact in the output. (This is an approximation
-of sampling p(x_unknown | x_known): the replaced entries are not a sample of p_t(. | x_t
-unknown); it is what score_sde does.)
+known entries are set to y itself, so they are exact in the output. (An approximation of
+sampling p(x_unknown | x_known): the replaced entries are drawn from p_t(. | y) alone,
+whatever the unknown entries' current state; it is what score_sde does.)
 
 Shapes: y (B, ...) the images holding the known values (anything where m = 0), m the mask,
 1 = known, 0 = to fill, of shape y.shape or y.shape[1:] (one mask for the batch); values
@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from . import solvers
+from ._checks import check_array_float, check_int, check_rng
 
 STEPS = ("em", "heun")
 
@@ -52,16 +53,13 @@ def check_mask(mask, shape):
 
 def inpaint(sde, score_fn, y, mask, steps, rng, t_min=1e-3, spacing="squared", step="em", denoise=False):
     """Fill the entries of y where mask = 0 by eq. (1); -> x (y.shape) with x = y where mask = 1."""
-    y = np.asarray(y, dtype=np.float64)
+    y = check_array_float(y, "y")
     if y.ndim < 2 or y.shape[0] < 1:
         raise ValueError(f"y must have shape (B, ...) with B >= 1; got {y.shape}")
-    if not np.all(np.isfinite(y)):
-        raise ValueError("y contains NaN or Inf")
     m = check_mask(mask, y.shape)
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}; got {step!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    check_rng(rng)
     ts = solvers.time_grid(sde, steps, t_min, spacing)
     b, sigma = solvers._reverse_fields(sde, score_fn)
     one_step = solvers.em_step if step == "em" else solvers.stochastic_heun_step
@@ -94,8 +92,7 @@ def inpaint_from_checkpoint(model, meta, images, mask, rng, steps=1000, step="em
         raise ValueError(f"images must be (n, ...) of {int(np.prod(shape1))} values each for this model; "
                          f"got shape {images.shape}")
     m = np.broadcast_to(check_mask(mask, images.shape), images.shape)
-    if not (isinstance(batch, (int, np.integer)) and batch >= 1):
-        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+    check_int(batch, "batch", lo=1)
     sf, outs = score_fn_from_model(model, sde), []
     for start in range(0, images.shape[0], batch):
         y, mb = images[start:start + batch], m[start:start + batch]
