@@ -65,8 +65,15 @@ class RingConfig:
                 raise ValueError(f"{name} must be >= {0 if name == 'seed' else 1}; got {v}")
         if self.n < 3:
             raise ValueError(f"n must be >= 3 to fit a covariance; got {self.n}")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
+        for name, lo, hi in (("lr", 0, np.inf), ("ema_decay", 0, 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not np.isfinite(v) \
+                    or not (lo < v <= hi if name == "lr" else lo <= v <= hi):
+                raise ValueError(f"{name} must be a finite number in {'(0, inf)' if name == 'lr' else '[0, 1]'}; "
+                                 f"got {v!r}")
+        if not isinstance(self.widths, (tuple, list)) or not self.widths or not all(
+                isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in self.widths):
+            raise ValueError(f"widths must be a non-empty sequence of integers >= 1; got {self.widths!r}")
         if self.sde not in SDE_DEFAULTS:
             raise ValueError(f"sde must be one of {sorted(SDE_DEFAULTS)}; got {self.sde!r}")
         if self.loss not in losses.LOSSES:
