@@ -10,7 +10,7 @@ from refdiff import ddpm, losses
 from refdiff.nn import make_model, steps
 from refdiff.nn.unet import UNet
 from refdiff.sde import VP, DDPMSchedule
-from tests.helpers import TINY_UNETS, TOL, assert_close
+from tests.helpers import TINY_UNETS, TOL, assert_close, assert_fd, fd_grad, inner
 
 F64 = TOL[np.dtype(np.float64)]
 
@@ -102,3 +102,18 @@ def test_classifier_predict_batches_like_one_pass():
     m = make_model("classifier", seed=0)
     x = np.random.default_rng(0).uniform(-1, 1, (7, 1, 28, 28)).astype(np.float32)
     assert_close(m.predict(x, batch=3), m.logits_and_features(x)[0], name="logits", **TOL[np.dtype(np.float32)])
+
+
+def test_gan_model_interface_backward_is_the_generators_vjp():
+    """GAN.forward / backward (the Model interface: z -> image) against central differences of
+    sum(forward(z) dy) on a few entries of z, float64."""
+    m = make_model("gan", dtype=np.float64, seed=0)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, m.config.get("z_dim", 64)))
+    img = m.forward(z)
+    dy = rng.standard_normal(img.shape)
+    dz = m.backward(dy)
+    with pytest.raises(RuntimeError, match="before forward"):      # backward consumes the cache
+        m.backward(dy)
+    sub = (slice(0, 1), slice(0, 4))
+    assert_fd(dz[sub], fd_grad(lambda: inner(m.forward(z), dy), z[sub]), name="dz")
