@@ -57,7 +57,7 @@ def _known(config, defaults):
     return {k: config[k] for k in defaults if k in config and config[k] is not None}
 
 
-# --- noise prediction (DDPM, score matching) ---
+# --- noise prediction (DDPM, score matching) -----------------------------------------------------------------
 class EpsObjective:
     """Noise prediction. loss "ddpm": Ho et al.'s simple loss on the discrete chain
     (refdiff.ddpm.ddpm_loss, mean over pixels); any name in refdiff.losses.LOSSES ("dsm",
@@ -103,7 +103,7 @@ class EpsObjective:
         return {"loss": loss}
 
 
-# --- VAE ---
+# --- VAE -----------------------------------------------------------------------------------------------------
 class VAEObjective:
     """Negative ELBO, BCE(sum) + KL(sum), AdamW(lr 1e-3, weight decay 0.01 = PyTorch's AdamW
     default), batch 128 (the report's code). Reported losses are per image."""
@@ -142,7 +142,7 @@ class VAEObjective:
         return {"loss": loss / b, "bce": bce / b, "kl": kl / b}
 
 
-# --- GAN ---
+# --- GAN -----------------------------------------------------------------------------------------------------
 class GANObjective:
     """Alternating updates, one D step then one G step per batch (Goodfellow et al. 2014,
     Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (the report's code)."""
@@ -203,7 +203,7 @@ class GANObjective:
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
 
 
-# --- the MNIST classifier ---
+# --- the MNIST classifier ------------------------------------------------------------------------------------
 class ClassifierObjective:
     """Cross-entropy, Adam 1e-3, batch 64, 10 epochs (the report's code); `shift` > 0 adds
     random translations of up to that many pixels (0 = the report's plain training);
