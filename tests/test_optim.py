@@ -99,6 +99,9 @@ def test_ema_swap_exchanges_and_restores():
     other.load_state(state)
     assert other.num_updates == 1 and all(np.array_equal(other.shadow[k], ema.shadow[k]) for k in state
                                           if k in ema.shadow)
+    del state["__num_updates__"]                      # a state saved without the count: warm-up restarts
+    other.load_state(state)
+    assert other.num_updates == 0
 
 
 def _global_norm(grads):
@@ -133,6 +136,16 @@ def test_clip_grad_norm_leaves_small_gradients_alone():
     before = {k: g.copy() for k, g in model.grads.items()}
     assert clip_grad_norm(model, 1.0) == pytest.approx(_global_norm(before), rel=1e-14)
     assert all(np.array_equal(model.grads[k], before[k]) for k in before)
+
+
+def test_clip_grad_norm_at_exactly_max_norm_leaves_gradients_alone():
+    """"At most max_norm": a norm equal to it is not scaled (by max_norm / (norm + 1e-6))."""
+    model = _model()
+    for g in model.grads.values():
+        g[...] = 0.0
+    next(iter(model.grads.values())).reshape(-1)[0] = 1.5
+    assert clip_grad_norm(model, 1.5) == 1.5
+    assert next(iter(model.grads.values())).reshape(-1)[0] == 1.5
 
 
 def test_clip_grad_norm_refuses_non_finite_gradients():
