@@ -284,16 +284,24 @@ class DataParallel:
                 inner()
             opt.step = step
 
+    def check_split(self, n, batch):
+        """ValueError (before any step) unless every batch of an epoch of n examples, the
+        last one (n mod batch) included, has at least one example per rank."""
+        last = n % batch or batch
+        if self.comm.size > 1 and min(batch, last, n) < self.comm.size:
+            raise ValueError(f"batch {batch} over {n} examples (last batch {min(last, n)}) cannot be split over "
+                             f"{self.comm.size} ranks: every batch needs at least one example per rank")
+
     def shard(self, idx, rng):
         """This rank's share of the global batch `idx` and the generator to draw its noise."""
         if self.comm.size == 1:
             return idx, rng
         B = len(idx)
-        lo, hi = share_bounds(B, self.comm.rank, self.comm.size)
-        if hi == lo:
+        if B < self.comm.size:       # the same test on every rank: all stop, none waits in the Allreduce
             raise ValueError(f"a batch of {B} examples cannot be split over {self.comm.size} ranks "
                              f"(each needs at least one): use a batch (and a last batch of the epoch, "
                              f"n_train mod batch) of at least {self.comm.size}")
+        lo, hi = share_bounds(B, self.comm.rank, self.comm.size)
         self.weight, self.divide = (hi - lo, B) if self.mean else (1, 1)
         return idx[lo:hi], ShardedGenerator(rng, B, lo, hi, self.axis)
 

@@ -224,5 +224,134 @@ def test_a_killed_rank_stops_the_other(tmp_path):
     _assert_checkpoint_after_two_steps(ckpt)
 
 
+# --- in one process (no mpirun): the pieces, against direct computations -----------------------------------
+class FakeComm:
+    """Rank `rank` of `size`; its Allreduce adds `other` (the buffer of the other ranks)."""
+
+    def __init__(self, rank=0, size=2, other=None):
+        self.rank, self.size, self.is_root, self.other, self.aborted = rank, size, rank == 0, other, None
+
+    def allreduce_sum_(self, buf):
+        buf += self.other
+        return buf
+
+    def abort(self, code=1):
+        self.aborted = code
+
+
+def test_single_process_path_does_not_import_mpi4py():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")}
+    code = ("import sys, refdiff.distributed as d; c = d.get_comm(); "
+            "print(type(c).__name__, c.rank, c.size, 'mpi4py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["SingleProcess", "0", "1", "False"], out.stderr
+
+
+def test_launcher_without_mpi4py_is_one_clear_error(monkeypatch):
+    from refdiff import distributed
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)       # import mpi4py -> ImportError
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(distributed.DistributedError, match=r"world size 2.*pip install 'refdiff\[mpi\]'"):
+        distributed.get_comm()
+
+
+@pytest.mark.parametrize("axis, block_shape, k", [(0, (3,), 1), (0, (2,), 3), (1, (), 1)])
+def test_shards_draw_the_rows_of_the_global_draw(axis, block_shape, k):
+    """For every N and B >= N, the shares' draws laid side by side are the global draws."""
+    from refdiff.distributed import ShardedGenerator, share_bounds
+
+    for B in range(1, 8):
+        shape = (2, B) if axis == 1 else (k * B,) + block_shape
+        g = np.random.default_rng(9)
+        ref = [g.integers(0, 9, size=shape), g.standard_normal(shape), g.uniform(-1, 2, size=shape),
+               g.normal(1, 3, size=shape), g.random(shape), g.standard_normal()]
+        for N in range(1, B + 1):
+            parts = []
+            for r in range(N):
+                lo, hi = share_bounds(B, r, N)
+                s = ShardedGenerator(np.random.default_rng(9), B, lo, hi, axis)
+                sh = (2, hi - lo) if axis == 1 else (k * (hi - lo),) + block_shape
+                parts.append([s.integers(0, 9, size=sh), s.standard_normal(sh), s.uniform(-1, 2, size=sh),
+                              s.normal(1, 3, size=sh), s.random(sh), s.standard_normal()])
+            for j, want in enumerate(ref[:-1]):
+                if axis == 1:
+                    got = np.concatenate([p[j] for p in parts], axis=1)
+                else:     # block m of the global draw holds rows m B + [0, B): rank r's rows of each block
+                    got = np.concatenate([p[j].reshape((k, -1) + block_shape) for p in parts], axis=1)
+                    got = got.reshape(shape)
+                assert np.array_equal(got, want), (B, N, j)
+            assert all(p[-1] == ref[-1] for p in parts)       # a draw without a batch axis passes through
+
+
+def test_image_streams_do_not_depend_on_the_split():
+    from refdiff.distributed import ImageStreams
+
+    whole = ImageStreams(4, range(5)).standard_normal((5, 3))
+    assert np.array_equal(ImageStreams(4, [2, 3]).standard_normal((2, 3)), whole[2:4])
+    assert np.array_equal(whole[1], np.random.default_rng([4, 1]).standard_normal(3))
+    with pytest.raises(ValueError, match="one row per image"):
+        ImageStreams(4, range(5)).standard_normal((4, 3))
+    with pytest.raises(ValueError, match="one row per image"):
+        ImageStreams(4, range(5)).uniform()
+
+
+def test_gradient_allreduce_weights_sums_and_unflattens():
+    from refdiff.distributed import GradientAllreduce
+    from refdiff.nn import make_model
+
+    m = make_model("mlp", dim=3, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    for g in m.grads.values():
+        g[...] = rng.standard_normal(g.shape)
+    mine = {k: g.copy() for k, g in m.grads.items()}
+    other = {k: rng.standard_normal(g.shape) for k, g in m.grads.items()}     # rank 1's b_1 g_1
+    flat = np.concatenate([other[k].ravel() for k in m.params])
+    GradientAllreduce(FakeComm(other=flat), m)(weight=2, divide=5)
+    for k, g in m.grads.items():
+        np.testing.assert_allclose(g, (2 * mine[k] + other[k]) / 5, rtol=1e-15, atol=0)
+
+
+def test_data_parallel_refuses_what_it_cannot_split():
+    from refdiff.distributed import DataParallel
+    from refdiff.nn import make_model
+    from refdiff.objectives import EpsObjective
+
+    m = make_model("mlp", dim=3)
+    with pytest.raises(ValueError, match="grad_clip"):
+        DataParallel(FakeComm(), EpsObjective(m, {"grad_clip": 1.0}), "eps")
+    with pytest.raises(ValueError, match="kind 'ring'"):
+        DataParallel(FakeComm(), EpsObjective(m, {}), "ring")
+    dp = DataParallel(FakeComm(rank=1, size=3), EpsObjective(m, {}), "eps")
+    with pytest.raises(ValueError, match="batch of 2 examples cannot be split over 3 ranks"):
+        dp.shard(np.arange(2), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="last batch 2"):
+        dp.check_split(14, 4)
+    dp.check_split(15, 4)
+    rng = np.random.default_rng(0)
+    idx, local = DataParallel(FakeComm(size=1), EpsObjective(m, {}), "eps").shard(np.arange(4), rng)
+    assert local is rng and list(idx) == [0, 1, 2, 3]      # one rank: nothing changes
+
+
+def test_abort_on_error_aborts_only_a_real_failure_of_several_ranks(capsys):
+    from refdiff.distributed import abort_on_error
+
+    comm = FakeComm(rank=1, size=2)
+    with abort_on_error(comm):
+        raise KeyError("x")
+    assert comm.aborted == 1 and "rank 1 of 2 stopped (KeyError: 'x')" in capsys.readouterr().err
+    comm = FakeComm(rank=1, size=2)
+    with abort_on_error(comm):
+        raise SystemExit(2)
+    assert comm.aborted == 2
+    comm = FakeComm(rank=0, size=2)
+    with pytest.raises(SystemExit), abort_on_error(comm):
+        raise SystemExit(0)
+    assert comm.aborted is None
+    with pytest.raises(KeyError), abort_on_error(FakeComm(size=1)):
+        raise KeyError("x")
+
+
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1], sys.argv[2]))
