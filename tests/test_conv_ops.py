@@ -250,3 +250,31 @@ def test_max_pool2d_ties_go_to_the_first_max():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+def test_naive_loops_defaults_dtype_and_errors(op):
+    """The naive loops (the spelled-out definitions the fast ops are checked against) take
+    stride 1, padding 0 by default, keep float32 in float32, add the bias, and name
+    themselves in their errors."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3) if op == "conv2d" else (3, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    naive = getattr(F, op + "_naive_forward")
+    y, _ = naive(x, w, b)
+    y_explicit, _ = naive(x, w, b, 1, 0)
+    assert y.dtype == np.float32 and np.array_equal(y, y_explicit)
+    assert_close(y, getattr(F, op + "_forward")(x, w, b, 1, 0)[0], name=op, **TOL[np.dtype(np.float32)])
+    y_nobias, _ = naive(x, w, None)
+    assert_close(y - y_nobias, np.broadcast_to(b[:, None, None], y.shape[1:])[None].repeat(2, 0), name="bias",
+                 **TOL[np.dtype(np.float32)])
+    with pytest.raises(ValueError, match=op + ": bias must have shape"):
+        naive(x, w, b[:3])
+    with pytest.raises(ValueError, match=op + ":"):
+        naive(x[:, :2], w, b)
+    if op == "conv2d":
+        with pytest.raises(ValueError, match="conv2d: kernel 3 larger than the padded input 2"):
+            naive(x[:, :, :2, :], w, b)
+        with pytest.raises(ValueError, match="conv2d: kernel 3 larger than the padded input 2"):
+            naive(x[:, :, :, :2], w, b)

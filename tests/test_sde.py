@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from refdiff import metrics, samplers
 from refdiff.data import GaussianMixture
-from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast
+from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast, make_sde
 from tests.helpers import TOL, assert_close, examples
 
 SDES = [OU(5.0), OU(2.0, sigma=1.5, T=2.0), VP(), SubVP(), VE(0.01, 4.0)]
@@ -126,3 +126,46 @@ def test_vp_is_the_continuous_limit_of_ddpm():
     t = (np.arange(1000) + 1) / 1000
     gamma, _ = vp.marginal_coeffs(t)
     assert np.max(np.abs(s.alpha_bars - gamma ** 2)) < 5e-3
+
+
+# --- configuration, defaults, overflow guards --------------------------------------------------------
+@pytest.mark.parametrize("sde, config, text", [
+    (OU(2.0), {"name": "ou", "beta": 2.0, "sigma": 2.0, "T": 1.0}, "OU(beta=2.0, sigma=2.0, T=1.0)"),
+    (VP(), {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0}, "VP(beta_min=0.1, beta_max=20.0, T=1.0)"),
+    (SubVP(0.2, 10.0, T=2.0), {"name": "subvp", "beta_min": 0.2, "beta_max": 10.0, "T": 2.0},
+     "SubVP(beta_min=0.2, beta_max=10.0, T=2.0)"),
+    (VE(), {"name": "ve", "sigma_min": 0.01, "sigma_max": 5.0, "T": 1.0}, "VE(sigma_min=0.01, sigma_max=5.0, T=1.0)"),
+])
+def test_config_repr_and_defaults(sde, config, text):
+    """config() is what checkpoints record and make_sde rebuilds from (exact keys and the
+    documented defaults: OU's sigma = sqrt(2 beta), stationary N(0, 1); VP(0.1, 20); VE(0.01, 5));
+    repr names the class and every parameter."""
+    assert sde.config() == config
+    assert repr(sde) == text
+    again = make_sde(**config)
+    assert type(again) is type(sde) and again.config() == config
+    s = DDPMSchedule(50, kind="cosine")
+    assert s.config() == {"num_steps": 50, "beta_start": 1e-4, "beta_end": 0.02, "kind": "cosine"}
+
+
+def test_overflow_guards_reject_only_what_overflows():
+    """Each guard refuses parameters whose derived constants overflow float64 and accepts
+    those just inside (the guards' constants are checked at their edge, not 10x away)."""
+    big = np.finfo(np.float64).max
+    with pytest.raises(ValueError, match="too large"):
+        OU(0.6 * big)                                   # 2 beta overflows
+    OU(0.4 * big, sigma=1.0)                            # 2 beta fits (3 beta would not)
+    with pytest.raises(ValueError, match="too large"):
+        OU(1.0, sigma=1.5e154)                          # sigma^2 overflows
+    OU(1.0, sigma=1e154)                                # sigma^2 = 1e308 fits; sigma^2 / 2 beta too
+    with pytest.raises(ValueError, match="too large"):
+        OU(0.25, sigma=1e154)                           # sigma^2 / (2 beta) = 2e308 overflows
+    OU(0.75, sigma=1e154)                               # / (2 beta) fits, / (3 beta) or x (2 beta) would not
+    with pytest.raises(ValueError):
+        VE(1e-300, 1e10)                                # sigma_max / sigma_min = 1e310 overflows
+    VE(1e-290, 1e10)                                    # ratio 1e300 fits; ratio sigma_max^2 would not
+    with pytest.raises(ValueError):
+        VE(1.0, 1.5e154)                                # sigma_max^2 overflows
+    with pytest.raises(ValueError):
+        VE(1.0, 1e153)                                  # g(T)^2 = 2 log(1e153) 1e306 overflows
+    VE(1.0, 1e152)                                      # g(T)^2 = 7e306 fits
