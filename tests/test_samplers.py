@@ -74,3 +74,34 @@ def test_reverse_samplers_reach_the_data_variance(sampler, sde):
     v = variance(sde, t_min)
     assert abs(x.var() / v - 1) < 0.04, f"variance {x.var():.4f} vs exact {v:.4f}"
     assert abs(x.mean()) < 4 * np.sqrt(v / n)
+
+
+@pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
+def test_divergence_is_named_with_step_and_time(sampler):
+    """A score that turns NaN below t = 0.5 stops the sampler saying where: the score at step
+    k, t = t_k (Heun meets it one step earlier, at the end point t_k of step k - 1)."""
+    sde, steps = VP(), 10
+    ts = samplers.time_grid(sde, steps, 1e-3, "uniform")
+    k = int(np.argmax(ts < 0.5))
+    step = k - 1 if sampler == "ode" else k
+    nan_below = lambda x, t: np.where(t[:, None] < 0.5, np.nan, -x)
+    with pytest.raises(FloatingPointError, match=rf"the score contains NaN or Inf at step {step} \(t = {ts[k]:.6g}\)"):
+        samplers.SAMPLERS[sampler](sde, nan_below, (3, 2), steps, np.random.default_rng(0), t_min=1e-3,
+                                   spacing="uniform")
+
+
+def test_heun_state_overflow_is_named_at_the_end():
+    """Heun checks its state once, after the last step: step N, t = t_min."""
+    with pytest.raises(FloatingPointError, match=r"the state contains NaN or Inf at step 10 \(t = 0.001\)"), \
+            np.errstate(over="ignore", invalid="ignore"):       # the overflow is the point
+        samplers.probability_flow_heun(VP(), lambda x, t: np.full_like(x, 1e308), (3, 2), 10,
+                                       np.random.default_rng(0), t_min=1e-3, spacing="uniform")
+
+
+@pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
+def test_default_grid_is_squared(sampler):
+    """Without `spacing` the samplers use the squared grid (finer near t_min)."""
+    sde, score = VE(0.01, 5.0), exact_score(VE(0.01, 5.0))
+    run = lambda **kw: samplers.SAMPLERS[sampler](sde, score, (4, 2), 8, np.random.default_rng(5), t_min=1e-3, **kw)
+    assert np.array_equal(run(), run(spacing="squared"))
+    assert not np.allclose(run(), run(spacing="uniform"))
