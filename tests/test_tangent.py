@@ -286,3 +286,18 @@ def test_model_jvp_on_another_backend_agrees(kind):
     for a, b in zip(out_fast, out_ref):
         assert_close(a, b, name="numba vs reference", **TOL[np.dtype(np.float32)])
     assert_grads_close(g_fast, g_ref, TOL[np.dtype(np.float32)], "numba vs reference")
+
+
+def test_fused_group_norm_silu_passes_eps_on():
+    """group_norm_silu (primal and tangent) = silu(group_norm(.)) for a non-default eps too
+    (eps = 0.5 changes the result by O(1), so a dropped eps cannot hide)."""
+    rng = np.random.default_rng(0)
+    x, xdot = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 4, 3))
+    g, b = 1 + 0.5 * rng.standard_normal(4), rng.standard_normal(4)
+    z, _ = F.group_norm_forward(x, 2, g, b, eps=0.5)
+    assert_close(F.group_norm_silu_forward(x, 2, g, b, eps=0.5)[0], F.silu_forward(z)[0], name="primal", **TOL[np.dtype(np.float64)])
+    z, zdot, _ = T.group_norm_jvp_forward(x, xdot, 2, g, b, eps=0.5)
+    y, ydot, _ = T.silu_jvp_forward(z, zdot)
+    y2, ydot2, _ = T.group_norm_silu_jvp_forward(x, xdot, 2, g, b, eps=0.5)
+    assert_close(y2, y, name="tangent primal", **TOL[np.dtype(np.float64)])
+    assert_close(ydot2, ydot, name="tangent", **TOL[np.dtype(np.float64)])
