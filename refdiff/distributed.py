@@ -50,6 +50,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -228,7 +229,8 @@ class ShardedGenerator(np.random.Generator):
 class GradientAllreduce:
     """The gradients of `model` (anything with .params, .grads, .ops: a Model or a
     refdiff.optim.ParamSubset) summed over ranks with one Allreduce of one preallocated
-    contiguous host buffer: g <- (sum_r w_r g_r) / div."""
+    contiguous host buffer: g <- (sum_r w_r g_r) / div. `seconds` adds up the time spent
+    in calls (copies included: the communication share of a step)."""
 
     def __init__(self, comm, model):
         self.comm, self.model = comm, model
@@ -239,8 +241,10 @@ class GradientAllreduce:
         if len(dtypes) != 1:
             raise TypeError(f"gradients of several dtypes {sorted(map(str, dtypes))}: one buffer holds one dtype")
         self.buffer = np.empty(int(self.offsets[-1]), dtype=dtypes.pop())
+        self.seconds = 0.0
 
     def __call__(self, weight, divide):
+        t0 = time.perf_counter()
         F, buf = self.model.ops, self.buffer
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
             np.multiply(F.to_numpy(self.model.grads[k]).reshape(-1), weight, out=buf[lo:hi])
@@ -250,6 +254,7 @@ class GradientAllreduce:
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
             g = self.model.grads[k]
             g[...] = F.asarray(buf[lo:hi].reshape(g.shape))
+        self.seconds += time.perf_counter() - t0
 
 
 class DataParallel:
@@ -275,14 +280,20 @@ class DataParallel:
                              "would be each rank's, not the global batch's")
         self.mean, self.axis = GRAD_REDUCTION[kind] == "mean", BATCH_AXIS.get(kind, 0)
         self.weight = self.divide = 1
+        self.reducers = []
         for opt in objective.optimizers().values():
             reduce = GradientAllreduce(comm, opt.model)
+            self.reducers.append(reduce)
             inner = opt.step
 
             def step(inner=inner, reduce=reduce):
                 reduce(self.weight, self.divide)
                 inner()
             opt.step = step
+
+    def comm_seconds(self):
+        """Seconds this rank spent averaging gradients so far (copies and Allreduce)."""
+        return sum(r.seconds for r in getattr(self, "reducers", ()))
 
     def check_split(self, n, batch):
         """ValueError (before any step) unless every batch of an epoch of n examples, the
