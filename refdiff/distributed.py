@@ -106,6 +106,9 @@ class SingleProcess:
     def barrier(self):
         pass
 
+    def local_rank(self):
+        return 0
+
     def abort(self, code=1):
         os._exit(code)
 
@@ -145,6 +148,14 @@ class MPIComm:
 
     def barrier(self):
         self.comm.Barrier()
+
+    def local_rank(self):
+        """This rank's index among the ranks of its machine (a shared-memory split of the world)."""
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_rank()
+        finally:
+            node.Free()
 
     def abort(self, code=1):
         self.comm.Abort(code)
@@ -191,6 +202,23 @@ def abort_others(code):
     comm = get_comm() if launched_by_mpi() else None
     if code and comm is not None and comm.size > 1:
         comm.abort(int(code))
+
+
+def select_gpu(comm, backend):
+    """For a GPU backend ("cupy", "numba-cuda"): make GPU (local rank mod the machine's GPU
+    count) current, so that the ranks of one machine share its GPUs round-robin; -> the
+    device index, or None for a host backend. Call before the model is built."""
+    if backend == "cupy":
+        import cupy
+        dev = comm.local_rank() % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(dev).use()
+        return dev
+    if backend == "numba-cuda":
+        from numba import cuda
+        dev = comm.local_rank() % len(cuda.gpus)
+        cuda.select_device(dev)
+        return dev
+    return None
 
 
 # --- data parallelism --------------------------------------------------------------------------------------
@@ -421,5 +449,5 @@ def sample_split(comm, draw, n, seed, batch=None):
 
 
 __all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
-           "abort_on_error", "on_root", "abort_others", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
+           "abort_on_error", "on_root", "abort_others", "select_gpu", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
            "check_same_state", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]

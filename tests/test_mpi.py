@@ -104,8 +104,10 @@ def _main(mode, out):
                                  for part, d in zip(("params", "ema", "sums"), r) for k, v in d.items()})
         elif mode == "sample":
             x = sample_run(comm)
+            local = comm.allgather(comm.local_rank())
             if comm.is_root:
                 np.save(out, x)
+                np.save(str(out) + ".local.npy", np.array(local))
         elif mode == "fault":
             train_run(comm, "float64", steps=6, fail_rank=1, ckpt=out)
         elif mode == "kill":
@@ -192,6 +194,7 @@ def test_two_ranks_sample_the_same_images(tmp_path):
     # the same images: equal to float64 rounding (model calls on batches of 2 and 3 vs 5)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
     assert np.std(ref[:, 0, 0, 0]) > 0.1      # distinct images: the streams differ per image
+    assert list(np.load(str(tmp_path / "x.npy") + ".local.npy")) == [0, 1]   # one machine: local ranks 0, 1
 
 
 def _assert_checkpoint_after_two_steps(path):
