@@ -189,18 +189,23 @@ def abort_on_error(comm, stream=None):
         comm.abort(code)
 
 
-def on_root(context, comm=None):
+def on_root(context, comm=None, value=None):
     """`context` (a context manager: an output directory's RunLock) entered on rank 0 only;
-    the other ranks, which write nothing, get contextlib.nullcontext()."""
+    the other ranks, which write nothing, get contextlib.nullcontext(value)."""
     comm = comm or get_comm()
-    return context if comm.is_root else contextlib.nullcontext()
+    return context if comm.is_root else contextlib.nullcontext(value)
 
 
 def abort_others(code):
     """After a rank's failure that was already reported (the CLI's one line): with more
     than one rank, MPI_Abort(code) so that no rank waits for this one; else nothing."""
-    comm = get_comm() if launched_by_mpi() else None
-    if code and comm is not None and comm.size > 1:
+    if not code or not launched_by_mpi():
+        return
+    try:
+        comm = get_comm()
+    except MPIUnavailableError:       # the failure being reported: there is no MPI to abort
+        return
+    if comm.size > 1:
         comm.abort(int(code))
 
 
