@@ -116,19 +116,28 @@ def _main(mode, out):
 
 
 # --- the tests ----------------------------------------------------------------------------------------------
-def _mpirun(mode, out, timeout=120):
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _mpirun_cmd(cmd, ranks=2, timeout=120):
+    """`mpirun -n ranks --oversubscribe [--allow-run-as-root] nice cmd` -> (process, seconds);
+    skips the test without mpi4py or mpirun."""
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         pytest.skip("mpi4py is not installed (pip install 'refdiff[mpi]')")
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not on PATH (pip install 'refdiff[mpi]' provides it)")
-    cmd = ["mpirun", "-n", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    cmd += ["nice", "-n", "10", sys.executable, HERE, mode, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    launch = ["mpirun", "-n", str(ranks), "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(launch + ["nice", "-n", "10"] + cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_env())
     return proc, time.perf_counter() - t0
+
+
+def _mpirun(mode, out, timeout=120):
+    return _mpirun_cmd([sys.executable, HERE, mode, str(out)], timeout=timeout)
 
 
 @pytest.fixture(scope="module")
