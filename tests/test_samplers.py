@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from refdiff import samplers
-from refdiff.sde import OU, VE, VP, SubVP
+from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP
 
 SDES = [VP(), SubVP(), VE(0.01, 5.0), OU(2.0, sigma=1.5, T=2.0)]
 S2 = 0.25                                     # data variance s^2
@@ -105,3 +105,92 @@ def test_default_grid_is_squared(sampler):
     run = lambda **kw: samplers.SAMPLERS[sampler](sde, score, (4, 2), 8, np.random.default_rng(5), t_min=1e-3, **kw)
     assert np.array_equal(run(), run(spacing="squared"))
     assert not np.allclose(run(), run(spacing="uniform"))
+
+
+def _pc_by_hand(sde, score_fn, shape, ts, rng, snr, n_corrector, discrete_steps):
+    """score_sde's predictor-corrector written out (Song et al. 2021, Alg. 2 with the
+    Langevin corrector of Alg. 5): corrector, then reverse Euler-Maruyama, no noise at the
+    last step. Independent of refdiff.samplers except for the SDE's drift and diffusion."""
+    x = sde.prior_sample(shape, rng)
+    betas = np.linspace(sde.beta_min / discrete_steps, sde.beta_max / discrete_steps, discrete_steps)
+    for k in range(len(ts) - 1):
+        t = ts[k]
+        alpha = 1 - betas[int(t * (discrete_steps - 1) / sde.T)]
+        for _ in range(n_corrector):
+            s = score_fn(x, np.full(shape[0], t))
+            z = rng.standard_normal(shape)
+            e = 2 * alpha * (snr * np.linalg.norm(z, axis=1).mean() / max(np.linalg.norm(s, axis=1).mean(), 1e-12)) ** 2
+            x = x + e * s + np.sqrt(2 * e) * z
+        h = t - ts[k + 1]
+        g = sde.diffusion(t)
+        x = x - (sde.drift(x, t) - g * g * score_fn(x, np.full(shape[0], t))) * h
+        if k < len(ts) - 2:
+            x = x + g * np.sqrt(h) * rng.standard_normal(shape)
+    return x
+
+
+@pytest.mark.parametrize("sde", [VP(0.1, 20.0, T=2.0), SubVP(0.2, 10.0)], ids=repr)
+def test_predictor_corrector_three_steps_by_hand(sde):
+    """Three steps, two corrector steps each, a small score (its batch norm < 1, where the
+    1e-12 floor must not act), T = 2 (alpha_i indexes the chain by t (N-1) / T), a
+    non-default discrete_steps: the same draws give the same x, float64: TOL[float64]."""
+    score = lambda x, t: -1e-3 * x
+    shape, steps, t_min = (5, 3), 3, 1e-3
+    ts = samplers.time_grid(sde, steps, t_min, "uniform")
+    got = samplers.predictor_corrector(sde, score, shape, steps, np.random.default_rng(2), t_min=t_min,
+                                       spacing="uniform", snr=0.3, n_corrector=2, discrete_steps=50)
+    want = _pc_by_hand(sde, score, shape, ts, np.random.default_rng(2), 0.3, 2, 50)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+
+
+def test_langevin_alpha_scales_time_by_T():
+    vp = VP(0.1, 20.0, T=2.0)
+    betas = np.linspace(0.1 / 1000, 20.0 / 1000, 1000)
+    assert samplers.langevin_alpha(vp, 1.0) == 1 - betas[int(999 / 2)]
+    assert samplers.langevin_alpha(vp, 2.0, discrete_steps=1) == 1 - 0.1       # N = 1: the one beta_min / 1
+
+
+def test_forward_simulate_steps_by_hand():
+    """x_{k+1} = x_k + f(x_k, t_k) h + g(t_k) sqrt(h) z_k on t_k = k t_end / N, t_end = T by
+    default; the trajectory holds x_0 .. x_N."""
+    sde, x0 = OU(2.0, sigma=1.5, T=2.0), np.array([[1.0, -2.0], [0.5, 0.0]])
+    x, traj = samplers.forward_simulate(sde, x0, 3, np.random.default_rng(4), return_trajectory=True)
+    rng, want = np.random.default_rng(4), [x0]
+    ts = np.array([0.0, 2 / 3, 4 / 3, 2.0])
+    for k in range(3):
+        h = ts[k + 1] - ts[k]
+        want.append(want[-1] + sde.drift(want[-1], ts[k]) * h + sde.diffusion(ts[k]) * np.sqrt(h) * rng.standard_normal(x0.shape))
+    np.testing.assert_allclose(traj, np.stack(want), rtol=1e-12, atol=1e-14)
+    assert np.array_equal(x, traj[-1])
+    assert np.array_equal(samplers.forward_simulate(sde, x0, 3, np.random.default_rng(4)), x)
+    assert np.array_equal(samplers.forward_simulate(sde, x0, 3, np.random.default_rng(4), t_end=2.0), x)
+    one = samplers.forward_simulate(sde, x0, 1, np.random.default_rng(4), t_end=1.0)
+    z = np.random.default_rng(4).standard_normal(x0.shape)
+    np.testing.assert_allclose(one, x0 + sde.drift(x0, 0.0) + sde.diffusion(0.0) * z, rtol=1e-12)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: samplers.forward_simulate(VP(), np.zeros((2, 2)), 0, np.random.default_rng(0)), "steps"),
+    (lambda: samplers.langevin_alpha(VP(), 0.5, discrete_steps=0), "discrete_steps"),
+    (lambda: samplers.predictor_corrector(VP(), lambda x, t: -x, (2, 2), 3, np.random.default_rng(0), snr=-0.1), "snr"),
+    (lambda: samplers.predictor_corrector(VP(), lambda x, t: -x, (2, 2), 3, np.random.default_rng(0), n_corrector=-1),
+     "n_corrector"),
+    (lambda: VP().discrete_betas(0), "num_steps"),
+    (lambda: DDPMSchedule(beta_start=0.0), "beta_start"),
+    (lambda: DDPMSchedule(beta_end=1.0), "beta_end"),
+    (lambda: DDPMSchedule(beta_start="a"), "beta_start"),
+    (lambda: DDPMSchedule(beta_end="a"), "beta_end"),
+])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_edge_arguments_are_accepted():
+    """The lowest legal values: no corrector step, a constant chain, a one-step chain."""
+    x = samplers.predictor_corrector(VP(), lambda x, t: -x, (2, 2), 3, np.random.default_rng(0), n_corrector=0)
+    y = samplers.euler_maruyama(VP(), lambda x, t: -x, (2, 2), 3, np.random.default_rng(0))
+    assert np.array_equal(x, y)                        # no corrector: PC is Euler-Maruyama
+    assert np.array_equal(DDPMSchedule(10, 0.01, 0.01).betas, np.full(10, 0.01))
+    assert VP().discrete_betas(1).tolist() == [0.1]
+    assert samplers.forward_simulate(VP(), np.zeros((1, 1)), 1, np.random.default_rng(0)).shape == (1, 1)
