@@ -196,6 +196,23 @@ def on_root(context, comm=None, value=None):
     return context if comm.is_root else contextlib.nullcontext(value)
 
 
+@contextlib.contextmanager
+def quiet_unless_root():
+    """Under mpirun, ranks other than 0 print nothing inside the block (stdout and stderr go
+    to os.devnull): rank 0 reports for all. Streams are restored on the way out, so an error
+    is still reported by the rank that hit it. Outside mpirun: nothing changes."""
+    if not launched_by_mpi() or get_comm().is_root:
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as null:
+        sys.stdout = sys.stderr = null
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
 def abort_others(code):
     """After a rank's failure that was already reported (the CLI's one line): with more
     than one rank, MPI_Abort(code) so that no rank waits for this one; else nothing."""
@@ -454,5 +471,5 @@ def sample_split(comm, draw, n, seed, batch=None):
 
 
 __all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
-           "abort_on_error", "on_root", "abort_others", "select_gpu", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
+           "abort_on_error", "on_root", "quiet_unless_root", "abort_others", "select_gpu", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
            "check_same_state", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]

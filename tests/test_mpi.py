@@ -21,6 +21,7 @@ Run as a script (`python tests/test_mpi.py MODE OUT`) it is the program each ran
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -206,12 +207,17 @@ def test_two_ranks_sample_the_same_images(tmp_path):
     assert list(np.load(str(tmp_path / "x.npy") + ".local.npy")) == [0, 1]   # one machine: local ranks 0, 1
 
 
+@functools.lru_cache(maxsize=None)
+def _after_two_steps():
+    from refdiff.distributed import SingleProcess
+
+    return next(iter(train_run(SingleProcess(), "float64", steps=2)[0].values()))
+
+
 def _assert_checkpoint_after_two_steps(path):
     """The tensor rank 0 wrote (atomically) after step 2 is complete: it is the one process's
     first parameter after 2 steps, to the float64 agreement of the training test."""
-    from refdiff.distributed import SingleProcess
-
-    ref = next(iter(train_run(SingleProcess(), "float64", steps=2)[0].values()))
+    ref = _after_two_steps()
     w = np.load(path)
     assert w.shape == ref.shape and np.max(np.abs(w - ref)) <= 1e-12 * np.max(np.abs(ref))
 
