@@ -101,8 +101,9 @@ def _main(mode, out):
         if mode == "train":
             res = {f"{name}/{dt}": train_run(comm, dt, name) for name, dt in RUNS}
             if comm.is_root:
-                np.savez(out, **{f"{run}/{part}/{k}": v for run, r in res.items()
-                                 for part, d in zip(("params", "ema", "sums"), r) for k, v in d.items()})
+                np.savez(out, ranks=comm.size, **{f"{run}/{part}/{k}": v for run, r in res.items()
+                                                  for part, d in zip(("params", "ema", "sums"), r)
+                                                  for k, v in d.items()})
         elif mode == "sample":
             x = sample_run(comm)
             local = comm.allgather(comm.local_rank())
@@ -147,7 +148,9 @@ def ranks_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mpi") / "ranks.npz"
     proc, _ = _mpirun("train", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(out))
+    res = dict(np.load(out))
+    assert int(res["ranks"]) == 2          # the ranks saw each other: not two single processes
+    return res
 
 
 def _assert_float64_agree(got, run, ref, per_tensor):
