@@ -53,6 +53,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -246,6 +247,72 @@ def select_gpu(comm, backend):
     return None
 
 
+# A rank that hangs without dying (a deadlock, a stuck file system) would hold the others in
+# their next collective forever; mpi4py's blocking collectives take no timeout. So a watchdog
+# thread MPI_Aborts the job when one collective call lasts longer than this many seconds. It
+# waits for the slowest rank's whole step, epoch-end checkpoint included: the slowest steps
+# here take seconds (unet-seed, batch 128, NumPy: about 1 s) and numba's first compile about
+# a minute, so 900 s is far above any legitimate wait and still ends a hung job in 15
+# minutes rather than hours. REFDIFF_COLLECTIVE_TIMEOUT=seconds changes it, 0 turns it off.
+COLLECTIVE_TIMEOUT_S = 900.0
+
+
+def collective_timeout():
+    """Seconds from REFDIFF_COLLECTIVE_TIMEOUT (default COLLECTIVE_TIMEOUT_S; 0: no timeout)."""
+    v = os.environ.get("REFDIFF_COLLECTIVE_TIMEOUT", "")
+    try:
+        t = float(v) if v else COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"REFDIFF_COLLECTIVE_TIMEOUT must be a number of seconds (0: none); got {v!r}") from None
+    if not t >= 0:
+        raise ValueError(f"REFDIFF_COLLECTIVE_TIMEOUT must be >= 0; got {v!r}")
+    return t
+
+
+class Watchdog:
+    """`with watchdog.armed(what):` around a collective call: if the block lasts more than
+    `seconds`, one line naming the rank and `what` goes to stderr and the job is
+    MPI_Aborted. One daemon thread per watchdog; seconds 0 or one rank: does nothing."""
+
+    def __init__(self, comm, seconds):
+        self.comm, self.seconds = comm, float(seconds)
+        self.deadline, self.what, self.cond, self.thread = None, "", threading.Condition(), None
+
+    @contextlib.contextmanager
+    def armed(self, what):
+        if not self.seconds or self.comm.size == 1:
+            yield
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="refdiff-mpi-watchdog", daemon=True)
+            self.thread.start()
+        with self.cond:
+            self.deadline, self.what = time.monotonic() + self.seconds, what
+            self.cond.notify()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.deadline = None
+                self.cond.notify()
+
+    def _watch(self):
+        with self.cond:
+            while True:
+                if self.deadline is None:
+                    self.cond.wait()
+                    continue
+                left = self.deadline - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                    continue
+                print(f"refdiff: rank {self.comm.rank} of {self.comm.size} waited more than {self.seconds:g} s in "
+                      f"{self.what} (REFDIFF_COLLECTIVE_TIMEOUT): another rank is stuck; aborting all ranks",
+                      file=sys.__stderr__, flush=True)
+                self.comm.abort(1)
+                return
+
+
 # --- data parallelism --------------------------------------------------------------------------------------
 class ShardedGenerator(np.random.Generator):
     """A view of `rng` (same bit generator, so the same stream position) for rank's rows
@@ -305,8 +372,9 @@ class GradientAllreduce:
     contiguous host buffer: g <- (sum_r w_r g_r) / div. `seconds` adds up the time spent
     in calls (copies included: the communication share of a step)."""
 
-    def __init__(self, comm, model):
+    def __init__(self, comm, model, watchdog=None):
         self.comm, self.model = comm, model
+        self.watchdog = watchdog or Watchdog(comm, 0)
         self.keys = list(model.params)
         sizes = [int(np.prod(model.grads[k].shape)) for k in self.keys]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -321,7 +389,8 @@ class GradientAllreduce:
         F, buf = self.model.ops, self.buffer
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
             np.multiply(F.to_numpy(self.model.grads[k]).reshape(-1), weight, out=buf[lo:hi])
-        self.comm.allreduce_sum_(buf)
+        with self.watchdog.armed("the gradient Allreduce"):
+            self.comm.allreduce_sum_(buf)
         if divide != 1:
             buf /= divide
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
@@ -353,9 +422,9 @@ class DataParallel:
                              "would be each rank's, not the global batch's")
         self.mean, self.axis = GRAD_REDUCTION[kind] == "mean", BATCH_AXIS.get(kind, 0)
         self.weight = self.divide = 1
-        self.reducers = []
+        self.reducers, self.watchdog = [], Watchdog(comm, collective_timeout())
         for opt in objective.optimizers().values():
-            reduce = GradientAllreduce(comm, opt.model)
+            reduce = GradientAllreduce(comm, opt.model, self.watchdog)
             self.reducers.append(reduce)
             inner = opt.step
 
@@ -393,7 +462,8 @@ class DataParallel:
         """dict name -> float summed over ranks (one Allreduce of a float64 vector)."""
         keys = sorted(sums)
         buf = np.array([sums[k] for k in keys], dtype=np.float64)
-        self.comm.allreduce_sum_(buf)
+        with getattr(self, "watchdog", Watchdog(self.comm, 0)).armed("the metrics Allreduce"):
+            self.comm.allreduce_sum_(buf)
         return dict(zip(keys, buf.tolist()))
 
 
@@ -475,4 +545,4 @@ def sample_split(comm, draw, n, seed, batch=None):
 
 __all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
            "abort_on_error", "on_root", "quiet_unless_root", "abort_others", "select_gpu", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
-           "check_same_state", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]
+           "check_same_state", "Watchdog", "collective_timeout", "COLLECTIVE_TIMEOUT_S", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]

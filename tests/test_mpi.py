@@ -64,6 +64,8 @@ def train_run(comm, dtype, name="unet-small", steps=STEPS, fail_rank=None, ckpt=
                 raise RuntimeError("injected failure")
             if fail_rank == -1 and done == 2:        # as a kill -9 from outside
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fail_rank == -2 and done == 2:        # hangs without dying
+                time.sleep(3600)
             idx, local_rng = dp.shard(order[s:s + BATCH], rng)
             out = obj.step(model.ops.asarray(x[idx].astype(model.dtype)), y[idx], local_rng)
             for k, v in out.items():
@@ -114,6 +116,8 @@ def _main(mode, out):
             train_run(comm, "float64", steps=6, fail_rank=1, ckpt=out)
         elif mode == "kill":
             train_run(comm, "float64", steps=6, fail_rank=-1 if comm.rank else None, ckpt=out)
+        elif mode == "hang":
+            train_run(comm, "float64", steps=6, fail_rank=-2 if comm.rank else None, ckpt=out)
     return 0
 
 
@@ -122,7 +126,7 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _mpirun_cmd(cmd, ranks=2, timeout=120):
+def _mpirun_cmd(cmd, ranks=2, timeout=120, env=None):
     """`mpirun -n ranks --oversubscribe [--allow-run-as-root] nice cmd` -> (process, seconds);
     skips the test without mpi4py or mpirun."""
     try:
@@ -134,12 +138,12 @@ def _mpirun_cmd(cmd, ranks=2, timeout=120):
     launch = ["mpirun", "-n", str(ranks), "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     t0 = time.perf_counter()
     proc = subprocess.run(launch + ["nice", "-n", "10"] + cmd, capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+                          env=dict(_env(), **(env or {})))
     return proc, time.perf_counter() - t0
 
 
-def _mpirun(mode, out, timeout=120):
-    return _mpirun_cmd([sys.executable, HERE, mode, str(out)], timeout=timeout)
+def _mpirun(mode, out, timeout=120, env=None):
+    return _mpirun_cmd([sys.executable, HERE, mode, str(out)], timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +247,29 @@ def test_a_killed_rank_stops_the_other(tmp_path):
     assert proc.returncode != 0
     assert seconds < FAULT_BOUND_S, f"the job took {seconds:.0f} s to stop after one rank was killed"
     _assert_checkpoint_after_two_steps(ckpt)
+
+
+def test_a_hung_rank_is_ended_by_the_collective_timeout(tmp_path):
+    ckpt = tmp_path / "ckpt.npy"
+    proc, seconds = _mpirun("hang", ckpt, timeout=FAULT_BOUND_S + 60, env={"REFDIFF_COLLECTIVE_TIMEOUT": "3"})
+    print(f"hang: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode != 0
+    assert seconds < FAULT_BOUND_S, f"the job took {seconds:.0f} s to stop after one rank hung"
+    assert "rank 0 of 2 waited more than 3 s in the gradient Allreduce" in proc.stderr, proc.stderr[-3000:]
+    _assert_checkpoint_after_two_steps(ckpt)
+
+
+def test_collective_timeout_setting(monkeypatch):
+    from refdiff.distributed import COLLECTIVE_TIMEOUT_S, collective_timeout
+
+    monkeypatch.delenv("REFDIFF_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() == COLLECTIVE_TIMEOUT_S
+    monkeypatch.setenv("REFDIFF_COLLECTIVE_TIMEOUT", "0")
+    assert collective_timeout() == 0
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("REFDIFF_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="REFDIFF_COLLECTIVE_TIMEOUT"):
+            collective_timeout()
 
 
 # --- in one process (no mpirun): the pieces, against direct computations -----------------------------------
