@@ -71,8 +71,10 @@ def train_run(comm, dtype, name="unet-small", steps=STEPS, fail_rank=None, ckpt=
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
             done += 1
-            if ckpt and done == 2 and comm.is_root:
-                save_npy(ckpt, model.ops.to_numpy(next(iter(model.params.values()))))
+            if ckpt and done == 2:              # rank 0 writes; the failure comes after the write
+                if comm.is_root:
+                    save_npy(ckpt, model.ops.to_numpy(next(iter(model.params.values()))))
+                comm.barrier()
         e += 1
     check_same_state(comm, model, obj, where=f"after {steps} steps")
     params = {k: model.ops.to_numpy(v) for k, v in model.params.items()}
