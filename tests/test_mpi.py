@@ -14,8 +14,11 @@ plus `--allow-run-as-root` as root), against the same code run in one process he
   and the ranks' parameters, EMA and Adam moments are identical (state_digest).
 - sampling: DDIM with eta = 1 (fresh noise every step) of 5 images on 2 ranks (2 + 3) equals
   the 5 images drawn in one process, in one batch, with the same seed.
-- fault: rank 1 raises at step 3 -> both ranks exit non-zero within FAULT_BOUND_S, the
-  message names the rank, and the checkpoint rank 0 wrote after step 2 is intact.
+- faults: rank 1 raises at step 3 / is killed by SIGKILL / hangs (with a 3 s collective
+  timeout) -> both ranks exit non-zero within FAULT_BOUND_S, the message names the rank, and
+  the checkpoint rank 0 wrote after step 2 is intact (it equals one process's state).
+- in one process: the shards' draws against the global draw, the per-image streams, the
+  weighted gradient sum, the refusals, abort_on_error, and that mpi4py is not imported.
 
 Run as a script (`python tests/test_mpi.py MODE OUT`) it is the program each rank runs.
 """
