@@ -33,6 +33,7 @@ COMMANDS = {
     "sample": ("refdiff.commands.sample", "draw images from a trained checkpoint"),
     "evaluate": ("refdiff.commands.evaluate", "score a file of images with the MNIST classifier"),
     "compare": ("refdiff.commands.compare", "table 3.2 of the report: real vs VAE vs GAN vs DDPM"),
+    "likelihood": ("refdiff.commands.likelihood", "bits/dim of real images under a diffusion checkpoint"),
 }
 
 BAD_INPUT, FAILURE, INTERRUPT = 2, 1, 130

@@ -162,3 +162,8 @@ def forward_simulate(sde, x0, steps, rng, t_end=None, return_trajectory=False):
 
 
 SAMPLERS = {"em": euler_maruyama, "pc": predictor_corrector, "ode": probability_flow_heun}
+
+# refdiff.solvers' samplers, same signature (it imports this module late, so no cycle)
+from .solvers import dpm_solver_pp, edm_sampler, reverse_heun  # noqa: E402
+
+SAMPLERS.update({"dpm2m": dpm_solver_pp, "edm": edm_sampler, "heun-sde": reverse_heun})

@@ -211,3 +211,32 @@ def test_likelihood_to_dir(tmp_path):
         L.likelihood_to_dir(L.LikelihoodConfig(checkpoint=cosine, n=2), str(tmp_path / "cos"))
     with pytest.raises(ValueError, match="more than"):
         L.likelihood_to_dir(L.LikelihoodConfig(checkpoint=path, n=10 ** 6), str(tmp_path / "big"))
+
+
+def test_likelihood_command(tmp_path):
+    # `refdiff likelihood` end to end on a tiny checkpoint, and its bad input: rtol <= 0 (argparse,
+    # exit 2) and a cosine chain (no VP SDE: exit 2), each one line on stderr.
+    import contextlib
+    import io
+    import json
+    from refdiff.cli import main
+    from tests.tiny_eps_checkpoint import make
+    path, cosine = make(tmp_path)
+
+    def cli(*argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:          # argparse
+                code = exc.code
+        return code, err.getvalue()
+
+    code, err = cli("likelihood", "--checkpoint", path, "--n", "2", "--batch", "2", "--rtol", "1e-3",
+                    "--atol", "1e-3", "--out", str(tmp_path / "lik"))
+    assert code == 0, err
+    assert np.isfinite(json.load(open(tmp_path / "lik" / "metrics.json"))["bits_per_dim_mean"])
+    code, err = cli("likelihood", "--checkpoint", path, "--rtol", "0", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--rtol" in err
+    code, err = cli("likelihood", "--checkpoint", cosine, "--n", "2", "--out", str(tmp_path / "cos"))
+    assert code == 2 and "continuous-time model" in err and err.strip().count("\n") == 0, err

@@ -264,3 +264,59 @@ def test_sample_to_dir_and_inpaint(tiny_checkpoints):
     with pytest.raises(ValueError, match="continuous-time model"):
         S.sample_to_dir(SampleConfig(checkpoint=cosine, n=2, sampler_args=dict(sampler="edm", steps=3)),
                         str(root / "cos"))
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+def _cli(argv):
+    """refdiff.cli.main(argv) -> (exit code, stderr)."""
+    import contextlib
+    import io
+    from refdiff.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def test_cli_new_samplers_and_inpaint(tiny_checkpoints):
+    path, cosine, root = tiny_checkpoints
+    code, err = _cli(["sample", "--checkpoint", path, "--sampler", "dpm2m", "--steps", "4", "--n", "2",
+                      "--out", str(root / "cli-dpm")])
+    assert code == 0, err
+    assert np.load(root / "cli-dpm" / "samples.npy").shape == (2, 1, 28, 28)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 1, 28, 28)).astype(np.float32)
+    np.save(root / "cli-images.npy", images)
+    mask = np.zeros((1, 28, 28))
+    mask[:, :14] = 1
+    np.save(root / "cli-mask.npy", mask)
+    code, err = _cli(["sample", "--checkpoint", path, "--sampler", "em", "--steps", "5", "--n", "3",
+                      "--inpaint", str(root / "cli-mask.npy"), "--from", str(root / "cli-images.npy"),
+                      "--out", str(root / "cli-inp")])
+    assert code == 0, err
+    assert np.array_equal(np.load(root / "cli-inp" / "samples.npy")[:, :, :14], images[:, :, :14])
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("cosine-edm", "continuous-time model"),
+    ("mask-shape", "mask must have the shape"),
+    ("mask-values", "only 0"),
+    ("inpaint-alone", "go together"),
+    ("rk45-steps", "adaptive"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tiny_checkpoints, case, msg):
+    path, cosine, root = tiny_checkpoints
+    np.save(root / "imgs.npy", np.zeros((2, 1, 28, 28), dtype=np.float32))
+    np.save(root / "mask-shape.npy", np.ones((1, 27, 28)))
+    np.save(root / "mask-values.npy", np.full((1, 28, 28), 0.5))
+    out = ["--out", str(root / f"bad-{case}")]
+    argv = {
+        "cosine-edm": ["sample", "--checkpoint", cosine, "--sampler", "edm", "--steps", "3"],
+        "mask-shape": ["sample", "--checkpoint", path, "--sampler", "em", "--inpaint", str(root / "mask-shape.npy"),
+                       "--from", str(root / "imgs.npy"), "--n", "2"],
+        "mask-values": ["sample", "--checkpoint", path, "--sampler", "em", "--inpaint",
+                        str(root / "mask-values.npy"), "--from", str(root / "imgs.npy"), "--n", "2"],
+        "inpaint-alone": ["sample", "--checkpoint", path, "--sampler", "em", "--inpaint", str(root / "mask-shape.npy")],
+        "rk45-steps": ["sample", "--checkpoint", path, "--sampler", "rk45", "--steps", "10"],
+    }[case] + out
+    code, err = _cli(argv)
+    assert code == 2 and msg in err and "Traceback" not in err and err.strip().count("\n") == 0, err

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_backend_flag, positive_int
+from .common import add_backend_flag, positive_float, positive_int
 
 
 def add_arguments(p):
     from ..ddpm import DDPM_SAMPLERS
+    from ..solvers import CHECKPOINT_SAMPLERS
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint.npz from refdiff train")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=positive_int, default=64, help="number of images (default %(default)s)")
-    p.add_argument("--sampler", default="ddpm", choices=DDPM_SAMPLERS,
+    p.add_argument("--sampler", default="ddpm", choices=DDPM_SAMPLERS + CHECKPOINT_SAMPLERS,
                    help="ddpm: ancestral, all N steps; ddim: --steps of DDIM (default 50); "
-                        "em: reverse VP SDE, --steps Euler-Maruyama steps (default 1000)")
+                        "em: reverse VP SDE, --steps Euler-Maruyama steps (default 1000); "
+                        "dpm2m, edm, edm-sde, rk45, heun-sde: refdiff.solvers (see its sample_from_checkpoint)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0: deterministic)")
     p.add_argument("--variance", default="beta", choices=["beta", "beta_tilde"], help="ddpm sampler variance")
@@ -36,6 +38,13 @@ def add_arguments(p):
     p.add_argument("--gif", action="store_true", help="also write denoise.gif (the denoising, frame by frame)")
     p.add_argument("--frames", type=positive_int, default=40, help="frames in the GIF (default %(default)s)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--rtol", type=positive_float, default=1e-5, help="rk45 tolerances (default 1e-5)")
+    p.add_argument("--atol", type=positive_float, default=1e-5)
+    p.add_argument("--inpaint", metavar="MASK.npy", default=None,
+                   help="fill the pixels where this 0/1 mask is 0 (one image's shape, or --from's) in the images "
+                        "of --from, with --sampler em or heun-sde (refdiff.inpaint)")
+    p.add_argument("--from", dest="inpaint_from", metavar="IMAGES.npy", default=None,
+                   help="the images to inpaint, (N, 1, 28, 28) in [-1, 1]; the first --n are used")
     add_backend_flag(p)
 
 
@@ -48,6 +57,18 @@ def sampler_args(args):
 def run(args):
     from ..generate import SampleConfig, sample_to_dir
 
+    from ..solvers import CHECKPOINT_SAMPLERS
+
+    if args.sampler in CHECKPOINT_SAMPLERS or args.inpaint or args.inpaint_from:
+        from ..solvers import sample_to_dir as solvers_sample_to_dir
+        cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
+                           gif=args.gif, frames=args.frames, backend=args.backend,
+                           sampler_args=dict(sampler=args.sampler, steps=args.steps, batch=args.batch,
+                                             rtol=args.rtol, atol=args.atol))
+        info = solvers_sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr),
+                                     inpaint_mask=args.inpaint, inpaint_from=args.inpaint_from)
+        print(f"{args.n} images from {info['model']} in {info['sample_seconds']:.1f}s -> {args.out}", file=sys.stderr)
+        return 0
     cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema, gif=args.gif,
                        frames=args.frames, backend=args.backend, sampler_args=sampler_args(args))
     info = sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr))
