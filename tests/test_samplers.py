@@ -76,7 +76,7 @@ def test_reverse_samplers_reach_the_data_variance(sampler, sde):
     assert abs(x.mean()) < 4 * np.sqrt(v / n)
 
 
-@pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
+@pytest.mark.parametrize("sampler", ["em", "pc", "pc0", "ode"])          # pc0: no corrector step
 def test_divergence_is_named_with_step_and_time(sampler):
     """A score that turns NaN below t = 0.5 stops the sampler saying where: the score at step
     k, t = t_k (Heun meets it one step earlier, at the end point t_k of step k - 1)."""
@@ -85,17 +85,27 @@ def test_divergence_is_named_with_step_and_time(sampler):
     k = int(np.argmax(ts < 0.5))
     step = k - 1 if sampler == "ode" else k
     nan_below = lambda x, t: np.where(t[:, None] < 0.5, np.nan, -x)
+    kw = dict(n_corrector=0) if sampler == "pc0" else {}
     with pytest.raises(FloatingPointError, match=rf"the score contains NaN or Inf at step {step} \(t = {ts[k]:.6g}\)"):
-        samplers.SAMPLERS[sampler](sde, nan_below, (3, 2), steps, np.random.default_rng(0), t_min=1e-3,
-                                   spacing="uniform")
+        samplers.SAMPLERS[sampler[:2] if sampler == "pc0" else sampler](
+            sde, nan_below, (3, 2), steps, np.random.default_rng(0), t_min=1e-3, spacing="uniform", **kw)
 
 
-def test_heun_state_overflow_is_named_at_the_end():
-    """Heun checks its state once, after the last step: step N, t = t_min."""
-    with pytest.raises(FloatingPointError, match=r"the state contains NaN or Inf at step 10 \(t = 0.001\)"), \
+@pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
+def test_state_overflow_is_named_at_the_end(sampler):
+    """A finite but huge score overflows the state; the check after the last step names it:
+    step N, t = t_min."""
+    with pytest.raises(FloatingPointError, match=r"^the state contains NaN or Inf at step 10 \(t = 0.001\)"), \
             np.errstate(over="ignore", invalid="ignore"):       # the overflow is the point
-        samplers.probability_flow_heun(VP(), lambda x, t: np.full_like(x, 1e308), (3, 2), 10,
-                                       np.random.default_rng(0), t_min=1e-3, spacing="uniform")
+        samplers.SAMPLERS[sampler](VP(), lambda x, t: np.full_like(x, 1e308), (3, 2), 10,
+                                   np.random.default_rng(0), t_min=1e-3, spacing="uniform")
+
+
+def test_predictor_corrector_defaults():
+    """The documented defaults: t_min 1e-5, the squared grid, snr 0.16, one corrector step,
+    alpha from a 1,000-step chain."""
+    run = lambda **kw: samplers.predictor_corrector(VP(), lambda x, t: -x, (4, 2), 5, np.random.default_rng(1), **kw)
+    assert np.array_equal(run(), run(t_min=1e-5, spacing="squared", snr=0.16, n_corrector=1, discrete_steps=1000))
 
 
 @pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
@@ -182,7 +192,7 @@ def test_forward_simulate_steps_by_hand():
     (lambda: DDPMSchedule(beta_end="a"), "beta_end"),
 ])
 def test_bad_arguments_are_named(call, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=rf"\b{match}\b"):
         call()
 
 

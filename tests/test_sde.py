@@ -129,21 +129,23 @@ def test_vp_is_the_continuous_limit_of_ddpm():
 
 
 # --- configuration, defaults, overflow guards --------------------------------------------------------
-@pytest.mark.parametrize("sde, config, text", [
-    (OU(2.0), {"name": "ou", "beta": 2.0, "sigma": 2.0, "T": 1.0}, "OU(beta=2.0, sigma=2.0, T=1.0)"),
-    (VP(), {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0}, "VP(beta_min=0.1, beta_max=20.0, T=1.0)"),
-    (SubVP(0.2, 10.0, T=2.0), {"name": "subvp", "beta_min": 0.2, "beta_max": 10.0, "T": 2.0},
+@pytest.mark.parametrize("make, config, text", [      # built inside the test: construction is under test
+    (lambda: OU(2.0), {"name": "ou", "beta": 2.0, "sigma": 2.0, "T": 1.0}, "OU(beta=2.0, sigma=2.0, T=1.0)"),
+    (lambda: VP(), {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0}, "VP(beta_min=0.1, beta_max=20.0, T=1.0)"),
+    (lambda: SubVP(0.2, 10.0, T=2.0), {"name": "subvp", "beta_min": 0.2, "beta_max": 10.0, "T": 2.0},
      "SubVP(beta_min=0.2, beta_max=10.0, T=2.0)"),
-    (VE(), {"name": "ve", "sigma_min": 0.01, "sigma_max": 5.0, "T": 1.0}, "VE(sigma_min=0.01, sigma_max=5.0, T=1.0)"),
-])
-def test_config_repr_and_defaults(sde, config, text):
+    (lambda: VE(), {"name": "ve", "sigma_min": 0.01, "sigma_max": 5.0, "T": 1.0}, "VE(sigma_min=0.01, sigma_max=5.0, T=1.0)"),
+], ids=["ou", "vp", "subvp", "ve"])
+def test_config_repr_and_defaults(make, config, text):
     """config() is what checkpoints record and make_sde rebuilds from (exact keys and the
     documented defaults: OU's sigma = sqrt(2 beta), stationary N(0, 1); VP(0.1, 20); VE(0.01, 5));
     repr names the class and every parameter."""
+    sde = make()
     assert sde.config() == config
     assert repr(sde) == text
     again = make_sde(**config)
     assert type(again) is type(sde) and again.config() == config
+    assert len(VP().discrete_betas()) == 1000 and VP().discrete_betas()[-1] == pytest.approx(0.02)
     s = DDPMSchedule(50, kind="cosine")
     assert s.config() == {"num_steps": 50, "beta_start": 1e-4, "beta_end": 0.02, "kind": "cosine"}
 
@@ -153,7 +155,7 @@ def test_overflow_guards_reject_only_what_overflows():
     those just inside (the guards' constants are checked at their edge, not 10x away)."""
     big = np.finfo(np.float64).max
     with pytest.raises(ValueError, match="too large"):
-        OU(0.6 * big)                                   # 2 beta overflows
+        OU(0.6 * big, sigma=1.0)                        # 2 beta overflows
     OU(0.4 * big, sigma=1.0)                            # 2 beta fits (3 beta would not)
     with pytest.raises(ValueError, match="too large"):
         OU(1.0, sigma=1.5e154)                          # sigma^2 overflows

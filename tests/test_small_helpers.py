@@ -74,6 +74,8 @@ def test_check_t():
         s.check_t(np.array([0.5]))
     with pytest.raises(ValueError, match="must lie in"):
         s.check_t(np.array([10]))
+    with pytest.raises(ValueError, match="must lie in"):
+        s.check_t(np.array([-1]))
 
 
 def test_pytorch_default_init_bounds():
