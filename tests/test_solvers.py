@@ -302,6 +302,7 @@ def test_cli_new_samplers_and_inpaint(tiny_checkpoints):
     ("mask-values", "only 0"),
     ("inpaint-alone", "go together"),
     ("rk45-steps", "adaptive"),
+    ("ddim-flag", "belong to the ddpm, ddim and em samplers"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tiny_checkpoints, case, msg):
     path, cosine, root = tiny_checkpoints
@@ -317,6 +318,7 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_checkpoints, case, msg):
                         str(root / "mask-values.npy"), "--from", str(root / "imgs.npy"), "--n", "2"],
         "inpaint-alone": ["sample", "--checkpoint", path, "--sampler", "em", "--inpaint", str(root / "mask-shape.npy")],
         "rk45-steps": ["sample", "--checkpoint", path, "--sampler", "rk45", "--steps", "10"],
+        "ddim-flag": ["sample", "--checkpoint", path, "--sampler", "edm", "--eta", "0.5"],
     }[case] + out
     code, err = _cli(argv)
     assert code == 2 and msg in err and "Traceback" not in err and err.strip().count("\n") == 0, err

@@ -61,6 +61,11 @@ def run(args):
 
     if args.sampler in CHECKPOINT_SAMPLERS or args.inpaint or args.inpaint_from:
         from ..solvers import sample_to_dir as solvers_sample_to_dir
+        unused = [f for f, on in (("--eta", args.eta != 0), ("--spacing", args.spacing), ("--clip", args.clip),
+                                  ("--variance", args.variance != "beta")) if on]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} belong to the ddpm, ddim and em samplers; "
+                             f"{'--inpaint' if args.inpaint else args.sampler} does not use them")
         cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
                            gif=args.gif, frames=args.frames, backend=args.backend,
                            sampler_args=dict(sampler=args.sampler, steps=args.steps, batch=args.batch,
