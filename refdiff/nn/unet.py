@@ -1,4 +1,4 @@
-"""UNet noise-prediction network of the report (appendix, fig. 4.1; SEED_NOTES §3), reference.
+"""UNet noise-prediction network of the report (appendix, fig. 4.1; the report's code), reference.
 
 With c = channels (c_0..c_{L-1}), n = blocks per stage, E = emb_dim, m = mid_channels:
 
@@ -21,7 +21,7 @@ input's brightness and contrast, eps_theta(a x + b, t) = eps_theta(x, t) for a >
 checked numerically on a trained unet-seed: 1.5e-5 apart, GroupNorm's eps). It cannot see the
 mean of x_t, so a sampler cannot correct the mean brightness of an image: the prior draw's
 mean, amplified ~1/sqrt(abar_N) = 156x along the chain, saturates most images to all-black
-or all-white (README, "DDPM on MNIST"), and enc.0's time embedding, added before that norm,
+or all-white (docs/mnist.md), and enc.0's time embedding, added before that norm,
 is cancelled by it (zero gradient). input_norm=False skips that one norm (its 2 parameters
 stay, unused, as final_norm's do): `unet-seed-fixed`, the report's network with that one
 change. unet-seed keeps it, as the authors' code has it.
@@ -34,7 +34,7 @@ skip_coefficient): `unet-seed-skip` is unet-seed-fixed with that skip, no new pa
 
 GroupNorm groups = the largest divisor of Ci that is <= max_groups. The very last block
 (dec.0's) has a GroupNorm whose parameters exist but which is skipped when final_norm=False.
-That is the one reading of SEED_NOTES §3 that gives its exact count: with the norm's 2 c_0
+That is the one reading of the report's code (docs/report.md) that gives its exact count: with the norm's 2 c_0
 parameters present, unet-seed (c = 10, 20, 40, 80, n = 3, m = 40, E = 100,
 28 -> 14 -> 7 -> 3 -> 1) has 1,335,486 parameters; without them it would have 20 fewer. So
 the authors' code builds that norm and bypasses it (PyTorch still counts it), and here its
@@ -276,7 +276,7 @@ class UNet(UNetJVP, Model):
         return self.forward(x, t)
 
 
-# The report's network (SEED_NOTES §3): 1,335,486 parameters.
+# The report's network (appendix, fig. 4.1; table 3.1; layers in docs/report.md): 1,335,486 parameters.
 SEED_CONFIG = dict(in_channels=1, image_size=28, channels=[10, 20, 40, 80], blocks=3, mid_channels=40,
                    emb_dim=100, time_scale=1000.0, max_groups=8, final_norm=False)
 
