@@ -4,7 +4,7 @@ refdiff.ddpm's ancestral sampler and em_vp call them through `model.ops`, so tha
 accelerated backend can fuse each update into one pass over the batch, on its device.
 Scalars are per step (the whole batch shares t), computed in float64 by the caller and cast to x's dtype here, exactly as NumPy would cast them.
 
-    ddpm_step   Ho et al. 2020, Alg. 2 line 4 (SEED_NOTES §1):
+    ddpm_step   Ho et al. 2020, Alg. 2 line 4 (report §3.3.1):
                 x <- (x - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(1 - beta_t) + sigma_t z
     em_step     reverse-time Euler-Maruyama for the linear-drift SDEs f(x, t) = -a(t) x
                 (refdiff.samplers.euler_maruyama): with dt > 0 the step back in time,
