@@ -2,7 +2,7 @@
 
 - `frechet_distance`: report def. 2.5.2, the W2 distance between Gaussians fitted to
   each sample. Compares means and covariances only: an isotropic Gaussian scores about
-  as well as a ring (SEED_NOTES §4), hence the two below.
+  as well as a ring (which is how the report's ring was scored, §2.5.1), hence the two below.
 - `sliced_wasserstein`: mean over random directions of the 1-D p-Wasserstein distance.
 - `energy_distance`: 2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely & Rizzo), zero iff the laws
   are equal.
