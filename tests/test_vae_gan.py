@@ -122,7 +122,7 @@ def test_gan_losses_grad_end_to_end():
 
 # --- architecture, sampling, training behaviour ------------------------------------------------------------
 def test_parameter_counts():
-    """By hand from SEED_NOTES §3: VAE 401,920 + 65,664 + 2 x 2,064 + 2,176 + 66,048 + 402,192;
+    """By hand from the report's code (layers in docs/report.md): VAE 401,920 + 65,664 + 2 x 2,064 + 2,176 + 66,048 + 402,192;
     G 8,320 + 33,024 + 131,584 + 402,192 and D 401,920 + 131,328 + 32,896 + 129."""
     assert make_model("vae").num_parameters() == 942_128
     gan = make_model("gan")
