@@ -45,7 +45,7 @@ def test_cross_entropy_value_and_extremes():
 
 
 def test_parameter_count_and_shapes():
-    """SEED_NOTES §3: 421,642 = 320 + 18,496 + 401,536 + 1,290."""
+    """The report's code (layers in docs/report.md): 421,642 = 320 + 18,496 + 401,536 + 1,290."""
     m = make_model("classifier")
     assert m.num_parameters() == 421_642
     x = np.random.default_rng(0).uniform(-1, 1, (3, 1, 28, 28)).astype(np.float32)
