@@ -45,7 +45,7 @@ def test_sliced_wasserstein_unequal_sizes():
 
 
 def test_energy_distance_separates_ring_from_gaussian_where_frechet_cannot():
-    """The point of SEED_NOTES §4: a Gaussian with the ring's moments fools the FD."""
+    """Why the report's ring score (FD alone, §2.5.1) is not enough: a Gaussian with the ring's moments fools the FD."""
     from refdiff.data import ring
     rng = np.random.default_rng(5)
     r1, r2 = ring(3000, rng), ring(3000, rng)
