@@ -2,7 +2,7 @@
 (float64), fast vs naive-loop agreement (float64 and float32), dtypes, bad arguments."""
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from refdiff.nn import functional as F
@@ -149,6 +149,7 @@ def test_group_norm_grad(fused, c):
 
 @settings(max_examples=examples(30), deadline=None)
 @given(c=norm_case())
+@example(c={"shape": (3, 2), "G": 1, "seed": 3791})   # two close values: x - mean rounds, then / std amplifies
 def test_group_norm_statistics(c):
     # gamma = 1, beta = 0: each (sample, group) comes out with mean 0 and variance v / (v + eps)
     rng = np.random.default_rng(c["seed"])
@@ -157,7 +158,8 @@ def test_group_norm_statistics(c):
     y, _ = F.group_norm_forward(x, c["G"], np.ones(C), np.zeros(C), eps=1e-5)
     yg = y.reshape(c["shape"][0], c["G"], -1)
     v = x.reshape(yg.shape).var(axis=2)
-    assert_zero(yg.mean(axis=2), np.abs(yg).max(), name="group mean")
+    # xhat = (x - mean) / std: the rounding of x - mean (u |x|) is divided by std
+    assert_zero(yg.mean(axis=2), np.abs(x).max() / np.sqrt(v.min() + 1e-5), name="group mean")
     assert_close(yg.var(axis=2), v / (v + 1e-5), name="group variance", **TOL[np.dtype(np.float64)])
 
 
