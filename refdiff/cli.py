@@ -93,7 +93,8 @@ def main(argv=None):
     debug = args.debug or os.environ.get("REFDIFF_DEBUG", "") not in ("", "0")
     module = importlib.import_module(args._module)
     try:
-        with warnings.catch_warnings():
+        from .distributed import quiet_unless_root
+        with warnings.catch_warnings(), quiet_unless_root():    # under mpirun rank 0 reports for all
             if not debug:   # a diverging run overflows on its way; DivergenceGuard says so in one line
                 warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
             return int(module.run(args) or 0)
@@ -105,6 +106,8 @@ def main(argv=None):
             print(f"\nrefdiff {args.command}: {message}", file=sys.stderr)
         else:
             print(f"refdiff {args.command}: error: {message}", file=sys.stderr)
+        from .distributed import abort_others
+        abort_others(code)               # under mpirun: stop the other ranks rather than leave them waiting
         return code
 
 

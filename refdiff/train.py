@@ -34,6 +34,7 @@ import numpy as np
 
 from . import checkpoint
 from .ddpm import model_input_shape
+from .distributed import DataParallel, check_same_state, get_comm, on_root, select_gpu
 from .io import Progress, RunLock, prepare_output_dir, write_json
 from .objectives import OBJECTIVES, get_objective  # noqa: F401 - the registry, also read from here
 from .optim import DivergenceError, DivergenceGuard
@@ -171,12 +172,17 @@ class Trainer:
         if len(x) == 0:
             raise ValueError(f"the {c.split!r} split of data set {c.data!r} holds no images: nothing to train on")
         self.x, self.y, self.image_shape = x, y, tuple(x.shape[1:])
+        self.comm = get_comm()             # under mpirun: data parallelism (refdiff.distributed)
+        if self.comm.size > 1:
+            select_gpu(self.comm, c.backend)
         self.model = _build_model(c, self.image_shape)
         if self.model.kind == "eps" and int(np.prod(model_input_shape(self.model))) != int(np.prod(self.image_shape)):
             raise ValueError(f"model {c.model!r} takes inputs of shape {model_input_shape(self.model)}; "
                              f"the images of {c.data!r} have shape {self.image_shape}")
         self.objective = get_objective(self.model.kind)(self.model, dataclasses.asdict(c))
         self.batch = int(c.batch or getattr(self.objective, "defaults", {}).get("batch", 128))
+        self.dp = DataParallel(self.comm, self.objective, self.model.kind)     # one process: changes nothing
+        self.dp.check_split(len(x), self.batch)
         self.epoch, self.history = 0, []
         self.saved_epoch = None            # the epoch of the checkpoint on disk (None: there is none)
         if resume and os.path.lexists(self.path):
@@ -253,7 +259,7 @@ class Trainer:
         directory's RunLock. After every step the DivergenceGuard checks the loss, the
         parameters and the optimizer moments; a failure raises DivergenceError saying what
         went wrong where and which checkpoint (the last finite state) is on disk."""
-        with RunLock(self.out_dir):
+        with on_root(RunLock(self.out_dir), self.comm):       # only rank 0 writes
             return self._fit()
 
     def _fit(self):
@@ -266,24 +272,29 @@ class Trainer:
         for e in range(self.epoch, c.epochs):
             rng = np.random.default_rng([c.seed, e])
             order = rng.permutation(n)
-            sums, t0 = {}, time.perf_counter()
+            sums, seen, t0 = {}, 0, time.perf_counter()
             for s in range(steps_per_epoch):
-                idx = order[s * self.batch:(s + 1) * self.batch]
+                # this rank's share of the global batch, and the generator that draws its noise
+                idx, step_rng = self.dp.shard(order[s * self.batch:(s + 1) * self.batch], rng)
                 try:
-                    out = self.objective.step(F.asarray(self.x[idx].astype(self.model.dtype)), self.y[idx], rng)
+                    out = self.objective.step(F.asarray(self.x[idx].astype(self.model.dtype)), self.y[idx], step_rng)
                     guard.check(out)
                 except FloatingPointError as exc:
                     raise DivergenceError(f"training diverged at epoch {e + 1}, step {s + 1}: {exc}; "
                                           f"{self.on_disk()}; lower --lr or set --grad-clip") from None
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-                done += 1
+                done, seen = done + 1, seen + len(idx)
                 progress.update(done, epoch=f"{e + 1}/{c.epochs}", step=f"{s + 1}/{steps_per_epoch}",
-                                loss=sums["loss"] / min((s + 1) * self.batch, n),
+                                loss=sums["loss"] / seen,
                                 img_s=done * self.batch / max(time.perf_counter() - t_run, 1e-9))
+            if self.comm.size > 1:        # the epoch's metrics over all ranks; all must hold the same state
+                sums = self.dp.sum_metrics(sums)
+                check_same_state(self.comm, self.model, self.objective, where=f"after epoch {e + 1}")
             self.epoch = e + 1
             self.history.append(dict(epoch=self.epoch, seconds=time.perf_counter() - t0,
                                      **{k: v / n for k, v in sums.items()}))
-            self.save()
+            if self.comm.is_root:
+                self.save()
             self.saved_epoch = self.epoch
         return self.history

@@ -53,6 +53,7 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..distributed import get_comm, on_root
     from ..io import output_run
     from ..train import TrainConfig, Trainer
 
@@ -60,7 +61,7 @@ def run(args):
                       batch=args.batch, lr=args.lr, seed=args.seed, loss=args.loss, ema_decay=args.ema_decay,
                       grad_clip=args.grad_clip, limit=args.limit, backend=args.backend, dtype=args.dtype)
     cfg.validate()
-    with output_run(args.out, log=lambda s: print(s, file=sys.stderr)):
+    with on_root(output_run(args.out, log=lambda s: print(s, file=sys.stderr)), get_comm()):   # rank 0 writes
         trainer = Trainer(cfg, args.out, resume=args.resume)
         if trainer.epoch >= cfg.epochs:
             print(f"{trainer.path} already has {trainer.epoch} epochs (>= --epochs {cfg.epochs}): nothing to do")
