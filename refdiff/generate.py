@@ -98,14 +98,27 @@ def sample_to_dir(cfg, out_dir, log=None):
     """Draw cfg.n images and write them into `out_dir` (module docstring); -> info dict."""
     from .figures import save_gif, save_grid
 
+    from .distributed import get_comm, launched_by_mpi, on_root, sample_split
+
     cfg.validate()
-    with io.output_run(out_dir, log=log) as out:
+    split = launched_by_mpi()       # under mpirun: per-image streams, the same images for any number of ranks
+    if split and cfg.gif:
+        raise ValueError("--gif shows one chain drawn in one process: run `refdiff sample --gif` without mpirun")
+    comm = get_comm() if split else None
+    with (on_root(io.output_run(out_dir, log=log), comm, out_dir) if split else io.output_run(out_dir, log=log)) as out:
         model, meta, info = load_generator(cfg.checkpoint, use_ema=cfg.use_ema, backend=cfg.backend)
         info.update(n=cfg.n, seed=cfg.seed)
         t0 = time.perf_counter()
-        x, traj, extra = generate(model, meta, cfg.n, np.random.default_rng(cfg.seed), gif=cfg.gif,
-                                  frames=cfg.frames, **cfg.sampler_args)
+        if split:           # rank r draws its share of the images, rank 0 gathers and writes them
+            x = sample_split(comm, lambda k, rng: generate(model, meta, k, rng, **cfg.sampler_args)[0], cfg.n,
+                             cfg.seed)
+            traj, extra = None, dict(cfg.sampler_args, ranks=comm.size, streams="per image: default_rng([seed, k])")
+        else:
+            x, traj, extra = generate(model, meta, cfg.n, np.random.default_rng(cfg.seed), gif=cfg.gif,
+                                      frames=cfg.frames, **cfg.sampler_args)
         info.update(extra, sample_seconds=time.perf_counter() - t0)
+        if split and not comm.is_root:
+            return info
         io.save_npy(os.path.join(out, "samples.npy"), x)
         save_grid(os.path.join(out, "grid.png"), x)
         if traj is not None:
