@@ -277,6 +277,55 @@ def test_collective_timeout_setting(monkeypatch):
             collective_timeout()
 
 
+# --- the commands under mpirun -----------------------------------------------------------------------------
+CLI_TRAIN = ["train", "--data", "mnist5k", "--limit", "10", "--model", "unet-small", "--dtype", "float64",
+             "--batch", "4"]           # batches of 4, 4, 2: every rank gets at least one image
+
+
+def _refdiff(args, ranks=1, timeout=120, mpirun=False):
+    cmd = [sys.executable, "-m", "refdiff"] + [str(a) for a in args]
+    if ranks > 1 or mpirun:
+        return _mpirun_cmd(cmd, ranks, timeout)[0]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def test_refdiff_train_and_sample_on_two_ranks(tmp_path):
+    """`mpirun -n 2 refdiff train` for epoch 1, then `refdiff train --resume` in 1 process for
+    epoch 2 = 2 epochs in 1 process (float64: parameters, EMA and Adam moments within 1e-12
+    norm-wise, the per-epoch losses too); a resume with another --batch is one error (exit
+    2) on 2 ranks; `mpirun -n 2 refdiff sample` writes the images `mpirun -n 1` writes."""
+    from refdiff.checkpoint import load
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = _refdiff(CLI_TRAIN + ["--epochs", "1", "--out", a], ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("epoch 1: loss") == 1          # rank 0 reports for both
+    p = _refdiff(CLI_TRAIN[:-1] + ["5", "--epochs", "2", "--out", a, "--resume"], ranks=2)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "refdiff train: error: cannot resume" in p.stderr and "batch=4 there, 5 now" in p.stderr
+    for args in (CLI_TRAIN + ["--epochs", "2", "--out", a, "--resume"], CLI_TRAIN + ["--epochs", "2", "--out", b]):
+        p = _refdiff(args)
+        assert p.returncode == 0, p.stderr[-3000:]
+    (ta, ma), (tb, mb) = load(a / "checkpoint.npz"), load(b / "checkpoint.npz")
+    for section in ("params/", "ema/", "optim/"):
+        keys = [k for k in tb if k.startswith(section) and tb[k].dtype.kind == "f"]
+        rel = np.sqrt(sum(np.sum((ta[k] - tb[k]) ** 2) for k in keys) / sum(np.sum(tb[k] ** 2) for k in keys))
+        assert rel <= 1e-12, f"{section}: {rel:.3g}"
+    assert [h["epoch"] for h in ma["history"]] == [1, 2]
+    for ha, hb in zip(ma["history"], mb["history"]):
+        assert abs(ha["loss"] - hb["loss"]) <= 1e-12 * abs(hb["loss"])
+    flags = ["sample", "--checkpoint", a / "checkpoint.npz", "--n", "5", "--sampler", "ddim", "--steps", "3",
+             "--eta", "1"]
+    for ranks in (1, 2):
+        p = _refdiff(flags + ["--out", tmp_path / f"s{ranks}"], ranks=ranks, mpirun=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    s1, s2 = np.load(tmp_path / "s1" / "samples.npy"), np.load(tmp_path / "s2" / "samples.npy")
+    assert s1.shape == (5, 1, 28, 28) and np.std(s1) > 0.1
+    # float32 files of float64 images that agree to ~1e-12 (the model runs on 2 + 3 images vs 5): a
+    # float32 rounding may differ by one ulp (6e-8 at |x| <= 1)
+    np.testing.assert_allclose(s2, s1, rtol=0, atol=1e-6)
+
+
 # --- in one process (no mpirun): the pieces, against direct computations -----------------------------------
 class FakeComm:
     """Rank `rank` of `size`; its Allreduce adds `other` (the buffer of the other ranks)."""
