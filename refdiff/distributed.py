@@ -96,18 +96,18 @@ class SingleProcess:
 
     rank, size, is_root = 0, 1, True
 
-    def allreduce_sum_(self, buf):
+    def allreduce_sum_(self, buf, what="an Allreduce"):
         """In-place sum over ranks of a contiguous numpy buffer (here: nothing to do)."""
         return buf
 
-    def allgather(self, obj):
+    def allgather(self, obj, what="an Allgather"):
         return [obj]
 
-    def gather_rows(self, a, counts):
+    def gather_rows(self, a, counts, what="a Gatherv"):
         """Rows of every rank concatenated in rank order on rank 0 (None elsewhere)."""
         return a
 
-    def barrier(self):
+    def barrier(self, what="a Barrier"):
         pass
 
     def local_rank(self):
@@ -118,7 +118,8 @@ class SingleProcess:
 
 
 class MPIComm:
-    """MPI.COMM_WORLD through mpi4py, with the few collectives refdiff needs."""
+    """MPI.COMM_WORLD through mpi4py, with the few collectives refdiff needs, each watched by
+    a Watchdog (REFDIFF_COLLECTIVE_TIMEOUT); `what` names the call in its message."""
 
     def __init__(self):
         try:
@@ -130,28 +131,33 @@ class MPIComm:
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
+        self.watchdog = Watchdog(self, collective_timeout())
 
-    def allreduce_sum_(self, buf):
+    def allreduce_sum_(self, buf, what="an Allreduce"):
         if not (isinstance(buf, np.ndarray) and buf.flags.c_contiguous):
             raise TypeError("allreduce_sum_ needs a C-contiguous numpy array")
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        with self.watchdog.armed(what):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 
-    def allgather(self, obj):
-        return self.comm.allgather(obj)
+    def allgather(self, obj, what="an Allgather"):
+        with self.watchdog.armed(what):
+            return self.comm.allgather(obj)
 
-    def gather_rows(self, a, counts):
+    def gather_rows(self, a, counts, what="a Gatherv"):
         """a (counts[rank], ...) on each rank -> (sum(counts), ...) on rank 0, None elsewhere
         (one Gatherv of the contiguous rows)."""
         a = np.ascontiguousarray(a)
         row = int(np.prod(a.shape[1:]))
         out = np.empty((int(sum(counts)),) + a.shape[1:], dtype=a.dtype) if self.is_root else None
         recv = [out, [c * row for c in counts]] if self.is_root else None
-        self.comm.Gatherv(a, recv, root=0)
+        with self.watchdog.armed(what):
+            self.comm.Gatherv(a, recv, root=0)
         return out
 
-    def barrier(self):
-        self.comm.Barrier()
+    def barrier(self, what="a Barrier"):
+        with self.watchdog.armed(what):
+            self.comm.Barrier()
 
     def local_rank(self):
         """This rank's index among the ranks of its machine (a shared-memory split of the world)."""
@@ -249,7 +255,8 @@ def select_gpu(comm, backend):
 
 # A rank that hangs without dying (a deadlock, a stuck file system) would hold the others in
 # their next collective forever; mpi4py's blocking collectives take no timeout. So a watchdog
-# thread MPI_Aborts the job when one collective call lasts longer than this many seconds. It
+# thread MPI_Aborts the job when one collective call of MPIComm lasts longer than this many
+# seconds. It
 # waits for the slowest rank's whole step, epoch-end checkpoint included: the slowest steps
 # here take seconds (unet-seed, batch 128, NumPy: about 1 s) and numba's first compile about
 # a minute, so 900 s is far above any legitimate wait and still ends a hung job in 15
@@ -372,9 +379,8 @@ class GradientAllreduce:
     contiguous host buffer: g <- (sum_r w_r g_r) / div. `seconds` adds up the time spent
     in calls (copies included: the communication share of a step)."""
 
-    def __init__(self, comm, model, watchdog=None):
+    def __init__(self, comm, model):
         self.comm, self.model = comm, model
-        self.watchdog = watchdog or Watchdog(comm, 0)
         self.keys = list(model.params)
         sizes = [int(np.prod(model.grads[k].shape)) for k in self.keys]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -389,8 +395,7 @@ class GradientAllreduce:
         F, buf = self.model.ops, self.buffer
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
             np.multiply(F.to_numpy(self.model.grads[k]).reshape(-1), weight, out=buf[lo:hi])
-        with self.watchdog.armed("the gradient Allreduce"):
-            self.comm.allreduce_sum_(buf)
+        self.comm.allreduce_sum_(buf, "the gradient Allreduce")
         if divide != 1:
             buf /= divide
         for k, lo, hi in zip(self.keys, self.offsets[:-1], self.offsets[1:]):
@@ -422,9 +427,9 @@ class DataParallel:
                              "would be each rank's, not the global batch's")
         self.mean, self.axis = GRAD_REDUCTION[kind] == "mean", BATCH_AXIS.get(kind, 0)
         self.weight = self.divide = 1
-        self.reducers, self.watchdog = [], Watchdog(comm, collective_timeout())
+        self.reducers = []
         for opt in objective.optimizers().values():
-            reduce = GradientAllreduce(comm, opt.model, self.watchdog)
+            reduce = GradientAllreduce(comm, opt.model)
             self.reducers.append(reduce)
             inner = opt.step
 
@@ -462,8 +467,7 @@ class DataParallel:
         """dict name -> float summed over ranks (one Allreduce of a float64 vector)."""
         keys = sorted(sums)
         buf = np.array([sums[k] for k in keys], dtype=np.float64)
-        with getattr(self, "watchdog", Watchdog(self.comm, 0)).armed("the metrics Allreduce"):
-            self.comm.allreduce_sum_(buf)
+        self.comm.allreduce_sum_(buf, "the metrics Allreduce")
         return dict(zip(keys, buf.tolist()))
 
 
@@ -487,7 +491,7 @@ def check_same_state(comm, model, objective=None, where=""):
     """DistributedError unless every rank holds the same parameters, EMA and Adam moments."""
     if comm.size == 1:
         return
-    digests = comm.allgather(state_digest(model, objective))
+    digests = comm.allgather(state_digest(model, objective), "the comparison of the ranks' states")
     if len(set(digests)) != 1:
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
         raise DistributedError(f"the model state of rank(s) {odd} differs from rank 0's{' ' + where if where else ''}:"
@@ -540,9 +544,11 @@ def sample_split(comm, draw, n, seed, batch=None):
              for k in range(lo, hi, step)]
     local = np.concatenate(parts)
     counts = [share_bounds(n, r, comm.size)[1] - share_bounds(n, r, comm.size)[0] for r in range(comm.size)]
-    return comm.gather_rows(local, counts)
+    return comm.gather_rows(local, counts, "the gather of the images")
 
 
-__all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm", "get_comm",
-           "abort_on_error", "on_root", "quiet_unless_root", "abort_others", "select_gpu", "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest",
-           "check_same_state", "Watchdog", "collective_timeout", "COLLECTIVE_TIMEOUT_S", "ImageStreams", "sample_split", "GRAD_REDUCTION", "BATCH_AXIS"]
+__all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm",
+           "get_comm", "abort_on_error", "on_root", "quiet_unless_root", "abort_others", "select_gpu",
+           "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest", "check_same_state", "Watchdog",
+           "collective_timeout", "COLLECTIVE_TIMEOUT_S", "ImageStreams", "sample_split", "GRAD_REDUCTION",
+           "BATCH_AXIS"]

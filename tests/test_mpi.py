@@ -333,7 +333,7 @@ class FakeComm:
     def __init__(self, rank=0, size=2, other=None):
         self.rank, self.size, self.is_root, self.other, self.aborted = rank, size, rank == 0, other, None
 
-    def allreduce_sum_(self, buf):
+    def allreduce_sum_(self, buf, what=None):
         buf += self.other
         return buf
 
