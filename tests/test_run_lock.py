@@ -60,8 +60,13 @@ def test_two_train_commands_into_one_directory(tmp_path):
            "widths=[64]", "--limit", "4000", "--batch", "8", "--epochs", "1"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert first.stdout.readline().startswith("training mlp")          # printed while holding the lock
-    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
-    assert first.poll() is None, "the first run ended before the second started: make it longer"
+    # Stopped while it holds the lock, so the second run meets it however fast the first one is.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
+        assert first.poll() is None
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert "in use by another refdiff run" in second.stderr and "Traceback" not in second.stderr
     assert first.wait(timeout=300) == 0
