@@ -34,7 +34,7 @@ PAIRS = {
     "ddpm_step": ("ddpm_step",),
     "em_step": ("em_step",),
 }
-REQUIRED = tuple(PAIRS)          # the list: a backend must accelerate all of these
+REQUIRED = tuple(PAIRS)          # a backend must accelerate every one of these
 
 
 def reference_namespace():
