@@ -320,8 +320,31 @@ class Watchdog:
                 return
 
 
+# --- generators that route draws -------------------------------------------------------------------------
+class _RoutedDraws(np.random.Generator):
+    """The draws refdiff's objectives and samplers make (integers, random, standard_normal,
+    normal, uniform), each sent to the subclass's `_draw(method, size, *args, **kwargs)`; a
+    subclass draws for real through `np.random.Generator`'s own method, not through super()
+    (which would route back here)."""
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        return self._draw("integers", size, low, high, dtype=dtype, endpoint=endpoint)
+
+    def random(self, size=None, dtype=np.float64):
+        return self._draw("random", size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return self._draw("standard_normal", size, dtype=dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return self._draw("normal", size, loc, scale)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self._draw("uniform", size, low, high)
+
+
 # --- data parallelism --------------------------------------------------------------------------------------
-class ShardedGenerator(np.random.Generator):
+class ShardedGenerator(_RoutedDraws):
     """A view of `rng` (same bit generator, so the same stream position) for rank's rows
     [lo, hi) of a global batch of B examples: a draw whose batch axis has k * (hi - lo)
     entries (k per-example blocks, e.g. refdiff.losses' repeated probes) is drawn with
@@ -352,25 +375,10 @@ class ShardedGenerator(np.random.Generator):
     def _draw(self, method, size, *args, **kwargs):
         g = self._global_shape(size)
         if g is None:
-            return getattr(super(), method)(*args, size=size, **kwargs)
+            return getattr(np.random.Generator, method)(self, *args, size=size, **kwargs)
         if any(np.ndim(v) for v in args):
             raise ValueError(f"ShardedGenerator.{method}: array-valued parameters are not sharded")
-        return self._take(getattr(super(), method)(*args, size=g[0], **kwargs), g[1])
-
-    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
-        return self._draw("integers", size, low, high, dtype=dtype, endpoint=endpoint)
-
-    def random(self, size=None, dtype=np.float64):
-        return self._draw("random", size, dtype=dtype)
-
-    def standard_normal(self, size=None, dtype=np.float64):
-        return self._draw("standard_normal", size, dtype=dtype)
-
-    def normal(self, loc=0.0, scale=1.0, size=None):
-        return self._draw("normal", size, loc, scale)
-
-    def uniform(self, low=0.0, high=1.0, size=None):
-        return self._draw("uniform", size, low, high)
+        return self._take(getattr(np.random.Generator, method)(self, *args, size=g[0], **kwargs), g[1])
 
 
 class GradientAllreduce:
@@ -499,7 +507,7 @@ def check_same_state(comm, model, objective=None, where=""):
 
 
 # --- sampling --------------------------------------------------------------------------------------------
-class ImageStreams(np.random.Generator):
+class ImageStreams(_RoutedDraws):
     """One stream per image: image k (k in `images`) draws from default_rng([seed, k]). A
     draw of shape (n_images, ...) stacks one draw of shape (...) per image; a draw without
     that leading axis is refused (it would not belong to one image). Covers integers,
@@ -515,21 +523,6 @@ class ImageStreams(np.random.Generator):
             raise ValueError(f"ImageStreams.{method}: a draw of shape {shape} does not have one row per "
                              f"image ({len(self.streams)}) with scalar parameters")
         return np.stack([getattr(g, method)(*args, size=shape[1:], **kwargs) for g in self.streams])
-
-    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
-        return self._draw("integers", size, low, high, dtype=dtype, endpoint=endpoint)
-
-    def random(self, size=None, dtype=np.float64):
-        return self._draw("random", size, dtype=dtype)
-
-    def standard_normal(self, size=None, dtype=np.float64):
-        return self._draw("standard_normal", size, dtype=dtype)
-
-    def normal(self, loc=0.0, scale=1.0, size=None):
-        return self._draw("normal", size, loc, scale)
-
-    def uniform(self, low=0.0, high=1.0, size=None):
-        return self._draw("uniform", size, low, high)
 
 
 def sample_split(comm, draw, n, seed, batch=None):
