@@ -5,7 +5,9 @@
     sample_to_dir(SampleConfig(...), out_dir) -> info      (what `refdiff sample` does)
 
 Diffusion (eps) models go through refdiff.ddpm.sample_from_checkpoint (its samplers and
-their options: sampler, steps, eta, variance, spacing, clip, batch); VAE and GAN through
+their options: sampler, steps, eta, variance, spacing, clip, batch) or, for the samplers in
+refdiff.solvers.CHECKPOINT_SAMPLERS, refdiff.solvers.sample_from_checkpoint (sampler, steps,
+batch, rtol, atol); inpainting through refdiff.inpaint; VAE and GAN through
 their own `sample`. Every model's output is clipped to [-1, 1] the same way (a DDPM sampler
 may overshoot; clipping, never min-max normalising: report §3.4.3). sample_to_dir writes
 DIR/samples.npy, DIR/grid.png, DIR/sample.json and, with `gif`, DIR/denoise.gif, each
@@ -71,6 +73,11 @@ def load_generator(path, want=None, use_ema=True, backend=None, label="checkpoin
     return model, meta, info
 
 
+def _solvers():
+    from . import solvers
+    return solvers
+
+
 def generate(model, meta, n, rng, gif=False, frames=40, **sampler_args):
     """n images from a loaded model. -> (x (n, 1, H, W) float32 clipped to [-1, 1], trajectory
     (frames, n, ...) or None, info). ValueError for a model that cannot generate images."""
@@ -78,7 +85,13 @@ def generate(model, meta, n, rng, gif=False, frames=40, **sampler_args):
     per_image = 8 * int(np.prod(shape)) * (2 + (frames if gif else 0))      # float64 result, float32 copy, frames
     io.require_memory(int(n) * per_image, f"{n} images of {shape}")
     traj = None
-    if model.kind == "eps":
+    if sampler_args.get("sampler") in _solvers().CHECKPOINT_SAMPLERS:        # refuses a model that is not eps
+        if gif:
+            raise ValueError(f"--gif shows the denoising chain of the ddpm, ddim and em samplers; "
+                             f"{sampler_args['sampler']!r} keeps no trajectory")
+        x, nfe = _solvers().sample_from_checkpoint(model, meta, n, rng, **sampler_args)
+        info = dict(sampler_args, nfe=nfe)
+    elif model.kind == "eps":
         from . import ddpm
         out = ddpm.sample_from_checkpoint(model, meta, n, rng, return_trajectory=gif, frames=frames,
                                           **sampler_args)
@@ -94,13 +107,23 @@ def generate(model, meta, n, rng, gif=False, frames=40, **sampler_args):
     return np.clip(np.asarray(x, dtype=np.float32), -1, 1), traj, info
 
 
-def sample_to_dir(cfg, out_dir, log=None):
-    """Draw cfg.n images and write them into `out_dir` (module docstring); -> info dict."""
+def sample_to_dir(cfg, out_dir, log=None, inpaint_mask=None, inpaint_from=None):
+    """Draw cfg.n images and write them into `out_dir` (module docstring); -> info dict. With
+    inpaint_mask and inpaint_from (.npy paths: a 0/1 mask of one image's shape or of the
+    images', and images in [-1, 1]) the first cfg.n images of inpaint_from are completed
+    instead (refdiff.inpaint.inpaint_from_checkpoint; sampler "em" or "heun-sde")."""
     from .figures import save_gif, save_grid
 
     from .distributed import get_comm, launched_by_mpi, on_root, sample_split
 
     cfg.validate()
+    if (inpaint_mask is None) != (inpaint_from is None):
+        raise ValueError("--inpaint MASK.npy and --from IMAGES.npy go together")
+    if inpaint_mask is not None:
+        if cfg.gif:
+            raise ValueError("--gif shows the denoising chain of the ddpm, ddim and em samplers; "
+                             "inpainting keeps no trajectory")
+        return _inpaint_to_dir(cfg, out_dir, log, inpaint_mask, inpaint_from)
     split = launched_by_mpi()       # under mpirun: per-image streams, the same images for any number of ranks
     if split and cfg.gif:
         raise ValueError("--gif shows one chain drawn in one process: run `refdiff sample --gif` without mpirun")
@@ -110,8 +133,9 @@ def sample_to_dir(cfg, out_dir, log=None):
         info.update(n=cfg.n, seed=cfg.seed)
         t0 = time.perf_counter()
         if split:           # rank r draws its share of the images, rank 0 gathers and writes them
+            # in chunks of the sampler's batch: each chunk is one sampler call with one stream per image
             x = sample_split(comm, lambda k, rng: generate(model, meta, k, rng, **cfg.sampler_args)[0], cfg.n,
-                             cfg.seed)
+                             cfg.seed, batch=cfg.sampler_args.get("batch"))
             traj, extra = None, dict(cfg.sampler_args, ranks=comm.size, streams="per image: default_rng([seed, k])")
         else:
             x, traj, extra = generate(model, meta, cfg.n, np.random.default_rng(cfg.seed), gif=cfg.gif,
@@ -125,3 +149,46 @@ def sample_to_dir(cfg, out_dir, log=None):
             save_gif(os.path.join(out, "denoise.gif"), traj)
         io.write_json(os.path.join(out, "sample.json"), dict(info, config=dataclasses.asdict(cfg)))
     return info
+
+
+def _inpaint_to_dir(cfg, out_dir, log, inpaint_mask, inpaint_from):
+    """sample_to_dir's inpainting: one process (under mpirun it is refused)."""
+    from .distributed import launched_by_mpi
+    from .figures import save_grid
+    from .inpaint import inpaint_from_checkpoint
+
+    if launched_by_mpi():
+        raise ValueError("--inpaint runs in one process: run it without mpirun")
+    args = dict(cfg.sampler_args)
+    sampler = args.get("sampler", "em")
+    if sampler not in ("em", "heun-sde"):
+        raise ValueError(f"--inpaint runs the reverse SDE: use --sampler em or heun-sde; got {sampler!r}")
+    with io.output_run(out_dir, log=log) as out:
+        model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
+        rng, t0 = np.random.default_rng(cfg.seed), time.perf_counter()
+        images, mask = (_load_npy(p, flag) for p, flag in ((inpaint_from, "--from"), (inpaint_mask, "--inpaint")))
+        if cfg.n > len(images):
+            raise ValueError(f"--n {cfg.n} is more than the {len(images)} images in --from {inpaint_from!r}")
+        if mask.shape == images.shape:
+            mask = mask[:cfg.n]
+        x = inpaint_from_checkpoint(model, meta, images[:cfg.n], mask, rng, steps=args.get("steps") or 1000,
+                                    step="em" if sampler == "em" else "heun", batch=args.get("batch", 256))
+        x = np.clip(np.asarray(x, dtype=np.float32), -1, 1)
+        info.update(inpaint=os.path.abspath(inpaint_mask), source=os.path.abspath(inpaint_from), sampler=sampler,
+                    n=cfg.n, seed=cfg.seed, sample_seconds=time.perf_counter() - t0)
+        io.save_npy(os.path.join(out, "samples.npy"), x)
+        save_grid(os.path.join(out, "grid.png"), x)
+        io.write_json(os.path.join(out, "sample.json"), dict(info, config=dataclasses.asdict(cfg)))
+    return info
+
+
+def _load_npy(path, flag):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {path!r} is not a .npy array file ({exc})") from None
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{flag} {path!r} must hold one array, not an .npz archive")
+    return a

@@ -355,7 +355,8 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, bat
     """n samples from an eps-model checkpoint (refdiff.checkpoint.load_model) with the samplers
     of this module, `batch` images at a time, reshaped to meta["image_shape"]:
 
-        dpm2m     DPM-Solver++(2M) on the checkpoint's own DDPM chain (any schedule), steps default 20
+        dpm2m     DPM-Solver++(2M) on the checkpoint's own DDPM chain (any schedule), steps default 20 (on
+                  DDIM's uniform skip where steps divides N, else linspace)
         edm       EDM Heun (S_churn = 0) on the chain's VP SDE, steps default 18 (35 NFE)
         edm-sde   EDM's stochastic sampler, S_churn = `s_churn`, steps default 18
         rk45      adaptive RK45 on the VP SDE's probability-flow ODE (rtol, atol; steps must be None)
@@ -378,7 +379,11 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, bat
     if sampler == "dpm2m":
         schedule = schedule_from_meta(meta)
         steps = 20 if steps is None else steps
-        run = lambda shp: (dpm_solver_pp_ddpm(model, schedule, shp, rng, steps=steps), steps)   # noqa: E731
+        # the time steps as refdiff.ddpm's DDIM picks them: DDIM's uniform skip where steps divides N, else
+        # linspace (both start at N - 1); the command line has no --spacing for this sampler
+        spacing = "uniform" if schedule.num_steps % steps == 0 else "linspace"
+        run = lambda shp: (dpm_solver_pp_ddpm(model, schedule, shp, rng, steps=steps, spacing=spacing),   # noqa: E731
+                           steps)
     else:
         sde = continuous_sde(meta, f"the {sampler} sampler")
         sf = score_fn_from_model(model, sde)
@@ -403,67 +408,6 @@ def sample_from_checkpoint(model, meta, n, rng, sampler="dpm2m", steps=None, bat
     return np.concatenate(outs).reshape((n,) + image_shape), nfe
 
 
-def sample_to_dir(cfg, out_dir, log=None, inpaint_mask=None, inpaint_from=None):
-    """What `refdiff sample` does for this module's samplers and for inpainting: cfg is a
-    refdiff.generate.SampleConfig whose sampler_args are `sample_from_checkpoint`'s options
-    (sampler, steps, batch, rtol, atol). With inpaint_mask and inpaint_from (.npy paths: a 0/1
-    mask of one image's shape or of the images', and images in [-1, 1]) the first cfg.n images
-    are completed by refdiff.inpaint.inpaint_from_checkpoint instead (sampler "em" or
-    "heun-sde", steps default 1000). Writes out_dir/samples.npy, grid.png, sample.json
-    atomically under the directory's RunLock (as refdiff.generate.sample_to_dir). -> info."""
-    import dataclasses
-    import time
-
-    from . import io
-    from .figures import save_grid
-    from .generate import load_generator
-
-    cfg.validate()
-    args = dict(cfg.sampler_args)
-    if cfg.gif:
-        raise ValueError(f"--gif shows the denoising chain of the ddpm, ddim and em samplers; "
-                         f"{args.get('sampler')!r} and inpainting keep no trajectory")
-    if (inpaint_mask is None) != (inpaint_from is None):
-        raise ValueError("--inpaint MASK.npy and --from IMAGES.npy go together")
-    with io.output_run(out_dir, log=log) as out:
-        model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
-        rng, t0 = np.random.default_rng(cfg.seed), time.perf_counter()
-        if inpaint_mask is not None:
-            from .inpaint import inpaint_from_checkpoint
-            sampler = args.get("sampler", "em")
-            if sampler not in ("em", "heun-sde"):
-                raise ValueError(f"--inpaint runs the reverse SDE: use --sampler em or heun-sde; got {sampler!r}")
-            images, mask = (_load_npy(p, flag) for p, flag in ((inpaint_from, "--from"), (inpaint_mask, "--inpaint")))
-            if cfg.n > len(images):
-                raise ValueError(f"--n {cfg.n} is more than the {len(images)} images in --from {inpaint_from!r}")
-            if mask.shape == images.shape:
-                mask = mask[:cfg.n]
-            x = inpaint_from_checkpoint(model, meta, images[:cfg.n], mask, rng, steps=args.get("steps") or 1000,
-                                        step="em" if sampler == "em" else "heun", batch=args.get("batch", 256))
-            info.update(inpaint=os.path.abspath(inpaint_mask), source=os.path.abspath(inpaint_from), sampler=sampler)
-        else:
-            x, nfe = sample_from_checkpoint(model, meta, cfg.n, rng, **args)
-            info.update(args, nfe=nfe)
-        x = np.clip(np.asarray(x, dtype=np.float32), -1, 1)
-        info.update(n=cfg.n, seed=cfg.seed, sample_seconds=time.perf_counter() - t0)
-        io.save_npy(os.path.join(out, "samples.npy"), x)
-        save_grid(os.path.join(out, "grid.png"), x)
-        io.write_json(os.path.join(out, "sample.json"), dict(info, config=dataclasses.asdict(cfg)))
-    return info
-
-
-def _load_npy(path, flag):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{flag} {path!r} is not a .npy array file ({exc})") from None
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{flag} {path!r} must hold one array, not an .npz archive")
-    return a
-
-
 __all__ = ["SPACINGS", "CHECKPOINT_SAMPLERS", "data_prediction", "time_grid", "dpm_solver_pp", "dpm_solver_pp_ddpm",
            "edm_sigmas", "t_of_sigma", "edm_sampler", "rk45_ode", "em_step", "stochastic_heun_step",
-           "reverse_heun", "continuous_sde", "sample_from_checkpoint", "sample_to_dir"]
+           "reverse_heun", "continuous_sde", "sample_from_checkpoint"]

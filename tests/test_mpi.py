@@ -314,8 +314,9 @@ def test_refdiff_train_and_sample_on_two_ranks(tmp_path):
     assert [h["epoch"] for h in ma["history"]] == [1, 2]
     for ha, hb in zip(ma["history"], mb["history"]):
         assert abs(ha["loss"] - hb["loss"]) <= 1e-12 * abs(hb["loss"])
+    # --batch 2 < a rank's share (2 or 3 images): the share is drawn in chunks, each with its images' streams
     flags = ["sample", "--checkpoint", a / "checkpoint.npz", "--n", "5", "--sampler", "ddim", "--steps", "3",
-             "--eta", "1"]
+             "--eta", "1", "--batch", "2"]
     for ranks in (1, 2):
         p = _refdiff(flags + ["--out", tmp_path / f"s{ranks}"], ranks=ranks, mpirun=True)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -324,6 +325,14 @@ def test_refdiff_train_and_sample_on_two_ranks(tmp_path):
     # float32 files of float64 images that agree to ~1e-12 (the model runs on 2 + 3 images vs 5): a
     # float32 rounding may differ by one ulp (6e-8 at |x| <= 1)
     np.testing.assert_allclose(s2, s1, rtol=0, atol=1e-6)
+    p = _refdiff(["sample", "--checkpoint", a / "checkpoint.npz", "--n", "5", "--sampler", "dpm2m", "--steps", "3",
+                  "--batch", "2", "--out", tmp_path / "d2"], ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _refdiff(["sample", "--checkpoint", a / "checkpoint.npz", "--n", "5", "--sampler", "dpm2m", "--steps", "3",
+                  "--batch", "2", "--out", tmp_path / "d1"], ranks=1, mpirun=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "d2" / "samples.npy"), np.load(tmp_path / "d1" / "samples.npy"),
+                               rtol=0, atol=1e-6)
 
 
 # --- in one process (no mpirun): the pieces, against direct computations -----------------------------------

@@ -242,9 +242,9 @@ def tiny_checkpoints(tmp_path_factory):
 
 def test_sample_to_dir_and_inpaint(tiny_checkpoints):
     import json
-    from refdiff.generate import SampleConfig
+    from refdiff.generate import SampleConfig, sample_to_dir
     path, cosine, root = tiny_checkpoints
-    info = S.sample_to_dir(SampleConfig(checkpoint=path, n=3, sampler_args=dict(sampler="dpm2m", steps=4)),
+    info = sample_to_dir(SampleConfig(checkpoint=path, n=3, sampler_args=dict(sampler="dpm2m", steps=4)),
                            str(root / "dpm"))
     assert info["nfe"] == 4 and np.load(root / "dpm" / "samples.npy").shape == (3, 1, 28, 28)
     assert json.load(open(root / "dpm" / "sample.json"))["sampler"] == "dpm2m"
@@ -252,17 +252,17 @@ def test_sample_to_dir_and_inpaint(tiny_checkpoints):
     mask = np.zeros((1, 28, 28))
     mask[:, :14] = 1                                                   # top half known
     np.save(root / "images.npy", images), np.save(root / "mask.npy", mask)
-    S.sample_to_dir(SampleConfig(checkpoint=path, n=2, sampler_args=dict(sampler="em", steps=10)), str(root / "inp"),
+    sample_to_dir(SampleConfig(checkpoint=path, n=2, sampler_args=dict(sampler="em", steps=10)), str(root / "inp"),
                     inpaint_mask=str(root / "mask.npy"), inpaint_from=str(root / "images.npy"))
     out = np.load(root / "inp" / "samples.npy")
     assert out.shape == (2, 1, 28, 28) and np.array_equal(out[:, :, :14], images[:2, :, :14])
     np.save(root / "bad-mask.npy", mask[:, :20])
     with pytest.raises(ValueError, match="mask"):
-        S.sample_to_dir(SampleConfig(checkpoint=path, n=2, sampler_args=dict(sampler="em", steps=5)),
+        sample_to_dir(SampleConfig(checkpoint=path, n=2, sampler_args=dict(sampler="em", steps=5)),
                         str(root / "inp2"), inpaint_mask=str(root / "bad-mask.npy"),
                         inpaint_from=str(root / "images.npy"))
     with pytest.raises(ValueError, match="continuous-time model"):
-        S.sample_to_dir(SampleConfig(checkpoint=cosine, n=2, sampler_args=dict(sampler="edm", steps=3)),
+        sample_to_dir(SampleConfig(checkpoint=cosine, n=2, sampler_args=dict(sampler="edm", steps=3)),
                         str(root / "cos"))
 
 

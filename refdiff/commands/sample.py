@@ -60,7 +60,6 @@ def run(args):
     from ..solvers import CHECKPOINT_SAMPLERS
 
     if args.sampler in CHECKPOINT_SAMPLERS or args.inpaint or args.inpaint_from:
-        from ..solvers import sample_to_dir as solvers_sample_to_dir
         unused = [f for f, on in (("--eta", args.eta != 0), ("--spacing", args.spacing), ("--clip", args.clip),
                                   ("--variance", args.variance != "beta")) if on]
         if unused:
@@ -70,12 +69,10 @@ def run(args):
                            gif=args.gif, frames=args.frames, backend=args.backend,
                            sampler_args=dict(sampler=args.sampler, steps=args.steps, batch=args.batch,
                                              rtol=args.rtol, atol=args.atol))
-        info = solvers_sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr),
-                                     inpaint_mask=args.inpaint, inpaint_from=args.inpaint_from)
-        print(f"{args.n} images from {info['model']} in {info['sample_seconds']:.1f}s -> {args.out}", file=sys.stderr)
-        return 0
-    cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema, gif=args.gif,
-                       frames=args.frames, backend=args.backend, sampler_args=sampler_args(args))
-    info = sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr))
+    else:
+        cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
+                           gif=args.gif, frames=args.frames, backend=args.backend, sampler_args=sampler_args(args))
+    info = sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr), inpaint_mask=args.inpaint,
+                         inpaint_from=args.inpaint_from)
     print(f"{args.n} images from {info['model']} in {info['sample_seconds']:.1f}s -> {args.out}", file=sys.stderr)
     return 0
