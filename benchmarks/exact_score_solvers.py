@@ -108,9 +108,8 @@ def sampler_rows(gmm, sde, a, save):
 
 def plot(result, path):
     """FD ratio and sliced-W1 ratio against NFE, one line per sampler (log-log)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refdiff.figures import pyplot, save_figure
+    plt = pyplot()
     rows = result["samplers"]["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, name in ((axes[0], "fd_ratio", "Fréchet distance"), (axes[1], "sw_ratio", "sliced W1")):
@@ -125,9 +124,7 @@ def plot(result, path):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"exact Gaussian-mixture score, n = {result['samplers']['n']}, {result['samplers']['pairs']} pairs")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main():

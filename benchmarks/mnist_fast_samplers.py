@@ -77,9 +77,8 @@ def inpainting(model, meta, ev, a, x_te, y_te):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refdiff.figures import pyplot, save_figure
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name in dict.fromkeys(r["sampler"] for r in rows):
         rr = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
@@ -89,9 +88,7 @@ def plot(rows, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main():

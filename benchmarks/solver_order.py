@@ -181,9 +181,8 @@ def ode(args):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refdiff.figures import pyplot, save_figure
+    plt = pyplot()
     panels = [("gbm", "strong"), ("gbm", "weak"), ("ou", "strong"), ("ou", "weak"), ("pf-ode-gaussian", "global")]
     titles = {"gbm": "geometric BM (multiplicative)", "ou": "OU (additive)", "pf-ode-gaussian": "PF-ODE, Gaussian data"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
@@ -197,9 +196,7 @@ def plot(rows, path):
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("error")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main():

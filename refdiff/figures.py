@@ -6,7 +6,7 @@ Images are (N, 1, H, W) or (N, H, W) arrays in [-1, 1]; values outside are clipp
 display, never rescaled per image (the report min-max normalised the DDPM images alone,
 which made them look cleaner than the others: report §3.4.3, fig. 3.5). The grid itself is
 plain NumPy (`image_grid`, tested); drawing goes through matplotlib's Agg backend, selected
-here and only when a figure is drawn (`_pyplot`), so importing refdiff never touches
+here and only when a figure is drawn (`pyplot`), so importing refdiff never touches
 matplotlib. GIFs go through Pillow (a dependency of matplotlib). Every file is written
 atomically (refdiff.io.atomic_write).
 """
@@ -22,7 +22,7 @@ from .io import atomic_write
 ROW_TITLES = {"real": "real (held-out)", "vae": "VAE", "gan": "GAN", "ddpm": "DDPM"}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed); the one place that picks it."""
     import matplotlib
     matplotlib.use("Agg")
@@ -30,8 +30,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path, dpi):
-    plt = _pyplot()
+def save_figure(fig, path, dpi):
+    """Write a matplotlib figure to `path` atomically (format from the extension), then close it."""
+    plt = pyplot()
     try:
         with atomic_write(path, "wb") as f:
             fig.savefig(f, dpi=dpi, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
@@ -74,7 +75,7 @@ def image_grid(x, nrow=None, pad=2, scale=1):
 def save_grid(path, x, nrow=None, pad=2, scale=2):
     """Write image_grid(x) as a greyscale PNG."""
     grid = image_grid(x, nrow, pad, scale)
-    plt = _pyplot()
+    plt = pyplot()
     with atomic_write(path, "wb") as f:
         plt.imsave(f, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
 
@@ -102,7 +103,7 @@ def ring_figure(path, cfg, model, ema, sde, x, real, n_show=3000, n_traj=8):
     from .losses import score_fn_from_model
     from .samplers import euler_maruyama
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 5, figsize=(22, 4.6))
     ax[0].scatter(*real[:n_show].T, s=1, alpha=0.5, label="real")
     ax[0].scatter(*x[:n_show].T, s=1, alpha=0.5, label="generated")
@@ -131,13 +132,13 @@ def ring_figure(path, cfg, model, ema, sde, x, real, n_show=3000, n_traj=8):
         a.set_aspect("equal")
         a.set_xlim(-2, 2), a.set_ylim(-2, 2)
     fig.tight_layout()
-    _save(fig, path, dpi=80)
+    save_figure(fig, path, dpi=80)
 
 
 # --- the comparison (report figs. 3.4, 3.5) -------------------------------------------------------------------
 def labels_figure(path, rows):
     """Predicted-label histograms side by side; rows: dicts with "row" and metrics["label_hist"]."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):
@@ -149,13 +150,13 @@ def labels_figure(path, rows):
     ax.set_ylabel("fraction of images")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def best_figure(path, rows):
     """The best image per predicted label per model (max logit above each); rows: dicts with
     "row" and "best" (refdiff.image_scores.best_per_label)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), 10, figsize=(10, 1.15 * len(rows) + 0.3), squeeze=False)
     for i, r in enumerate(rows):
         for k, (img, top) in enumerate(r["best"]):
@@ -170,4 +171,4 @@ def best_figure(path, rows):
                 ax.set_ylabel(ROW_TITLES[r["row"]], fontsize=8)
     fig.suptitle("best image per predicted label (max logit above each)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
