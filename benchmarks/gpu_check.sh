@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for refdiff_cuda, one command, < 5 minutes:  bash benchmarks/gpu_check.sh
+# GPU check for refdiff_cuda, one command, < 8 minutes:  bash benchmarks/gpu_check.sh
 #   1. installs what is missing, from wheels only: refdiff[test,numba], cupy-cuda12x and
 #      numba-cuda[cu12] (NVIDIA's CUDA target for numba, with NVVM/NVRTC from wheels: no
 #      CUDA toolkit needed, only the driver);
 #   2. runs the GPU agreement tests (cupy and numba-cuda on the real device: every op and
 #      version by hypothesis, Adam, sampler steps, the full 10-step golden in float32+float64);
-#   3. times one unet-seed training step (batch 128) and DDPM sampling on each GPU backend;
+#   3. `python -m benchmarks`: one unet-seed training step (batch 128) and DDPM sampling on
+#      every backend available (numpy, numba, cupy, numba-cuda) and PyTorch where installed;
 #   4. writes benchmarks/results/gpu_check.json (device, versions, test counts, timings).
 # It has not yet run on a real GPU.
 set -uo pipefail
@@ -28,20 +29,17 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/gpu_check_test
 TESTS_RC=$?
 tail -3 "$OUT/gpu_check_tests.log"
 
-timeout 150 $PY benchmarks/train_step.py --backends cupy,numba-cuda --no-torch --rounds 3 --block 3 --ref-rounds 1 \
-  --out "$OUT/gpu_train_step.json" > "$OUT/gpu_train_step.log" 2>&1
+# the CPU-vs-GPU report: every backend available here (numpy, numba, cupy, numba-cuda) and PyTorch if installed
+timeout 240 $PY -m benchmarks --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.log" 2>&1
 BENCH_RC=$?
-timeout 60 $PY benchmarks/sampling.py --backends cupy,numba-cuda --no-torch --batch 256 --timed-steps 20 \
-  --out "$OUT/gpu_sampling.json" > "$OUT/gpu_sampling.log" 2>&1
-SAMPLE_RC=$?
 
-$PY - "$TESTS_RC" "$BENCH_RC" "$SAMPLE_RC" "$START" <<'PYEOF'
+$PY - "$TESTS_RC" "$BENCH_RC" "$START" <<'PYEOF'
 import json, os, sys, time
 import xml.etree.ElementTree as ET
 out = "benchmarks/results"
-tests_rc, bench_rc, sample_rc, start = map(int, sys.argv[1:])
+tests_rc, bench_rc, start = map(int, sys.argv[1:])
 rep = {"device": open(f"{out}/gpu_check_device.txt").read().strip(), "seconds": time.time() - start,
-       "exit_codes": {"tests": tests_rc, "train_step": bench_rc, "sampling": sample_rc}}
+       "exit_codes": {"tests": tests_rc, "bench": bench_rc}}
 try:
     root = ET.parse(f"{out}/gpu_check_tests.xml").getroot()
     suite = root if root.tag == "testsuite" else root[0]
@@ -50,7 +48,7 @@ try:
                      if c.find("failure") is not None or c.find("error") is not None]
 except Exception as exc:  # noqa: BLE001
     rep["tests"] = f"no junit report: {exc}"
-for name in ("gpu_train_step", "gpu_sampling"):
+for name in ("gpu_bench",):
     try:
         rep[name] = json.load(open(f"{out}/{name}.json"))
     except Exception as exc:  # noqa: BLE001

@@ -265,7 +265,7 @@ def main(argv=None):
     from _common import HERE, environment, write_json
 
     B = a.batch
-    names = a.backends.split(",") + ([] if a.no_torch else ["torch"]) + ["numpy"]
+    names = [b for b in a.backends.split(",") if b] + ([] if a.no_torch else ["torch"]) + ["numpy"]
     with tempfile.TemporaryDirectory() as tmp:
         workers, infos, notes = _start_workers(names, B, a.threads, tmp)
         peak = None if a.check else _ask(workers["numpy"][1], "numpy", "peak", "peak")
