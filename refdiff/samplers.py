@@ -39,6 +39,9 @@ def time_grid(sde, steps, t_min, spacing="uniform"):
 
 
 def _score(score_fn, x, t, step):
+    # a finite but huge score can overflow the state: stop here, naming the step, rather than let
+    # the model refuse a non-finite input as if the caller had passed it
+    check_finite_state(np.all(np.isfinite(x)), "the state", step, t)
     s = np.asarray(score_fn(x, np.full(x.shape[0], t)))
     if s.shape != x.shape:
         raise ValueError(f"score_fn returned shape {s.shape}; expected {x.shape}")

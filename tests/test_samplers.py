@@ -91,14 +91,21 @@ def test_divergence_is_named_with_step_and_time(sampler):
             sde, nan_below, (3, 2), steps, np.random.default_rng(0), t_min=1e-3, spacing="uniform", **kw)
 
 
-@pytest.mark.parametrize("sampler", ["em", "pc", "ode"])
-def test_state_overflow_is_named_at_the_end(sampler):
-    """A finite but huge score overflows the state; the check after the last step names it:
-    step N, t = t_min."""
-    with pytest.raises(FloatingPointError, match=r"^the state contains NaN or Inf at step 10 \(t = 0.001\)"), \
+@pytest.mark.parametrize("sampler, step", [("em", 1), ("pc", 1), ("ode", 0)])
+def test_state_overflow_is_named_where_it_happens(sampler, step):
+    """A finite but huge score overflows the state in the first update (g(1)^2 s = inf); the
+    sampler stops there with FloatingPointError naming the state and the time it reached
+    (t_1 = 0.9001: em and pc check it before step 1's score, Heun before its corrector
+    evaluation in step 0), before the score function, which like the models refuses a
+    non-finite input with ValueError, sees it."""
+    def model_like(x, t):
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x contains NaN or Inf")
+        return np.full_like(x, 1e308)
+    with pytest.raises(FloatingPointError, match=rf"^the state contains NaN or Inf at step {step} \(t = 0.9001\)"), \
             np.errstate(over="ignore", invalid="ignore"):       # the overflow is the point
-        samplers.SAMPLERS[sampler](VP(), lambda x, t: np.full_like(x, 1e308), (3, 2), 10,
-                                   np.random.default_rng(0), t_min=1e-3, spacing="uniform")
+        samplers.SAMPLERS[sampler](VP(), model_like, (3, 2), 10, np.random.default_rng(0), t_min=1e-3,
+                                   spacing="uniform")
 
 
 def test_predictor_corrector_defaults():
@@ -204,3 +211,4 @@ def test_edge_arguments_are_accepted():
     assert np.array_equal(DDPMSchedule(10, 0.01, 0.01).betas, np.full(10, 0.01))
     assert VP().discrete_betas(1).tolist() == [0.1]
     assert samplers.forward_simulate(VP(), np.zeros((1, 1)), 1, np.random.default_rng(0)).shape == (1, 1)
+
