@@ -430,9 +430,13 @@ class DataParallel:
         if kind not in GRAD_REDUCTION:
             raise ValueError(f"data-parallel training does not support models of kind {kind!r}; "
                              f"supported: {sorted(GRAD_REDUCTION)}")
-        if getattr(objective, "config", {}).get("grad_clip") is not None:
-            raise ValueError("grad_clip with more than one rank is not supported: the clipping norm "
-                             "would be each rank's, not the global batch's")
+        # gradient clipping needs the global batch's norm: the objective leaves it to the wrapped
+        # step below, which clips after the Allreduce (as one process clips the whole batch's gradient)
+        from .optim import clip_grad_norm
+
+        clip = getattr(objective, "config", {}).get("grad_clip")
+        if clip is not None:
+            objective.clip_after_reduce = True
         self.mean, self.axis = GRAD_REDUCTION[kind] == "mean", BATCH_AXIS.get(kind, 0)
         self.weight = self.divide = 1
         self.reducers = []
@@ -441,8 +445,10 @@ class DataParallel:
             self.reducers.append(reduce)
             inner = opt.step
 
-            def step(inner=inner, reduce=reduce):
+            def step(inner=inner, reduce=reduce, model=opt.model):
                 reduce(self.weight, self.divide)
+                if clip is not None:
+                    clip_grad_norm(model, clip)
                 inner()
             opt.step = step
 

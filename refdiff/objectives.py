@@ -65,6 +65,9 @@ class EpsObjective:
     pixels). Adam, optional global-norm clipping, then the EMA update."""
 
     defaults = dict(lr=1e-4, batch=128, loss="ddpm", ema_decay=0.999, grad_clip=None)
+    # True under data parallelism (refdiff.distributed.DataParallel): the norm to clip is the
+    # global batch's, so the optimizer's wrapped step clips after averaging over ranks
+    clip_after_reduce = False
 
     def __init__(self, model, config=None):
         from .losses import LOSSES
@@ -95,7 +98,7 @@ class EpsObjective:
             loss = ddpm_loss(m, self.schedule, x0, rng)
         else:
             loss = self.loss_fn(m, self.sde, x0, rng)
-        if self.config["grad_clip"] is not None and math.isfinite(loss):
+        if self.config["grad_clip"] is not None and math.isfinite(loss) and not self.clip_after_reduce:
             clip_grad_norm(m, self.config["grad_clip"])
         if math.isfinite(loss):               # a NaN loss is reported by the Trainer, no update
             self._opt["model"].step()
