@@ -107,7 +107,7 @@ def main(argv=None):
         command=f"python benchmarks/data_parallel_step.py --model {a.model} --batch {a.batch} --steps {a.steps} "
                 f"--rounds {a.rounds} --threads {a.threads} --ranks {a.ranks} --backend {a.backend}",
         summary=summary, rounds=res,
-        caveat="measured on a shared, loaded 2-core machine: a functional measurement, not a performance claim",
+        caveat="all ranks on one machine; check the load average in environment before comparing runs",
         environment=environment()))
     return 0
 
