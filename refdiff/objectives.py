@@ -57,8 +57,26 @@ def _known(config, defaults):
     return {k: config[k] for k in defaults if k in config and config[k] is not None}
 
 
+class _Objective:
+    """What the objectives share: `config` is `defaults` overridden by the keys of the given
+    config that the objective knows (not None); `optimizers()` builds them on first use
+    (`_make_optimizers`), so a resumed run can load their state before any step."""
+
+    defaults = {}
+
+    def __init__(self, model, config=None):
+        self.model = model
+        self.config = dict(self.defaults, **_known(config, self.defaults))
+        self._opt = None
+
+    def optimizers(self):
+        if self._opt is None:
+            self._opt = self._make_optimizers()
+        return self._opt
+
+
 # --- noise prediction (DDPM, score matching) -----------------------------------------------------------------
-class EpsObjective:
+class EpsObjective(_Objective):
     """Noise prediction. loss "ddpm": Ho et al.'s simple loss on the discrete chain
     (refdiff.ddpm.ddpm_loss, mean over pixels); any name in refdiff.losses.LOSSES ("dsm",
     "ssm", ...): that continuous loss on VP(beta_min, beta_max) (its own scale: a sum over
@@ -73,7 +91,7 @@ class EpsObjective:
         from .losses import LOSSES
 
         config = dict(config or {})
-        c = dict(self.defaults, **{k: config[k] for k in self.defaults if config.get(k) is not None})
+        c = dict(self.defaults, **_known(config, self.defaults))
         if getattr(model, "kind", None) != "eps":
             raise ValueError(f"EpsObjective needs a noise-prediction model (kind 'eps'); got {model.kind!r}")
         if c["loss"] != "ddpm" and c["loss"] not in LOSSES:
@@ -86,9 +104,6 @@ class EpsObjective:
         self.input_shape = model_input_shape(model)
         self.ema = EMA(model, decay=c["ema_decay"])
         self._opt = {"model": Adam(model, lr=c["lr"])}
-
-    def optimizers(self):
-        return self._opt
 
     def step(self, x, y, rng):
         m = self.model
@@ -107,21 +122,14 @@ class EpsObjective:
 
 
 # --- VAE -----------------------------------------------------------------------------------------------------
-class VAEObjective:
+class VAEObjective(_Objective):
     """Negative ELBO, BCE(sum) + KL(sum), AdamW(lr 1e-3, weight decay 0.01 = PyTorch's AdamW
     default), batch 128 (the report's code). Reported losses are per image."""
 
     defaults = dict(lr=1e-3, weight_decay=0.01, batch=128)
 
-    def __init__(self, model, config=None):
-        self.model = model
-        self.config = dict(self.defaults, **_known(config, self.defaults))
-        self._opt = None
-
-    def optimizers(self):
-        if self._opt is None:
-            self._opt = {"vae": Adam(self.model, lr=self.config["lr"], weight_decay=self.config["weight_decay"])}
-        return self._opt
+    def _make_optimizers(self):
+        return {"vae": Adam(self.model, lr=self.config["lr"], weight_decay=self.config["weight_decay"])}
 
     def loss_and_grad(self, x, eps):
         """-ELBO summed over the batch; leaves its gradient in model.grads (zeroed first).
@@ -146,24 +154,17 @@ class VAEObjective:
 
 
 # --- GAN -----------------------------------------------------------------------------------------------------
-class GANObjective:
+class GANObjective(_Objective):
     """Alternating updates, one D step then one G step per batch (Goodfellow et al. 2014,
     Alg. 1 with k = 1); Adam 2e-4, betas (0.5, 0.999), batch 128 (the report's code)."""
 
     defaults = dict(lr=2e-4, beta1=0.5, beta2=0.999, batch=128)
 
-    def __init__(self, model, config=None):
-        self.model = model
-        self.config = dict(self.defaults, **_known(config, self.defaults))
-        self._opt = None
-
-    def optimizers(self):
-        if self._opt is None:
-            c = self.config
-            betas = (c["beta1"], c["beta2"])
-            self._opt = {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas),
-                         "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas)}
-        return self._opt
+    def _make_optimizers(self):
+        c = self.config
+        betas = (c["beta1"], c["beta2"])
+        return {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas),
+                "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas)}
 
     def d_loss_and_grad(self, x, z):
         """L_D on real x and fake G(z); its gradient w.r.t. D's parameters is left in
@@ -207,7 +208,7 @@ class GANObjective:
 
 
 # --- the MNIST classifier ------------------------------------------------------------------------------------
-class ClassifierObjective:
+class ClassifierObjective(_Objective):
     """Cross-entropy, Adam 1e-3, batch 64, 10 epochs (the report's code); `shift` > 0 adds
     random translations of up to that many pixels (0 = the report's plain training);
     `self.ema` averages the weights (`ema_decay`; 0 = the last weights)."""
@@ -215,17 +216,13 @@ class ClassifierObjective:
     defaults = dict(lr=1e-3, batch=64, epochs=10, shift=2, ema_decay=0.999)
 
     def __init__(self, model, config=None):
-        self.model = model
-        self.config = dict(self.defaults, **_known(config, self.defaults))
+        super().__init__(model, config)
         if int(self.config["shift"]) < 0 or int(self.config["shift"]) > 13:
             raise ValueError(f"classifier shift must be an integer in [0, 13]; got {self.config['shift']}")
         self.ema = EMA(model, decay=float(self.config["ema_decay"]))
-        self._opt = None
 
-    def optimizers(self):
-        if self._opt is None:
-            self._opt = {"classifier": Adam(self.model, lr=self.config["lr"])}
-        return self._opt
+    def _make_optimizers(self):
+        return {"classifier": Adam(self.model, lr=self.config["lr"])}
 
     def loss_and_grad(self, x, y):
         """Mean cross-entropy of a batch; its gradient is left in model.grads (zeroed first).
