@@ -109,7 +109,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import multiprocessing as mp
     from _common import environment, write_json
-    from train_step import _environ, _isolation, _worker_env
+    from train_step import _isolation, one_shot_worker
     versions = [int(v) for v in a.versions.split(",")]
     B, ctx = a.batch, mp.get_context("spawn")
     rows = [dict(cin=ci, cout=co, size=H, kernel=k, stride=s,
@@ -117,12 +117,7 @@ def main(argv=None):
             for ci, co, H, k, s in SHAPES]
     libraries, notes = {}, {}
     for name in ["numba"] + ([] if a.no_torch else ["torch"]):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, name, B, versions, a.threads), daemon=True)
-        with _environ(_worker_env(name, a.threads)):
-            proc.start()
-        kind, value = parent.recv()
-        proc.join(timeout=30)
+        kind, value = one_shot_worker(ctx, name, a.threads, _worker, (name, B, versions, a.threads))
         if kind == "skipped":
             notes[name] = f"skipped: {value}"
             continue

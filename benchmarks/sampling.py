@@ -74,7 +74,8 @@ def _torch_chain(plan, weights, x0, zs):
     net, B = TorchUNet(plan, state), x0.shape[0]
     x = torch.from_numpy(x0)
     with torch.no_grad():
-        diff = float(np.abs(net(x[:8], emb[-1:].expand(8, -1)).numpy() - y8).max())
+        k = len(y8)                              # min(8, batch) images, as the parent ran them
+        diff = float(np.abs(net(x[:k], emb[-1:].expand(k, -1)).numpy() - y8).max())
         net(x, emb[0:1].expand(B, -1))           # warm-up, untimed
         times = []
         for k, i in enumerate(range(len(zs) - 1, -1, -1)):
@@ -102,7 +103,8 @@ def _save_for_torch(path, model_name, x0, timed):
     emb = F.time_embedding(ts * ref.config["time_scale"], ref.config["emb_dim"])
     scal = np.array([[*ddpm_coeffs(sched.betas[i], sched.alpha_bars[i], np.float32),
                       np.float32(np.sqrt(sched.betas[i]))] for i in steps], dtype=np.float32)
-    y8 = ref.forward(x0[:8], np.full(8, ts[-1]))
+    k = min(8, len(x0))
+    y8 = ref.forward(x0[:k], np.full(k, ts[-1]))
     np.savez(path, _emb=emb, _y8=y8, _scalars=scal, **ref.state())
     return plan_of(ref)
 
@@ -150,7 +152,7 @@ def main(argv=None):
     import importlib.util
     import multiprocessing as mp
     from _common import HERE, environment, write_json
-    from train_step import _environ, _isolation, _worker_env
+    from train_step import _isolation, one_shot_worker
 
     names = a.backends.split(",")
     if not a.no_torch:
@@ -165,13 +167,8 @@ def main(argv=None):
                     continue
                 weights = os.path.join(tmp, "weights.npz")
                 plan = _save_for_torch(weights, a.model, _noise(a.batch, 28, a.timed_steps)[0], a.timed_steps)
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, daemon=True,
-                               args=(child, n, a.model, a.batch, a.timed_steps, a.threads, plan, weights))
-            with _environ(_worker_env(n, a.threads)):
-                proc.start()
-            kind, value = parent.recv()
-            proc.join(timeout=30)
+            kind, value = one_shot_worker(ctx, n, a.threads, _worker,
+                                          (n, a.model, a.batch, a.timed_steps, a.threads, plan, weights))
             if kind == "skipped":
                 notes[n] = f"skipped: {value}"
             elif kind != "done":

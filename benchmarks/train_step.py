@@ -138,6 +138,18 @@ def _environ(extra):
                 os.environ[k] = v
 
 
+def one_shot_worker(ctx, name, threads, target, args):
+    """Run `target(conn, *args)` in a process of its own with worker `name`'s thread settings
+    and wait for its one answer (kind, value) on the pipe."""
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    with _environ(_worker_env(name, threads)):
+        proc.start()
+    kind, value = parent.recv()
+    proc.join(timeout=30)
+    return kind, value
+
+
 def _worker(conn, name, B, threads, plan, weights):
     """One implementation in its own process: build, one untimed step, then serve requests:
     an int n (one untimed step, then n timed ones), "peak" (the reference's worker: NumPy's
