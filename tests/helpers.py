@@ -219,3 +219,23 @@ def check_grads(forward, backward, inputs, rng, h=FD_STEP, scale=None):
     for k, a in enumerate(inputs):
         assert_fd(grads[k], fd_vjp(lambda: forward(*inputs)[0], dy, a, h,
                                        None if scale is None else scale * float(np.abs(dy).max())), name=f"grad of input {k}")
+
+
+def trained_mlp_checkpoint(path, steps, rows, model_kw, **meta):
+    """A small MLP after `steps` Adam + EMA updates on a constant batch of `rows` points,
+    saved with its EMA and optimizer to `path` (meta as save_model's keywords);
+    -> (model, optimizer, ema)."""
+    from refdiff import checkpoint
+    from refdiff.nn import make_model
+    from refdiff.optim import EMA, Adam
+
+    m = make_model("mlp", dim=2, seed=1, **model_kw)
+    opt, ema = Adam(m, lr=1e-2), EMA(m, 0.9)
+    x, t = np.ones((rows, 2), np.float32), np.full(rows, 0.3, np.float32)
+    for _ in range(steps):
+        m.zero_grad()
+        m.backward(m.forward(x, t))
+        opt.step()
+        ema.update()
+    checkpoint.save_model(path, m, ema=ema, optimizer=opt, **meta)
+    return m, opt, ema

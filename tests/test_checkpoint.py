@@ -6,21 +6,13 @@ import numpy as np
 import pytest
 
 from refdiff import checkpoint
-from refdiff.nn import make_model
-from refdiff.optim import EMA, Adam
+from refdiff.optim import Adam
+from tests.helpers import trained_mlp_checkpoint
 
 
 def _trained(tmp_path):
-    m = make_model("mlp", dim=2, widths=[8], seed=1)
-    opt, ema = Adam(m, lr=1e-2), EMA(m, 0.9)
-    x, t = np.ones((4, 2), np.float32), np.full(4, 0.3, np.float32)
-    for _ in range(3):
-        m.zero_grad()
-        m.backward(m.forward(x, t))
-        opt.step()
-        ema.update()
     path = tmp_path / "ck.npz"
-    checkpoint.save_model(path, m, ema=ema, optimizer=opt, epoch=3, note="x")
+    m, opt, ema = trained_mlp_checkpoint(path, 3, 4, dict(widths=[8]), epoch=3, note="x")
     return m, opt, ema, path
 
 

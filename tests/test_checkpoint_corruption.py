@@ -18,22 +18,13 @@ from hypothesis import strategies as st
 
 from refdiff import checkpoint
 from refdiff.nn import make_model
-from refdiff.optim import EMA, Adam
-from tests.helpers import examples
+from tests.helpers import examples, trained_mlp_checkpoint
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    m = make_model("mlp", dim=2, widths=[4], emb_dim=4, temb_dim=4, seed=1)
-    opt, ema = Adam(m, lr=1e-2), EMA(m, 0.9)
-    x, t = np.ones((3, 2), np.float32), np.full(3, 0.3, np.float32)
-    for _ in range(2):
-        m.zero_grad()
-        m.backward(m.forward(x, t))
-        opt.step()
-        ema.update()
     path = tmp_path_factory.mktemp("ck") / "ck.npz"
-    checkpoint.save_model(path, m, ema=ema, optimizer=opt, epoch=2)
+    trained_mlp_checkpoint(path, 2, 3, dict(widths=[4], emb_dim=4, temb_dim=4), epoch=2)
     arrays, meta = checkpoint.load(path)
     return path.read_bytes(), arrays, meta
 
