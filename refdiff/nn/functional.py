@@ -24,6 +24,7 @@ from .conv import *  # noqa: F401,F403  conv2d, conv_transpose2d, max_pool2d (+ 
 from .norm import *  # noqa: F401,F403  group_norm
 from .lossfn import *  # noqa: F401,F403  cross-entropy, binary cross-entropy
 from .steps import *  # noqa: F401,F403  ddpm_step, em_step (the samplers' updates)
+from .attention import *  # noqa: F401,F403  spatial_attention, upsample_nearest2x, dropout
 from .array_module import array_module
 
 
