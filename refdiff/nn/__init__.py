@@ -18,6 +18,7 @@ MODELS = {
     "unet-seed-skip": "refdiff.nn.unet:unet_seed_skip",
     "unet-small": "refdiff.nn.unet:unet_small",
     "unet": "refdiff.nn.unet:UNet",
+    "unet-ddpm": "refdiff.nn.unet_ddpm:unet_ddpm",
     "classifier": "refdiff.nn.classifier:Classifier",
     "vae": "refdiff.nn.vae:VAE",
     "gan": "refdiff.nn.gan:GAN",

@@ -106,6 +106,7 @@ class TangentOps:
     silu_forward, silu_backward = _pair("silu")
     add_channel_bias_forward, add_channel_bias_backward = _pair("add_channel_bias")
     group_norm_forward, group_norm_backward = _pair("group_norm")
+    group_norm_silu_forward, group_norm_silu_backward = _pair("group_norm_silu")
     conv2d_forward, conv2d_backward = _pair("conv2d")
     conv_transpose2d_forward, conv_transpose2d_backward = _pair("conv_transpose2d")
 
