@@ -21,6 +21,9 @@ AttnBlock of Ho et al. 2020, appendix B, after Vaswani et al. 2017, eq. 1):
         dS_h = A_h * (dA_h - rowsum(dA_h * A_h))      (the softmax's Jacobian, row by row)
         dq_h = k_h dS_h^T / sqrt(d),   dk_h = q_h dS_h / sqrt(d)
 
+`spatial_attention_naive_forward` is the literal definition, one query position at a time with
+its own max-shifted softmax (NumPy only): the test oracle of spatial_attention_forward.
+
 upsample_nearest2x: y[b, c, 2i + a, 2j + e] = x[b, c, i, j] for a, e in {0, 1}; backward
 sums each 2 x 2 block of dy.
 
@@ -39,7 +42,7 @@ import numpy as np
 
 from .array_module import array_module
 
-__all__ = ["spatial_attention_forward", "spatial_attention_backward",
+__all__ = ["spatial_attention_forward", "spatial_attention_backward", "spatial_attention_naive_forward",
            "upsample_nearest2x_forward", "upsample_nearest2x_backward",
            "dropout_forward", "dropout_backward"]
 
@@ -86,6 +89,32 @@ def spatial_attention_backward(dy, cache):
     dq = (k @ ds.transpose(0, 1, 3, 2)) * scale
     dk = (q @ ds) * scale
     return xp.stack([dq, dk, dv], axis=1).reshape(shape)
+
+
+def spatial_attention_naive_forward(qkv, heads=1):
+    """Literal definition, one (sample, head, query position n) at a time:
+
+        s_m = sum_c q[c, n] k[c, m] / sqrt(d),   a_m = exp(s_m - max s) / sum exp(s - max s),
+        y[:, n] = sum_m a_m v[:, m].
+
+    The test oracle for spatial_attention_forward (NumPy). Returns (y, None): no naive backward.
+    """
+    _check_heads(qkv, heads)
+    B, C3, H, W = qkv.shape
+    C, N = C3 // 3, H * W
+    d = C // heads
+    flat = np.asarray(qkv).reshape(B, 3, C, N)
+    y = np.zeros((B, C, N), dtype=qkv.dtype)
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * d, (h + 1) * d)
+            q, k, v = flat[b, 0, ch], flat[b, 1, ch], flat[b, 2, ch]      # (d, N) each
+            for n in range(N):
+                s = np.array([np.dot(q[:, n], k[:, m]) for m in range(N)]) / math.sqrt(d)
+                e = np.exp(s - s.max())
+                a = e / e.sum()
+                y[b, ch, n] = sum(a[m] * v[:, m] for m in range(N))
+    return y.reshape(B, C, H, W), None
 
 
 def upsample_nearest2x_forward(x):
