@@ -76,7 +76,7 @@ def describe(exc, interrupted=None):
     if isinstance(exc, FloatingPointError):
         return FAILURE, str(exc)
     if isinstance(exc, MemoryError):
-        return FAILURE, f"out of memory ({exc or 'an allocation failed'}): use a smaller --n or --batch"
+        return FAILURE, f"out of memory ({str(exc) or 'an allocation failed'}): use a smaller --n or --batch"
     if isinstance(exc, FileNotFoundError) and not exc.filename:
         return BAD_INPUT, str(exc)                 # refdiff's own "X does not exist: do Y"
     if isinstance(exc, OSError):
