@@ -16,7 +16,9 @@ Parameters carry no tangent (nu perturbs x only). For an op linear in x (linear,
 conv_transpose2d) ydot = f(xdot; theta) without the bias, so both halves reuse the primal
 pair: dx = f^T dy, dxdot = f^T dydot, dW = dW(dy, x) + dW(dydot, xdot). For a nonlinear
 op the tangent's gradient with respect to x brings in the second derivative: silu gives
-dx = dy f'(x) + dydot f''(x) xdot; group norm is the long one (see group_norm_jvp_backward).
+dx = dy f'(x) + dydot f''(x) xdot; group norm (group_norm_jvp_backward) and softmax attention
+(spatial_attention_jvp_backward) are the long ones. Upsampling and dropout are linear in x
+too (no parameters): dropout's tangent is the same draw of the mask applied to xdot.
 
 Each pair is tested against finite differences of its forward (tests/test_tangent.py).
 The pairs are built on a backend's primal pairs, passed as the keyword `ops` (the NumPy
@@ -32,6 +34,7 @@ Shape glossary: B batch, C channels, H, W spatial, D features.
 from __future__ import annotations
 
 import functools
+import math
 import types
 
 from ..backend import REFERENCE
@@ -45,6 +48,9 @@ __all__ = [
     "conv_transpose2d_jvp_forward", "conv_transpose2d_jvp_backward",
     "group_norm_jvp_forward", "group_norm_jvp_backward",
     "group_norm_silu_jvp_forward", "group_norm_silu_jvp_backward",
+    "upsample_nearest2x_jvp_forward", "upsample_nearest2x_jvp_backward",
+    "dropout_jvp_forward", "dropout_jvp_backward",
+    "spatial_attention_jvp_forward", "spatial_attention_jvp_backward",
     "tangent_ops",
 ]
 
@@ -229,6 +235,111 @@ def group_norm_silu_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     norm_cache, act_cache = cache
     dz, dzdot = silu_jvp_backward(dy, dydot, act_cache, ops=ops)
     return group_norm_jvp_backward(dz, dzdot, norm_cache, ops=ops)
+
+
+# --- the modern UNet's ops (refdiff.nn.attention) -------------------------------------------------
+def upsample_nearest2x_jvp_forward(x, xdot, *, ops=REFERENCE):
+    """y = up(x), ydot = up(xdot): linear, no parameters. x, xdot (B, C, H, W) -> (B, C, 2H, 2W)."""
+    _check_tangent("upsample_nearest2x", x, xdot)
+    y, c = ops.upsample_nearest2x_forward(x)
+    ydot, cdot = ops.upsample_nearest2x_forward(xdot)
+    return y, ydot, (c, cdot)
+
+
+def upsample_nearest2x_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
+    """-> dx = up^T dy, dxdot = up^T dydot (each 2 x 2 block summed)."""
+    c, cdot = cache
+    return ops.upsample_nearest2x_backward(dy, c), ops.upsample_nearest2x_backward(dydot, cdot)
+
+
+def dropout_jvp_forward(x, xdot, p, rng, *, ops=REFERENCE):
+    """y = x m / (1 - p), ydot = xdot m / (1 - p), with ONE draw of the mask m from rng: the
+    tangent is the derivative of this very draw. The mask is diagonal, so the backend's
+    dropout_backward (its argument times the scaled mask) applies it to xdot. p = 0: y = x,
+    ydot = xdot, nothing drawn."""
+    _check_tangent("dropout", x, xdot)
+    y, c = ops.dropout_forward(x, p, rng)
+    return y, ops.dropout_backward(xdot, c), c
+
+
+def dropout_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
+    """-> dx = dy m / (1 - p), dxdot = dydot m / (1 - p), with the forward's mask."""
+    return ops.dropout_backward(dy, cache), ops.dropout_backward(dydot, cache)
+
+
+def _tr(a):
+    return a.transpose(0, 1, 3, 2)
+
+
+def _rowsum(a):
+    return a.sum(axis=-1, keepdims=True)
+
+
+def _qkv_heads(a, heads):
+    """(B, 3C, H, W) -> q, k, v, each (B, heads, d, N): the layout of refdiff.nn.attention."""
+    B, C3, H, W = a.shape
+    parts = a.reshape(B, 3, heads, C3 // 3 // heads, H * W)
+    return parts[:, 0], parts[:, 1], parts[:, 2]
+
+
+def spatial_attention_jvp_forward(qkv, qkvdot, heads=1, *, ops=REFERENCE):
+    """y = attention(qkv) (the backend's pair) and its tangent along qkvdot. Per head, in
+    refdiff.nn.attention's notation (q, k, v (d, N); S = q^T k / sqrt(d); A = softmax of
+    each row of S; y = v A^T):
+
+        Sdot = (qdot^T k + q^T kdot) / sqrt(d)                         (N, N)
+        Adot = A * P,   P = Sdot - rowsum(A * Sdot)      (softmax's Jacobian, row by row)
+        ydot = vdot A^T + v Adot^T                                      (d, N)
+
+    A is recomputed here (max-shifted, so finite for any finite qkv) rather than read from
+    the backend's cache. qkv, qkvdot (B, 3C, H, W) -> y, ydot (B, C, H, W).
+    """
+    _check_tangent("spatial_attention", qkv, qkvdot)
+    y, c = ops.spatial_attention_forward(qkv, heads)       # checks heads and the shape
+    q, k, v = _qkv_heads(qkv, heads)
+    qd, kd, vd = _qkv_heads(qkvdot.astype(qkv.dtype, copy=False), heads)
+    scale = qkv.dtype.type(1.0 / math.sqrt(q.shape[2]))
+    S = (_tr(q) @ k) * scale                                           # (B, heads, N, N)
+    e = ops.xp.exp(S - S.max(axis=-1, keepdims=True))
+    A = e / _rowsum(e)
+    Sdot = (_tr(qd) @ k + _tr(q) @ kd) * scale
+    P = Sdot - _rowsum(A * Sdot)
+    Adot = A * P
+    ydot = vd @ _tr(A) + v @ _tr(Adot)                                 # (B, heads, d, N)
+    return y, ydot.reshape(y.shape), (c, q, k, v, qd, kd, vd, A, Sdot, P, Adot, scale, qkv.shape)
+
+
+def spatial_attention_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
+    """-> dqkv, dqkvdot (B, 3C, H, W): the gradient of <y, dy> + <ydot, dydot>.
+
+    ydot is linear in qkvdot with the primal's Jacobian, so dqkvdot is the primal backward of
+    dydot; dqkv is the primal backward of dy plus the tangent's second-order terms. Per head,
+    with E = dydot (d, N) and J(X) = A * (X - rowsum(A * X)) the softmax's Jacobian
+    (symmetric, applied row by row):
+
+        G  = E^T v                    the gradient reaching Adot          (N, N)
+        Gs = J(G)                     ... and, through Adot = J(Sdot), reaching Sdot
+        dA = E^T vdot + G * P - rowsum(G * A) * Sdot
+                                      reaching A: from vdot A^T, and from A * P with
+                                      P = Sdot - r, r[n] = sum_m A[n, m] Sdot[n, m]
+        dv    += E Adot
+        dq    += (k J(dA)^T + kdot Gs^T) / sqrt(d)       (S = q^T k s, Sdot = (qdot^T k + q^T kdot) s)
+        dk    += (q J(dA) + qdot Gs) / sqrt(d)
+        dqdot  = k Gs^T / sqrt(d),  dkdot = q Gs / sqrt(d),  dvdot = E A
+
+    (d/dA[n, m] of sum G * A * P = G[n, m] P[n, m] - Sdot[n, m] sum_m' G[n, m'] A[n, m'].)
+    """
+    c, q, k, v, qd, kd, vd, A, Sdot, P, Adot, scale, shape = cache
+    E = dydot.astype(q.dtype, copy=False).reshape(v.shape)              # (B, heads, d, N)
+    G = _tr(E) @ v
+    Gs = A * (G - _rowsum(G * A))
+    dA = _tr(E) @ vd + G * P - _rowsum(G * A) * Sdot
+    dS = A * (dA - _rowsum(dA * A))
+    dq = (k @ _tr(dS) + kd @ _tr(Gs)) * scale
+    dk = (q @ dS + qd @ Gs) * scale
+    dv = E @ Adot
+    second = ops.xp.stack([dq, dk, dv], axis=1).reshape(shape)
+    return ops.spatial_attention_backward(dy, c) + second, ops.spatial_attention_backward(dydot, c)
 
 
 # --- backends -------------------------------------------------------------------------------------

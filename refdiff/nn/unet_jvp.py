@@ -13,7 +13,8 @@ TangentOps: every op given a Dual runs its tangent pair from refdiff.nn.tangent,
 
     conv2d_forward(Dual(h, hd), w, b, s, p)  ->  conv2d_jvp_forward(h, hd, w, b, s, p)
 
-and likewise conv_transpose2d, silu, group_norm, add_channel_bias and concat; an op given a
+and likewise conv_transpose2d, silu, group_norm, add_channel_bias, concat, upsample_nearest2x,
+dropout (one draw of the mask for the primal and the tangent) and spatial_attention; an op given a
 plain array runs the primal pair (the time MLPs: they do not depend on x, their tangent is
 zero). UNet.backward then walks that tape with Dual cotangents (dy, dydot), each op's
 backward being the tangent pair's backward, and the parameter gradients of both passes
@@ -109,6 +110,9 @@ class TangentOps:
     group_norm_silu_forward, group_norm_silu_backward = _pair("group_norm_silu")
     conv2d_forward, conv2d_backward = _pair("conv2d")
     conv_transpose2d_forward, conv_transpose2d_backward = _pair("conv_transpose2d")
+    upsample_nearest2x_forward, upsample_nearest2x_backward = _pair("upsample_nearest2x")
+    dropout_forward, dropout_backward = _pair("dropout")               # p and rng pass through
+    spatial_attention_forward, spatial_attention_backward = _pair("spatial_attention")
 
     def concat_forward(self, xs, axis=1):
         if not any(isinstance(a, Dual) for a in xs):
