@@ -20,7 +20,8 @@ dx = dy f'(x) + dydot f''(x) xdot; group norm (group_norm_jvp_backward) and soft
 (spatial_attention_jvp_backward) are the long ones. Upsampling and dropout are linear in x
 too (no parameters): dropout's tangent is the same draw of the mask applied to xdot.
 
-Each pair is tested against finite differences of its forward (tests/test_tangent.py).
+Each pair is tested against finite differences of its forward (tests/test_tangent.py,
+tests/test_tangent_attention.py).
 The pairs are built on a backend's primal pairs, passed as the keyword `ops` (the NumPy
 reference by default): `tangent_ops(model.ops)` binds them to a model's backend, so the
 linear and conv tangents run that backend's kernels, and the extra elementwise terms use

@@ -133,22 +133,24 @@ class UNetJVP:
 
     _STATE = ("_tape", "_out_shape", "_skip")
 
-    def _run_tangent(self, method, args, state):
-        """method(*args) with TangentOps and the given tape state; -> (result, state after)."""
+    def _run_tangent(self, method, args, state, kwargs=None):
+        """method(*args, **kwargs) with TangentOps and the given tape state; -> (result, state after)."""
         saved = tuple(getattr(self, k, None) for k in self._STATE) + (self.ops,)
         for k, v in zip(self._STATE, state):
             setattr(self, k, v)
         self.ops = TangentOps(saved[-1])
         try:
-            out = method(*args)
+            out = method(*args, **(kwargs or {}))
             return out, tuple(getattr(self, k, None) for k in self._STATE)
         finally:
             self.ops = saved[-1]
             for k, v in zip(self._STATE, saved):
                 setattr(self, k, v)
 
-    def forward_jvp(self, x, t, v):
-        """x, v (B, C, H, W), t (B,) -> (eps_theta (B, C, H, W), (d eps_theta/dx) v (B, C, H, W))."""
+    def forward_jvp(self, x, t, v, *args, **kwargs):
+        """x, v (B, C, H, W), t (B,) -> (eps_theta (B, C, H, W), (d eps_theta/dx) v (B, C, H, W)).
+        Further arguments go to the model's forward as they are (unet-ddpm: labels y, dropout
+        rng; the dropout masks are drawn once and serve the primal and the tangent)."""
         xp = self.ops.xp
         x, v = xp.asarray(x), xp.asarray(v)
         if tuple(v.shape) != tuple(x.shape):
@@ -156,7 +158,7 @@ class UNetJVP:
                              f"got {tuple(v.shape)}")
         if v.ndim and not bool(xp.all(xp.isfinite(v))):
             raise ValueError(f"model {self.name!r}: the direction v contains NaN or Inf")
-        y, self._jvp_state = self._run_tangent(self.forward, (Dual(x, v), t), (None, None, None))
+        y, self._jvp_state = self._run_tangent(self.forward, (Dual(x, v), t, *args), (None, None, None), kwargs)
         return y.x, y.dot
 
     def backward_jvp(self, deps, deps_dot):
