@@ -13,6 +13,7 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
     norm.py        group_norm 1,2  group_norm_silu 1,2
+    attention.py   spatial_attention 1,2  upsample_nearest2x 1,2  dropout 1,2 (mask drawn on the host)
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
 Threads: numba's threading layer (omp where available, see configure_threads) is the only
@@ -42,7 +43,7 @@ from .. import _ops
 from ._cache import caching_into
 
 with caching_into():      # every cached kernel of these modules goes to the user cache directory
-    from . import _blas, conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3
+    from . import _blas, attention, conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3
 
 
 def configure_threads():
@@ -65,7 +66,7 @@ def configure_threads():
     _blas.pin_scipy_blas_to_one_thread()
 
 
-KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS}
+KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS, **attention.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
                      5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5)}
 KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
