@@ -1,7 +1,8 @@
 """unet-ddpm (refdiff.nn.unet_ddpm), a tiny configuration in float64, end to end: the input
 gradient and the parameter gradients against central differences (dropout on and off for a
-fixed generator, with and without labels), forward_jvp / backward_jvp likewise, the
-deterministic network without an rng, what labels change, bad input.
+fixed generator, with and without labels), forward_jvp / backward_jvp likewise and on the
+numba backend against the reference, the deterministic network without an rng, what labels
+change, bad input.
 
 The tiny network: channels (4, 8) (8 x 8 -> 4 x 4), one block per level, attention at the
 last level (and the middle) with two heads, three classes, dropout 0.1, groups of two
@@ -13,7 +14,7 @@ import pytest
 
 from refdiff.nn import make_model
 from refdiff.nn.unet_ddpm import UNetDDPM
-from tests.helpers import assert_close, assert_fd, fd_direction, fd_grad, fd_tangent, fd_vjp, inner
+from tests.helpers import TOL, assert_close, assert_grads_close, assert_fd, fd_direction, fd_grad, fd_tangent, fd_vjp, inner
 
 TINY = dict(in_channels=1, image_size=8, channels=(4, 8), blocks=1, attention=(1,), heads=2, num_classes=3,
             dropout=0.1, max_groups=2, time_scale=10.0, zero_init=False)
@@ -21,8 +22,8 @@ FULL = ["in.weight", "down.1.attn.0.qkv.bias", "mid.attn.norm.weight", "label.we
         "up.0.res.0.norm2.bias"]       # small tensors checked entry by entry; every tensor along a random direction
 
 
-def _model(seed=3, **overrides):
-    m = UNetDDPM(dtype=np.float64, seed=seed, **dict(TINY, **overrides))
+def _model(seed=3, dtype=np.float64, backend=None, **overrides):
+    m = UNetDDPM(dtype=dtype, seed=seed, backend=backend, **dict(TINY, **overrides))
     rng = np.random.default_rng(seed)
     for k in m.params:
         if ".norm" in k:
@@ -184,3 +185,28 @@ def test_registry_default_size():
     assert 1_000_000 <= n <= 2_000_000, n
     out = m.forward(np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32), np.array([0.5]))
     np.testing.assert_array_equal(out, 0)       # zero-initialised output conv: the network starts at 0
+
+
+def test_jvp_on_the_numba_backend_agrees():
+    """The tangent pairs run on the model's backend (its attention, upsampling and dropout
+    kernels, the masks drawn on the host from the same generator): numba vs the reference in
+    float32, labels and dropout on, within float32's tolerance (refdiff_cuda.testing.TOL)."""
+    pytest.importorskip("numba")
+    ref, fast = _model(dtype=np.float32), _model(dtype=np.float32, backend="numba")
+    fast.load_state(ref.state())
+    x, t, rng = _inputs(seed=2)
+    v, dy, dydot = (a.astype(np.float32) for a in rng.standard_normal((3,) + x.shape))
+    got = {}
+    for m in (ref, fast):
+        m.zero_grad()
+        e, e_dot = m.forward_jvp(m.ops.asarray(x.astype(np.float32)), t, m.ops.asarray(v), np.array([0, 2]),
+                                 np.random.default_rng(5))
+        dx = m.backward_jvp(m.ops.asarray(dy), m.ops.asarray(dydot))
+        got[m.ops.name] = ([m.ops.to_numpy(a) for a in (e, e_dot, dx)], {k: m.ops.to_numpy(g) for k, g in m.grads.items()})
+    assert ref.ops.name != fast.ops.name
+    (out_fast, g_fast), (out_ref, g_ref) = got[fast.ops.name], got[ref.ops.name]
+    f32 = TOL[np.dtype(np.float32)]
+    for name, a, b in zip(["eps", "eps_dot", "dx"], out_fast, out_ref):
+        assert a.dtype == np.float32
+        assert_close(a, b, name=f"{name}: numba vs reference", **f32)
+    assert_grads_close(g_fast, g_ref, f32, "numba vs reference")
