@@ -21,6 +21,7 @@ from refdiff import distributed as D
 
 GATHER_SCRIPT = """
 import json
+import time
 import numpy as np
 from refdiff.distributed import MPIComm, get_comm
 c = get_comm()
@@ -32,13 +33,18 @@ buf = np.array([1.0, 2.0]) * (c.rank + 1)
 c.allreduce_sum_(buf)
 print("RESULT " + json.dumps(dict(rank=c.rank, size=c.size, gathered=None if out is None else out.tolist(),
                                    allgather=c.allgather(10 * c.rank + 1), reduced=buf.tolist(),
-                                   local=c.local_rank())))
+                                   local=c.local_rank())), flush=True)
+c.barrier()
+if c.rank == 1:
+    c.abort(5)          # MPI_Abort: the whole job ends with this code
+time.sleep(60)          # rank 0: killed by rank 1's abort long before
 """
 
 
 def test_mpicomm_collectives_on_two_ranks():
     # bug caught: Gatherv counts in rows instead of elements (rows of 4 values), ranks'
-    # rows out of order, a result on every rank, an Allreduce that is not a sum
+    # rows out of order, a result on every rank, an Allreduce that is not a sum, an abort
+    # that loses its exit code or leaves the other rank waiting
     pytest.importorskip("mpi4py")
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not on PATH")
@@ -46,7 +52,7 @@ def test_mpicomm_collectives_on_two_ranks():
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(launch + ["nice", "-n", "10", sys.executable, "-c", GATHER_SCRIPT], capture_output=True,
                           text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 5, proc.stderr[-2000:]           # rank 1's MPIComm.abort(5)
     res = {r["rank"]: r for r in (json.loads(line[7:]) for line in proc.stdout.splitlines()
                                   if line.startswith("RESULT "))}
     assert sorted(res) == [0, 1] and res[0]["size"] == 2
@@ -55,6 +61,14 @@ def test_mpicomm_collectives_on_two_ranks():
     for r in (0, 1):
         assert res[r]["allgather"] == [1, 11] and res[r]["reduced"] == [3.0, 6.0]
     assert sorted(res[r]["local"] for r in (0, 1)) == [0, 1]          # both ranks on this machine
+
+
+def test_single_process_abort_exits_at_once_with_the_code():
+    # os._exit: no atexit handler, no cleanup that could wait on other ranks
+    code = ("import atexit; from refdiff.distributed import SingleProcess; "
+            "atexit.register(lambda: print('atexit ran')); SingleProcess().abort(7)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (7, "")
 
 
 def test_single_process_collectives_are_the_identity():
@@ -185,10 +199,12 @@ def test_check_same_state_raises_distributed_error():
     d = D.state_digest(m)
     comm.digests = [d, d, d]
     D.check_same_state(comm, m)
-    comm.digests = [d, "other", d]
-    with pytest.raises(D.DistributedError, match=r"rank\(s\) \[1\] differs from rank 0's after epoch 2"):
+    comm.digests = [d, "other", d, "other"]
+    comm.size = 4
+    with pytest.raises(D.DistributedError) as e:
         D.check_same_state(comm, m, where="after epoch 2")
-    assert issubclass(D.DistributedError, RuntimeError)   # a runtime failure: exit 1, not bad input
+    assert str(e.value) == "the model state of rank(s) [1, 3] differs from rank 0's after epoch 2: the ranks drifted apart"
+    assert D.DistributedError.__mro__[1] is RuntimeError    # a runtime failure: exit 1, not bad input
 
 
 def test_data_parallel_comm_seconds_adds_the_allreduce_time(monkeypatch):

@@ -125,6 +125,16 @@ def test_model_accumulate_adds():
     assert np.array_equal(m.grads["D.1.bias"], 3 * g)
 
 
+def test_model_add_param_casts_and_pairs_a_zero_gradient():
+    # bug caught: a float64 array kept in a float32 model, or a gradient sharing the parameter's memory
+    m = make_model("mlp", dim=2, widths=(3,), seed=0)
+    v = np.arange(6, dtype=np.float64).reshape(2, 3) / 3
+    m.add_param("extra", v)
+    assert m.params["extra"].dtype == np.float32 and np.array_equal(m.params["extra"], v.astype(np.float32))
+    assert m.grads["extra"].shape == (2, 3) and not m.grads["extra"].any()
+    assert not np.shares_memory(m.params["extra"], v) and not np.shares_memory(m.grads["extra"], m.params["extra"])
+
+
 def test_model_check_input_messages():
     m = make_model("mlp", dim=2, widths=(3,), seed=0)
     x = np.zeros((4, 2))
