@@ -64,7 +64,7 @@ def test_score_file_and_build_evaluator_recomputed(tmp_path, narrow_clf):
     _, _, x_he, y_he = E.load_real("mnist5k")
     x = np.random.default_rng(1).uniform(-1, 1, (12, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "samples.npy", x)
-    m = E.score_file(str(tmp_path / "samples.npy"), tmp_path / "out", classifier=path, labels=None)
+    m = E.score_file(str(tmp_path / "samples.npy"), tmp_path / "out", classifier=path)
     logits = clf.predict(x).astype(np.float64)
     real_logits = clf.predict(x_he).astype(np.float64)
     assert m["n"] == 12
