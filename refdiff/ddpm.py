@@ -19,6 +19,11 @@ time, and return host float64 arrays):
     em_vp       reverse-time Euler-Maruyama on VP(0.1, 20) (refdiff.samplers), score
                 -eps_theta / std_t, then one Tweedie denoising step
 
+Networks of another prediction target (x0, v) and class-conditional ones sampled with
+classifier-free guidance reach these samplers as eps-models through refdiff.prediction
+(applied where a checkpoint is loaded: refdiff.generate.load_generator); `ddpm_loss` trains
+any target.
+
 Trajectories: `return_trajectory=True` also returns `frames` evenly spaced states
 (F, n, ...) in float32, first = the prior draw, last = the output (for GIFs); frames=None
 keeps every state.
@@ -58,28 +63,56 @@ def model_input_shape(model):
 
 
 # --- training loss --------------------------------------------------------------------------------
-def ddpm_loss(model, schedule, x0, rng):
+def ddpm_loss(model, schedule, x0, rng, pred="eps", y=None, label_dropout=0.0):
     """Ho et al. 2020's simple loss (eq. 14; Alg. 1), as the mean over the batch and pixels:
 
         i ~ U{0..N-1},  eps ~ N(0, I),  x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps   (eq. 4)
-        L = mean (eps_theta(x_i, (i+1)/N) - eps)^2
+        L = mean (net(x_i, (i+1)/N) - target)^2
 
-    x0 (B, ...) host array. The draws come from `rng` in that order (i, then eps). The
-    gradient is left in model.grads (accumulated: zero_grad first), as refdiff.losses.dsm.
+    target = eps (pred "eps", the paper's), x0 ("x0") or v = sqrt(abar_i) eps - sqrt(1 - abar_i) x0
+    ("v", Salimans & Ho 2022; refdiff.prediction). x0 (B, ...) host array. A class-conditional
+    network (config["num_classes"] K > 0) gets the labels y (B,) ints in [0, K-1], each replaced
+    by the null label K with probability `label_dropout` (Ho & Salimans 2022, Alg. 1); a network
+    with dropout (`uses_dropout`) gets `rng` and draws its masks from it. The draws come from
+    `rng` in that order (i, eps, the label-dropout uniforms when label_dropout > 0, the
+    network's dropout). The gradient is left in model.grads (accumulated: zero_grad first), as
+    refdiff.losses.dsm.
     """
+    from .prediction import check_labels, check_prediction, num_classes, target_of
+
     check_rng(rng)
+    check_prediction(pred)
     x0 = check_array_float(x0, "x0")
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {x0.shape}")
     B, D = x0.shape[0], int(np.prod(x0.shape[1:]))
+    K = num_classes(model)
+    label_dropout = check_real(label_dropout, "label_dropout", lo=0, hi=1, hi_open=True)
+    if label_dropout > 0 and K == 0:
+        raise ValueError(f"label_dropout = {label_dropout} needs a class-conditional model; "
+                         f"{getattr(model, 'name', 'this model')!r} is unconditional (num_classes 0)")
     i = rng.integers(0, schedule.num_steps, size=B)
     eps = rng.standard_normal(x0.shape)
     mean, std = schedule.marginal(x0, i)
     xt = mean + std * eps
+    kwargs = {}
+    if K:
+        if y is None:
+            raise ValueError(f"model {model.name!r} is class-conditional (num_classes {K}): the loss needs labels y")
+        labels = check_labels(model, y, "labels").copy()
+        if labels.shape != (B,):
+            raise ValueError(f"labels y must have shape ({B},); got {labels.shape}")
+        if label_dropout > 0:
+            labels[rng.random(B) < label_dropout] = K                    # the null label: unconditional
+        kwargs["y"] = labels
+    if getattr(model, "uses_dropout", False):
+        kwargs["rng"] = rng
+    target = eps if pred == "eps" else target_of(pred, x0, eps, schedule.alpha_bars[i])
     F, dtype = model.ops, model.dtype
-    pred = model.forward(F.asarray(xt.astype(dtype)), F.asarray(model_time(i, schedule.num_steps).astype(dtype)))
+    out = model.forward(F.asarray(xt.astype(dtype)), F.asarray(model_time(i, schedule.num_steps).astype(dtype)),
+                        **kwargs)
     # mse_forward sums over features and averages over the batch: weight 1/D gives the pixel mean
-    loss, cache = F.mse_forward(pred, F.asarray(eps.astype(dtype)), F.asarray(np.full(B, 1.0 / D, dtype=dtype)))
+    loss, cache = F.mse_forward(out, F.asarray(target.astype(dtype)), F.asarray(np.full(B, 1.0 / D, dtype=dtype)))
     model.backward(F.mse_backward(cache))
     return loss
 

@@ -31,9 +31,11 @@ import math
 
 import numpy as np
 
+from ._checks import check_real
 from .ddpm import ddpm_loss, model_input_shape
 from .nn.classifier import random_shift
-from .optim import EMA, Adam, ParamSubset, clip_grad_norm
+from .optim import EMA, Adam, ParamSubset, clip_grad_norm, lr_factor
+from .prediction import check_prediction, num_classes
 from .sde import VP, DDPMSchedule
 
 OBJECTIVES = {
@@ -49,6 +51,19 @@ def get_objective(kind):
     if kind not in OBJECTIVES:
         raise ValueError(f"no training objective for models of kind {kind!r}; known: {sorted(OBJECTIVES)}")
     return globals()[OBJECTIVES[kind]]
+
+
+def lr_schedule(config):
+    """The lr multiplier of refdiff.optim.lr_factor for a trainer config (its keys warmup,
+    lr_schedule and total_steps, the run's epochs x batches per epoch), or None when the
+    config asks for a constant lr without warm-up (Adam then uses lr itself)."""
+    config = dict(config or {})
+    warmup, kind, total = int(config.get("warmup") or 0), config.get("lr_schedule") or "constant", \
+        config.get("total_steps")
+    if warmup == 0 and kind == "constant":
+        return None
+    lr_factor(0, warmup, kind, total)          # a bad kind or total fails now, not at the first step
+    return lambda k: lr_factor(k, warmup, kind, total)
 
 
 def _known(config, defaults):
@@ -67,6 +82,7 @@ class _Objective:
     def __init__(self, model, config=None):
         self.model = model
         self.config = dict(self.defaults, **_known(config, self.defaults))
+        self.lr_schedule = lr_schedule(config)
         self._opt = None
 
     def optimizers(self):
@@ -77,12 +93,15 @@ class _Objective:
 
 # --- noise prediction (DDPM, score matching) -----------------------------------------------------------------
 class EpsObjective(_Objective):
-    """Noise prediction. loss "ddpm": Ho et al.'s simple loss on the discrete chain
-    (refdiff.ddpm.ddpm_loss, mean over pixels); any name in refdiff.losses.LOSSES ("dsm",
-    "ssm", ...): that continuous loss on VP(beta_min, beta_max) (its own scale: a sum over
-    pixels). Adam, optional global-norm clipping, then the EMA update."""
+    """Diffusion networks. loss "ddpm": Ho et al.'s simple loss on the discrete chain
+    (refdiff.ddpm.ddpm_loss, mean over pixels) for the prediction target `pred` (eps, x0 or v:
+    refdiff.prediction), with the dataset's labels for a class-conditional network, dropped
+    to the null label with probability `label_dropout`; any name in refdiff.losses.LOSSES
+    ("dsm", "ssm", ...): that continuous loss on VP(beta_min, beta_max) (its own scale: a sum
+    over pixels; eps target, unconditional). Adam (with the config's lr schedule), optional
+    global-norm clipping, then the EMA update."""
 
-    defaults = dict(lr=1e-4, batch=128, loss="ddpm", ema_decay=0.999, grad_clip=None)
+    defaults = dict(lr=1e-4, batch=128, loss="ddpm", ema_decay=0.999, grad_clip=None, pred="eps", label_dropout=0.0)
     # True under data parallelism (refdiff.distributed.DataParallel): the norm to clip is the
     # global batch's, so the optimizer's wrapped step clips after averaging over ranks
     clip_after_reduce = False
@@ -96,21 +115,32 @@ class EpsObjective(_Objective):
             raise ValueError(f"EpsObjective needs a noise-prediction model (kind 'eps'); got {model.kind!r}")
         if c["loss"] != "ddpm" and c["loss"] not in LOSSES:
             raise ValueError(f"loss must be 'ddpm' or one of {sorted(LOSSES)}; got {c['loss']!r}")
+        check_prediction(c["pred"])
+        c["label_dropout"] = check_real(c["label_dropout"], "label_dropout", lo=0, hi=1, hi_open=True)
+        if c["label_dropout"] > 0 and not num_classes(model):
+            raise ValueError(f"label_dropout = {c['label_dropout']} needs a class-conditional model (model_args "
+                             f"num_classes K > 0); {model.name!r} is unconditional")
+        if c["loss"] != "ddpm" and (c["pred"] != "eps" or num_classes(model)):
+            raise ValueError(f"loss {c['loss']!r} trains an unconditional eps-model; pred {c['pred']!r} and "
+                             f"class conditioning need loss 'ddpm'")
         self.model, self.config = model, c
+        self.lr_schedule = lr_schedule(config)
         self.loss_fn = None if c["loss"] == "ddpm" else LOSSES[c["loss"]]
         sched = {k: config[k] for k in ("num_steps", "beta_start", "beta_end") if config.get(k) is not None}
         self.schedule = DDPMSchedule(kind=config.get("schedule") or "linear", **sched)
         self.sde = VP(config.get("beta_min") or 0.1, config.get("beta_max") or 20.0)
         self.input_shape = model_input_shape(model)
         self.ema = EMA(model, decay=c["ema_decay"])
-        self._opt = {"model": Adam(model, lr=c["lr"])}
+        self._opt = {"model": Adam(model, lr=c["lr"], lr_schedule=self.lr_schedule)}
 
     def step(self, x, y, rng):
         m = self.model
         x0 = np.asarray(m.ops.to_numpy(x)).reshape((x.shape[0],) + self.input_shape)
         m.zero_grad()
         if self.loss_fn is None:
-            loss = ddpm_loss(m, self.schedule, x0, rng)
+            c = self.config
+            loss = ddpm_loss(m, self.schedule, x0, rng, pred=c["pred"], y=y if num_classes(m) else None,
+                             label_dropout=c["label_dropout"])
         else:
             loss = self.loss_fn(m, self.sde, x0, rng)
         if self.config["grad_clip"] is not None and math.isfinite(loss) and not self.clip_after_reduce:
@@ -129,7 +159,8 @@ class VAEObjective(_Objective):
     defaults = dict(lr=1e-3, weight_decay=0.01, batch=128)
 
     def _make_optimizers(self):
-        return {"vae": Adam(self.model, lr=self.config["lr"], weight_decay=self.config["weight_decay"])}
+        return {"vae": Adam(self.model, lr=self.config["lr"], weight_decay=self.config["weight_decay"],
+                            lr_schedule=self.lr_schedule)}
 
     def loss_and_grad(self, x, eps):
         """-ELBO summed over the batch; leaves its gradient in model.grads (zeroed first).
@@ -163,8 +194,8 @@ class GANObjective(_Objective):
     def _make_optimizers(self):
         c = self.config
         betas = (c["beta1"], c["beta2"])
-        return {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas),
-                "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas)}
+        return {"G": Adam(ParamSubset(self.model, "G."), lr=c["lr"], betas=betas, lr_schedule=self.lr_schedule),
+                "D": Adam(ParamSubset(self.model, "D."), lr=c["lr"], betas=betas, lr_schedule=self.lr_schedule)}
 
     def d_loss_and_grad(self, x, z):
         """L_D on real x and fake G(z); its gradient w.r.t. D's parameters is left in
@@ -222,7 +253,7 @@ class ClassifierObjective(_Objective):
         self.ema = EMA(model, decay=float(self.config["ema_decay"]))
 
     def _make_optimizers(self):
-        return {"classifier": Adam(self.model, lr=self.config["lr"])}
+        return {"classifier": Adam(self.model, lr=self.config["lr"], lr_schedule=self.lr_schedule)}
 
     def loss_and_grad(self, x, y):
         """Mean cross-entropy of a batch; its gradient is left in model.grads (zeroed first).

@@ -1,5 +1,21 @@
-"""Optimisation: Adam(W), an exponential moving average of parameters, gradient clipping,
-a subset of a model's parameters seen as a model, and the divergence check.
+"""Optimisation: Adam(W), the learning-rate schedule, an exponential moving average of
+parameters, gradient clipping, a subset of a model's parameters seen as a model, and the
+divergence check.
+
+Learning-rate schedule (`lr_factor`), a pure function of the update's index k = 0, 1, ...
+(Adam's step count before the update, saved in the checkpoint, so a resumed run continues
+the same schedule), with W = warmup steps and S = the run's total steps:
+
+    warm-up   f = (k + 1) / W                          for k < W (linear, reaching 1 at k = W - 1;
+                                                        Goyal et al. 2017 §2.2, as the DDPM recipe)
+    constant  f = 1                                    for k >= W
+    cosine    f = (1 + cos(pi (k - W) / (S - W))) / 2  for W <= k < S, 0 after (Loshchilov &
+                                                        Hutter 2017, SGDR eq. 5 with eta_min = 0,
+                                                        one cycle; after the warm-up, as
+                                                        transformers' get_cosine_schedule_with_warmup)
+
+and the update uses lr f. warmup = 0 and "constant" give f = 1 exactly (lr * 1.0 == lr: every
+run without a schedule is unchanged bit for bit).
 
 The update itself is the op `adam_update` of the model's backend, so the accelerated
 backends can fuse it; this module keeps the state and the bookkeeping.
@@ -32,10 +48,30 @@ def _check(name, value, lo, hi, lo_open=False, hi_open=False):
         raise ValueError(f"{name} must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}; got {value!r}")
 
 
-class Adam:
-    """Adam with optional decoupled weight decay (AdamW), on a model's params/grads."""
+LR_SCHEDULES = ("constant", "cosine")
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+
+def lr_factor(step, warmup=0, schedule="constant", total=None):
+    """The learning-rate multiplier of update `step` (0-based; see the module docstring)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {schedule!r}")
+    if schedule == "cosine" and (total is None or total <= warmup):
+        raise ValueError(f"the cosine lr schedule needs the run's total steps > warmup ({warmup}); got {total!r}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if step >= total:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+class Adam:
+    """Adam with optional decoupled weight decay (AdamW), on a model's params/grads.
+    `lr_schedule`: a function of the update's index (0-based) -> lr multiplier (lr_factor),
+    or None (constant lr)."""
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_schedule=None):
         _check("lr", lr, 0, math.inf, lo_open=True, hi_open=True)
         _check("beta1", betas[0], 0, 1, hi_open=True)
         _check("beta2", betas[1], 0, 1, hi_open=True)
@@ -47,12 +83,18 @@ class Adam:
         self.m = {k: xp.zeros_like(p) for k, p in model.params.items()}
         self.v = {k: xp.zeros_like(p) for k, p in model.params.items()}
         self.step_count = 0
+        self.lr_schedule = lr_schedule
+
+    def current_lr(self):
+        """The lr of the next update."""
+        return self.lr if self.lr_schedule is None else self.lr * self.lr_schedule(self.step_count)
 
     def step(self):
+        lr = self.current_lr()
         self.step_count += 1
         upd = self.model.ops.adam_update
         for k, p in self.model.params.items():
-            upd(p, self.model.grads[k], self.m[k], self.v[k], self.lr, self.betas[0], self.betas[1],
+            upd(p, self.model.grads[k], self.m[k], self.v[k], lr, self.betas[0], self.betas[1],
                 self.eps, self.step_count, self.weight_decay)
 
     def state(self):

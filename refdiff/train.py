@@ -37,7 +37,8 @@ from .ddpm import model_input_shape
 from .distributed import DataParallel, check_same_state, get_comm, on_root, select_gpu
 from .io import Progress, RunLock, prepare_output_dir, write_json
 from .objectives import OBJECTIVES, get_objective  # noqa: F401 - the registry, also read from here
-from .optim import DivergenceError, DivergenceGuard
+from .optim import LR_SCHEDULES, DivergenceError, DivergenceGuard
+from .prediction import PREDICTIONS
 
 CHECKPOINT, METRICS = "checkpoint.npz", "metrics.json"
 # Keys that may change when a run is resumed: the length of the run and where it computes.
@@ -66,6 +67,10 @@ class TrainConfig:
     beta_start: float = 1e-4           # DDPM beta_1
     beta_end: float = 0.02             # DDPM beta_N
     schedule: str = "linear"           # linear | cosine (refdiff.sde.DDPMSchedule)
+    pred: str = "eps"                  # eps-models, loss ddpm: the prediction target eps | x0 | v (refdiff.prediction)
+    label_dropout: float = 0.0         # class-conditional eps-models: P(label -> null label) (Ho & Salimans 2022)
+    warmup: int = 0                    # linear lr warm-up over this many steps (refdiff.optim.lr_factor)
+    lr_schedule: str = "constant"      # constant | cosine (decay to 0 over epochs x batches per epoch)
     beta_min: float = 0.1              # VP SDE for the continuous losses (Song et al. 2021)
     beta_max: float = 20.0
 
@@ -87,6 +92,15 @@ class TrainConfig:
                 bad(name, "must be a finite number > 0 (or None)")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay <= 1):
             bad("ema_decay", "must lie in [0, 1]")
+        if self.pred not in PREDICTIONS:
+            bad("pred", f"(the prediction target) must be one of {', '.join(PREDICTIONS)}")
+        if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
+                or not 0 <= self.label_dropout < 1:
+            bad("label_dropout", "must lie in [0, 1)")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, np.integer)) or self.warmup < 0:
+            bad("warmup", "must be an integer >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
         if self.dtype not in ("float32", "float64"):
             bad("dtype", "must be 'float32' or 'float64'")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
@@ -179,8 +193,14 @@ class Trainer:
         if self.model.kind == "eps" and int(np.prod(model_input_shape(self.model))) != int(np.prod(self.image_shape)):
             raise ValueError(f"model {c.model!r} takes inputs of shape {model_input_shape(self.model)}; "
                              f"the images of {c.data!r} have shape {self.image_shape}")
-        self.objective = get_objective(self.model.kind)(self.model, dataclasses.asdict(c))
-        self.batch = int(c.batch or getattr(self.objective, "defaults", {}).get("batch", 128))
+        if self.model.kind != "eps" and (c.pred != "eps" or c.label_dropout):
+            raise ValueError(f"pred and label_dropout belong to diffusion models; {c.model!r} is a "
+                             f"{self.model.kind!r} model")
+        cls = get_objective(self.model.kind)
+        self.batch = int(c.batch or getattr(cls, "defaults", {}).get("batch", 128))
+        # the lr schedule runs over the whole run: epochs x batches per epoch (the global batch)
+        self.total_steps = c.epochs * math.ceil(len(x) / self.batch)
+        self.objective = cls(self.model, dict(dataclasses.asdict(c), total_steps=self.total_steps))
         self.dp = DataParallel(self.comm, self.objective, self.model.kind)     # one process: changes nothing
         self.dp.check_split(len(x), self.batch)
         self.epoch, self.history = 0, []
@@ -199,6 +219,7 @@ class Trainer:
         if self.model.kind == "eps":
             meta["ddpm_schedule"] = self.objective.schedule.config()
             meta["sde"] = self.objective.sde.config()
+            meta["prediction"] = c.pred            # what the network's output means (refdiff.prediction)
         return meta
 
     def save(self):
@@ -221,7 +242,14 @@ class Trainer:
             raise checkpoint.CheckpointError(f"cannot resume {self.path!r}: it is not a checkpoint of `refdiff train` "
                                              f"(no train_config, epoch and history)")
         new = dataclasses.asdict(self.config)
+        # a key the checkpoint lacks is a setting added after it was written: it ran with the default
+        old = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in old
+                  and f.default is not dataclasses.MISSING}, **old}
         diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+        if not diff and new["lr_schedule"] == "cosine" and old.get("epochs") != new["epochs"]:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {self.path!r} with epochs={new['epochs']}: its cosine lr schedule decays over "
+                f"epochs={old.get('epochs')!r}; resume with --epochs {old.get('epochs')} (or train a new run)")
         if diff:
             raise checkpoint.CheckpointError(
                 f"cannot resume {self.path!r}: it was trained with a different configuration: " +

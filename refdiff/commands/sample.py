@@ -1,18 +1,24 @@
 """`refdiff sample`: draw images from a checkpoint written by `refdiff train` (see refdiff/generate.py).
 
     refdiff sample --checkpoint runs/ddpm-seed/checkpoint.npz --n 64 --sampler ddim --steps 50 --out DIR [--gif]
+    refdiff sample --checkpoint runs/ddpm-cond/checkpoint.npz --class 0,1,2,3,4,5,6,7,8,9 --n 100 \
+        --guidance 2 --sampler ddim --steps 100 --out DIR
 
 Writes DIR/samples.npy ((N, 1, 28, 28) float32, clipped to [-1, 1]), DIR/grid.png,
-DIR/sample.json, and with --gif DIR/denoise.gif. Diffusion (eps) models go through
-refdiff.ddpm's samplers (EMA weights unless --no-ema); VAE and GAN through model.sample.
-The sampler flags map onto SampleConfig.sampler_args, the options of
+DIR/sample.json, with --class DIR/labels.npy ((N,) int64: the class asked for each image),
+and with --gif DIR/denoise.gif. --class K1,...,Km spreads the N images over the m classes in
+contiguous blocks (refdiff.prediction.class_labels: N = 10 m gives rows of one class in the
+grid); --guidance W is classifier-free guidance (0: unconditional, 1: conditional, the
+default). Diffusion models (eps, x0 or v prediction: refdiff.prediction) go through
+refdiff.ddpm's samplers (EMA weights unless --no-ema); VAE and GAN through model.sample. The
+sampler flags map onto SampleConfig.sampler_args, the options of
 refdiff.ddpm.sample_from_checkpoint.
 """
 from __future__ import annotations
 
 import sys
 
-from .common import add_backend_flag, positive_float, positive_int
+from .common import add_backend_flag, int_list, nonnegative_float, positive_float, positive_int
 
 
 def add_arguments(p):
@@ -38,6 +44,11 @@ def add_arguments(p):
     p.add_argument("--gif", action="store_true", help="also write denoise.gif (the denoising, frame by frame)")
     p.add_argument("--frames", type=positive_int, default=40, help="frames in the GIF (default %(default)s)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--class", dest="classes", type=int_list, default=None, metavar="K[,K2,...]",
+                   help="class-conditional models: the class(es) to draw; --n images spread over them in blocks")
+    p.add_argument("--guidance", type=nonnegative_float, default=None, metavar="W",
+                   help="classifier-free guidance scale with --class: eps_u + W (eps_c - eps_u) "
+                        "(0: unconditional, 1: conditional (default), > 1: guided)")
     p.add_argument("--rtol", type=positive_float, default=1e-5, help="rk45 tolerances (default 1e-5)")
     p.add_argument("--atol", type=positive_float, default=1e-5)
     p.add_argument("--inpaint", metavar="MASK.npy", default=None,
@@ -66,12 +77,14 @@ def run(args):
             raise ValueError(f"{', '.join(unused)} belong to the ddpm, ddim and em samplers; "
                              f"{'--inpaint' if args.inpaint else args.sampler} does not use them")
         cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
-                           gif=args.gif, frames=args.frames, backend=args.backend,
+                           gif=args.gif, frames=args.frames, backend=args.backend, classes=args.classes,
+                           guidance=args.guidance,
                            sampler_args=dict(sampler=args.sampler, steps=args.steps, batch=args.batch,
                                              rtol=args.rtol, atol=args.atol))
     else:
         cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
-                           gif=args.gif, frames=args.frames, backend=args.backend, sampler_args=sampler_args(args))
+                           gif=args.gif, frames=args.frames, backend=args.backend, classes=args.classes,
+                           guidance=args.guidance, sampler_args=sampler_args(args))
     info = sample_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr), inpaint_mask=args.inpaint,
                          inpaint_from=args.inpaint_from)
     print(f"{args.n} images from {info['model']} in {info['sample_seconds']:.1f}s -> {args.out}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
     refdiff train --data mnist5k --model unet-seed --epochs 82 --out runs/ddpm-seed
     refdiff train --data mnist5k --model unet-seed --epochs 82 --out runs/ddpm-seed --resume
+    refdiff train --model unet-ddpm --model-arg num_classes=10 --pred v --label-dropout 0.1 \
+        --warmup 500 --lr-schedule cosine --out runs/ddpm-cond
 
 Writes DIR/checkpoint.npz and DIR/metrics.json at every epoch end; --resume continues a
 stopped run from its last epoch and reproduces the uninterrupted run bit for bit.
@@ -12,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .common import add_backend_flag, positive_float, positive_int
+from .common import add_backend_flag, nonnegative_int, positive_float, positive_int, probability_below_one
 
 INTERRUPTED = "nothing was written"      # before training starts; during it, the Trainer says what is on disk
 
@@ -31,6 +33,8 @@ def _model_arg(s):
 def add_arguments(p):
     from ..losses import LOSSES
     from ..nn import MODELS
+    from ..optim import LR_SCHEDULES
+    from ..prediction import PREDICTIONS
     from ..train import TrainConfig
 
     d = TrainConfig()
@@ -47,6 +51,16 @@ def add_arguments(p):
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="eps-models only (default %(default)s)")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="max global gradient norm")
     p.add_argument("--limit", type=positive_int, default=None, help="train on the first N images only")
+    p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"],
+                   help="DDPM noise schedule (default %(default)s; cosine: Nichol & Dhariwal 2021)")
+    p.add_argument("--pred", default=d.pred, choices=list(PREDICTIONS),
+                   help="what a diffusion network predicts: eps (default), x0 or v (Salimans & Ho 2022)")
+    p.add_argument("--label-dropout", type=probability_below_one, default=d.label_dropout,
+                   help="class-conditional models (--model-arg num_classes=K): probability of training a label "
+                        "as the null label, for classifier-free guidance (default 0; 0.1 as Ho & Salimans)")
+    p.add_argument("--warmup", type=nonnegative_int, default=d.warmup, help="linear lr warm-up steps (default 0)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(LR_SCHEDULES),
+                   help="constant (default) or cosine decay to 0 over epochs x batches per epoch")
     add_backend_flag(p, d.backend)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
@@ -59,7 +73,9 @@ def run(args):
 
     cfg = TrainConfig(data=args.data, model=args.model, model_args=dict(args.model_arg), epochs=args.epochs,
                       batch=args.batch, lr=args.lr, seed=args.seed, loss=args.loss, ema_decay=args.ema_decay,
-                      grad_clip=args.grad_clip, limit=args.limit, backend=args.backend, dtype=args.dtype)
+                      grad_clip=args.grad_clip, limit=args.limit, backend=args.backend, dtype=args.dtype,
+                      schedule=args.schedule, pred=args.pred, label_dropout=args.label_dropout, warmup=args.warmup,
+                      lr_schedule=args.lr_schedule)
     cfg.validate()
     with on_root(output_run(args.out, log=lambda s: print(s, file=sys.stderr)), get_comm()):   # rank 0 writes
         trainer = Trainer(cfg, args.out, resume=args.resume)
