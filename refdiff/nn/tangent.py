@@ -314,9 +314,9 @@ def spatial_attention_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
     """-> dqkv, dqkvdot (B, 3C, H, W): the gradient of <y, dy> + <ydot, dydot>.
 
     ydot is linear in qkvdot with the primal's Jacobian, so dqkvdot is the primal backward of
-    dydot; dqkv is the primal backward of dy plus the tangent's second-order terms. Per head,
-    with E = dydot (d, N) and J(X) = A * (X - rowsum(A * X)) the softmax's Jacobian
-    (symmetric, applied row by row):
+    dydot; dqkv is the primal backward of dy plus the tangent's second-order terms (the "+="
+    lines below). Per head, with s = 1 / sqrt(d), E = dydot (d, N) and
+    J(X) = A * (X - rowsum(A * X)) the softmax's Jacobian (symmetric, applied row by row):
 
         G  = E^T v                    the gradient reaching Adot          (N, N)
         Gs = J(G)                     ... and, through Adot = J(Sdot), reaching Sdot
@@ -324,9 +324,9 @@ def spatial_attention_jvp_backward(dy, dydot, cache, *, ops=REFERENCE):
                                       reaching A: from vdot A^T, and from A * P with
                                       P = Sdot - r, r[n] = sum_m A[n, m] Sdot[n, m]
         dv    += E Adot
-        dq    += (k J(dA)^T + kdot Gs^T) / sqrt(d)       (S = q^T k s, Sdot = (qdot^T k + q^T kdot) s)
-        dk    += (q J(dA) + qdot Gs) / sqrt(d)
-        dqdot  = k Gs^T / sqrt(d),  dkdot = q Gs / sqrt(d),  dvdot = E A
+        dq    += s (k J(dA)^T + kdot Gs^T)        (S = s q^T k,  Sdot = s (qdot^T k + q^T kdot))
+        dk    += s (q J(dA) + qdot Gs)
+        dqdot  = s k Gs^T,   dkdot = s q Gs,   dvdot = E A
 
     (d/dA[n, m] of sum G * A * P = G[n, m] P[n, m] - Sdot[n, m] sum_m' G[n, m'] A[n, m'].)
     """
