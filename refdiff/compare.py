@@ -7,6 +7,10 @@ normalised; DDPM outputs are clipped like every other model's).
 
 Each model draws `n` images from its checkpoint with its own fixed seed
 (rng = default_rng([seed, row]), so adding or dropping a model changes no other row).
+Under mpirun (`comm` given: refdiff.distributed), image k of a row draws from its own stream
+default_rng([seed, row, k]) and rank r draws images [lo_r, hi_r) (sample_split), so every
+number of ranks (1 included) draws the same images; the classifier's passes are split over
+the ranks too (refdiff.image_scores.Evaluator), and rank 0 alone scores and writes.
 Writes DIR/table.md, DIR/table.json, DIR/labels.png (predicted-label histograms side by
 side), DIR/best.png (best image per label per model, by max logit) and
 DIR/samples-<row>.npy, each atomically, holding DIR's RunLock.
@@ -69,32 +73,64 @@ def table_markdown(rows, floor):
     return head + "\n".join(lines) + hist + notes + "\n".join(sources) + "\n"
 
 
-def compare(cfg, out_dir, log=None):
-    """The comparison into `out_dir` (module docstring); -> (rows, table markdown)."""
+def _draw(comm, model, meta, cfg, row):
+    """The row's cfg.n images: one stream default_rng([seed, row]) in one process; per-image
+    streams split over the ranks of `comm` (on rank 0 only; None on the others)."""
+    kw = cfg.sampler_args if row == "ddpm" else {}
+    if comm is None:
+        x, _, info = generate(model, meta, cfg.n, np.random.default_rng([cfg.seed, ROWS.index(row)]), **kw)
+        return x, info
+    from .distributed import sample_split
+
+    extra = {}
+
+    def draw(count, rng):
+        x, _, extra["info"] = generate(model, meta, count, rng, **kw)
+        return x
+    x = sample_split(comm, draw, cfg.n, (cfg.seed, ROWS.index(row)), batch=kw.get("batch"))
+    return x, dict(extra["info"], ranks=comm.size, streams="per image: default_rng([seed, row, k])")
+
+
+def compare(cfg, out_dir, log=None, comm=None):
+    """The comparison into `out_dir` (module docstring); -> (rows, table markdown), or
+    (None, None) on ranks other than 0. comm: split the work over its ranks (per-image
+    streams; module docstring)."""
+    from .distributed import on_root
     from .image_scores import best_per_label, build_evaluator
 
     cfg.validate()
+    if comm is not None and cfg.n < comm.size:       # the same refusal on every rank
+        raise ValueError(f"compare: n = {cfg.n} images per model cannot be split over {comm.size} ranks "
+                         f"(each needs at least one)")
     log = log or (lambda s: None)
-    with io.output_run(out_dir, log=log) as out:
+    root = comm is None or comm.is_root
+    with (io.output_run(out_dir, log=log) if comm is None else on_root(io.output_run(out_dir, log=log), comm,
+                                                                       out_dir)) as out:
         # every checkpoint first: a wrong path or kind fails before the classifier work
         given = [(row, *load_generator(cfg.checkpoints[row], KINDS[row], cfg.use_ema, cfg.backend,
                                        label=f"--{row} checkpoint"))
                  for row in ROWS[1:] if cfg.checkpoints.get(row)]
-        ev, clf_path = build_evaluator(cfg.classifier, cfg.data)
+        ev, clf_path = build_evaluator(cfg.classifier, cfg.data, comm=comm)
         m_real, _ = ev.score(ev.real_heldout, "real held-out images")
         rows = [dict(row="real", metrics=m_real, info=dict(source=cfg.data, split="held-out"),
-                     best=best_per_label(ev.real_heldout, ev.real_heldout_logits))]
+                     best=best_per_label(ev.real_heldout, ev.real_heldout_logits) if root else None)]
         for row, model, meta, info in given:
             t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, ROWS.index(row)])
-            x, _, extra = generate(model, meta, cfg.n, rng, **(cfg.sampler_args if row == "ddpm" else {}))
+            x, extra = _draw(comm, model, meta, cfg, row)
             info = dict(checkpoint=info["checkpoint"], architecture=info["model"], ema=info["ema"])
             info.update(extra, sample_seconds=time.perf_counter() - t0)
-            io.save_npy(os.path.join(out, f"samples-{row}.npy"), x)
+            if comm is not None:     # the ranks' images, gathered on rank 0, are scored with the ranks' help
+                x = comm.bcast(x, f"the {row} images")
+            if root:
+                io.save_npy(os.path.join(out, f"samples-{row}.npy"), x)
             m, logits = ev.score(x, f"{row} samples", allow_nonnegative=True)   # generated in [-1, 1] by construction
+            if not root:
+                continue
             rows.append(dict(row=row, metrics=m, info=info, best=best_per_label(x, logits)))
             log(f"{row}: {cfg.n} images in {info['sample_seconds']:.0f}s, mml ratio {m['mml_ratio']:.3f}, "
                 f"label entropy {m['label_entropy']:.3f}, fd_features {m['fd_features']:.2f}")
+        if not root:
+            return None, None
         table = table_markdown(rows, ev.fd_floor)
         io.write_text(os.path.join(out, "table.md"), table)
         io.write_json(os.path.join(out, "table.json"), dict(

@@ -110,6 +110,13 @@ class SingleProcess:
     def barrier(self, what="a Barrier"):
         pass
 
+    def bcast(self, obj, what="a Bcast"):
+        """rank 0's `obj` on every rank (here: obj)."""
+        return obj
+
+    def wait_for_others(self, what="a wait for the other ranks", seconds=None):
+        pass
+
     def local_rank(self):
         return 0
 
@@ -158,6 +165,21 @@ class MPIComm:
     def barrier(self, what="a Barrier"):
         with self.watchdog.armed(what):
             self.comm.Barrier()
+
+    def bcast(self, obj, what="a Bcast"):
+        """rank 0's `obj` (any picklable object) on every rank."""
+        with self.watchdog.armed(what):
+            return self.comm.bcast(obj, root=0)
+
+    def wait_for_others(self, what="a wait for the other ranks", seconds=None):
+        """Return when every rank has called this: a non-blocking barrier polled every
+        WAIT_POLL_S, so that a rank that waits sleeps instead of spinning on a core that the
+        ranks still working need. Watched for `seconds` (None: the collective timeout; 0: not
+        watched, for a wait whose length nothing bounds, such as rank 0 training a model)."""
+        req = self.comm.Ibarrier()
+        with self.watchdog.armed(what, seconds):
+            while not req.Test():
+                time.sleep(WAIT_POLL_S)
 
     def local_rank(self):
         """This rank's index among the ranks of its machine (a shared-memory split of the world)."""
@@ -262,6 +284,7 @@ def select_gpu(comm, backend):
 # a minute, so 900 s is far above any legitimate wait and still ends a hung job in 15
 # minutes rather than hours. REFDIFF_COLLECTIVE_TIMEOUT=seconds changes it, 0 turns it off.
 COLLECTIVE_TIMEOUT_S = 900.0
+WAIT_POLL_S = 0.05        # how often a waiting rank checks its non-blocking barrier (wait_for_others)
 
 
 def collective_timeout():
@@ -284,17 +307,20 @@ class Watchdog:
     def __init__(self, comm, seconds):
         self.comm, self.seconds = comm, float(seconds)
         self.deadline, self.what, self.cond, self.thread = None, "", threading.Condition(), None
+        self.limit = self.seconds
 
     @contextlib.contextmanager
-    def armed(self, what):
-        if not self.seconds or self.comm.size == 1:
+    def armed(self, what, seconds=None):
+        """`seconds` overrides the watchdog's limit for this call (0: not watched)."""
+        limit = self.seconds if seconds is None else float(seconds)
+        if not self.seconds or not limit or self.comm.size == 1:
             yield
             return
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, name="refdiff-mpi-watchdog", daemon=True)
             self.thread.start()
         with self.cond:
-            self.deadline, self.what = time.monotonic() + self.seconds, what
+            self.deadline, self.what, self.limit = time.monotonic() + limit, what, limit
             self.cond.notify()
         try:
             yield
@@ -313,7 +339,7 @@ class Watchdog:
                 if left > 0:
                     self.cond.wait(left)
                     continue
-                print(f"refdiff: rank {self.comm.rank} of {self.comm.size} waited more than {self.seconds:g} s in "
+                print(f"refdiff: rank {self.comm.rank} of {self.comm.size} waited more than {self.limit:g} s in "
                       f"{self.what} (REFDIFF_COLLECTIVE_TIMEOUT): another rank is stuck; aborting all ranks",
                       file=sys.__stderr__, flush=True)
                 self.comm.abort(1)
@@ -514,13 +540,15 @@ def check_same_state(comm, model, objective=None, where=""):
 
 # --- sampling --------------------------------------------------------------------------------------------
 class ImageStreams(_RoutedDraws):
-    """One stream per image: image k (k in `images`) draws from default_rng([seed, k]). A
-    draw of shape (n_images, ...) stacks one draw of shape (...) per image; a draw without
-    that leading axis is refused (it would not belong to one image). Covers integers,
-    random, standard_normal, normal and uniform with scalar parameters."""
+    """One stream per image: image k (k in `images`) draws from default_rng([seed, k]), or
+    default_rng([*seed, k]) for a sequence of integers `seed` (e.g. (seed, row) when several
+    sets of images share one seed). A draw of shape (n_images, ...) stacks one draw of shape
+    (...) per image; a draw without that leading axis is refused (it would not belong to one
+    image). Covers integers, random, standard_normal, normal and uniform with scalar parameters."""
 
     def __init__(self, seed, images):
-        self.streams = [np.random.default_rng([int(seed), int(k)]) for k in images]
+        head = [int(s) for s in seed] if isinstance(seed, (tuple, list)) else [int(seed)]
+        self.streams = [np.random.default_rng(head + [int(k)]) for k in images]
         super().__init__(np.random.PCG64(0))       # never drawn from: every draw is per image
 
     def _draw(self, method, size, *args, **kwargs):
@@ -546,8 +574,59 @@ def sample_split(comm, draw, n, seed, batch=None):
     return comm.gather_rows(local, counts, "the gather of the images")
 
 
+# --- per-image work of the scoring commands ----------------------------------------------------------------
+# A rank that has finished its share waits for the others' before the gather. Shares are equal to
+# one unit (an image, an ODE solve), so a healthy rank is late by about one unit's time; a rank
+# still missing after SHARE_WAIT_FACTOR times this rank's own share time (and at least the
+# collective timeout) is stuck. The wait scales with the work because one unit can legitimately
+# take many minutes (a likelihood ODE solve of 100 images).
+SHARE_WAIT_FACTOR = 4
+
+
+def split_rows(comm, fn, n, what, unit=1):
+    """Rows [0, n) of a per-row computation, split over the ranks in whole units of `unit`
+    rows (the last unit may be short): with u = ceil(n / unit) units, rank r takes units
+    share_bounds(u, r, N), i.e. rows [lo, hi), and computes fn(lo, hi) -> an array
+    (hi - lo, ...) or a tuple of such arrays; rank 0 gathers them in row order (one Gatherv
+    each). -> the n rows (or the tuple) on rank 0, None on the others. A row's value must
+    depend only on its own unit (fn's rows are then the rows one process computes).
+    ValueError, on every rank alike, when there are fewer units than ranks."""
+    units = -(-int(n) // int(unit))
+    if units < comm.size:
+        raise ValueError(f"{what}: {units} {'unit' if unit > 1 else 'row'}s cannot be split over {comm.size} "
+                         f"ranks (each needs at least one)")
+    bounds = [tuple(min(u * unit, n) for u in share_bounds(units, r, comm.size)) for r in range(comm.size)]
+    lo, hi = bounds[comm.rank]
+    t0 = time.perf_counter()
+    out = fn(lo, hi)
+    parts = out if isinstance(out, tuple) else (out,)
+    for p in parts:
+        if np.shape(p)[:1] != (hi - lo,):
+            raise ValueError(f"{what}: rows [{lo}, {hi}) gave an array of shape {np.shape(p)}")
+    if comm.size > 1:
+        took = time.perf_counter() - t0
+        timeout = collective_timeout()
+        comm.wait_for_others(f"the wait for the other ranks' shares of {what}",
+                             timeout and max(timeout, SHARE_WAIT_FACTOR * took))
+    counts = [b - a for a, b in bounds]
+    gathered = tuple(comm.gather_rows(np.asarray(p), counts, f"the gather of {what}") for p in parts)
+    if not comm.is_root:
+        return None
+    return gathered if isinstance(out, tuple) else gathered[0]
+
+
+def root_then_bcast(comm, fn, what, untimed=False):
+    """fn() run on rank 0 alone, its result (picklable) sent to every rank. The other ranks
+    wait without spinning; `untimed`: their wait is not watched (rank 0 trains a model: no
+    bound is known; a failure of rank 0 still aborts the job, see abort_others)."""
+    value = fn() if comm.is_root else None
+    if comm.size > 1:
+        comm.wait_for_others(f"the wait for rank 0 ({what})", 0 if untimed else None)
+    return comm.bcast(value, f"the broadcast of {what}")
+
+
 __all__ = ["DistributedError", "MPIUnavailableError", "launched_by_mpi", "share_bounds", "SingleProcess", "MPIComm",
            "get_comm", "abort_on_error", "on_root", "quiet_unless_root", "abort_others", "select_gpu",
            "ShardedGenerator", "GradientAllreduce", "DataParallel", "state_digest", "check_same_state", "Watchdog",
            "collective_timeout", "COLLECTIVE_TIMEOUT_S", "ImageStreams", "sample_split", "GRAD_REDUCTION",
-           "BATCH_AXIS"]
+           "BATCH_AXIS", "split_rows", "root_then_bcast", "SHARE_WAIT_FACTOR", "WAIT_POLL_S"]

@@ -18,8 +18,23 @@ What the report did wrong and this module refuses to do (report §3.4.3, table 3
 and min-max normalised the DDPM's images one by one but not the other models'. Here every
 set must already be in [-1, 1] (checked, never rescaled), and the default is 1,000 images.
 
+Per class (`per_class_scores`), when each image comes with the class it was asked for
+(labels.npy of `refdiff sample --class`): for every class k asked for, n_k the images asked for
+k, accuracy_k the share of them the classifier labels k, and fd_features_k the Fréchet
+distance of their features to those of the real held-out digits of class k (about 100 per
+class in mnist5k: fewer than the 128 features, so the estimate is biased upward; compare
+classes and models with each other at equal n_k, not with the all-class numbers); and
+class_accuracy, the share of all images labelled as asked. No per-class floor is given: the
+only other real digits of class k are training digits, whose features the classifier was fit
+to; a distance from them is not what unseen real digits of class k would score.
+
+Under mpirun (`comm` of refdiff.distributed with several ranks) the classifier's passes over
+the images (generated and real) are split by image index over the ranks and gathered on rank
+0, which alone computes the scores: the logits and features of an image do not depend on the
+rank that computes them, so N ranks give one process's numbers (tests/test_mpi_evaluate.py).
+
 The classifier is trained once and cached (`default_classifier_path`); `load_or_train_classifier`
-trains it on first use and says so.
+trains it on first use and says so (under mpirun, on rank 0 alone: `shared_classifier`).
 """
 from __future__ import annotations
 
@@ -83,24 +98,35 @@ class Evaluator:
     """Scores image sets against real-image statistics computed once at construction.
 
     classifier: a refdiff.nn.classifier.Classifier; real_train, real_heldout: (N, 1, 28, 28)
-    images in [-1, 1]; heldout_labels (N,) for the classifier's accuracy (optional)."""
+    images in [-1, 1]; heldout_labels (N,) for the classifier's accuracy and the per-class
+    scores (optional). comm: a
+    refdiff.distributed communicator: the passes over the images are split over its ranks,
+    and only rank 0 holds the statistics and gets scores (None elsewhere)."""
 
-    def __init__(self, classifier, real_train, real_heldout, heldout_labels=None, batch=500):
+    def __init__(self, classifier, real_train, real_heldout, heldout_labels=None, batch=500, comm=None):
+        from .distributed import SingleProcess
+
         if getattr(classifier, "kind", None) != "classifier":
             raise ValueError(f"Evaluator needs a classifier model; got {getattr(classifier, 'name', classifier)!r}")
-        self.clf, self.batch = classifier, int(batch)
+        self.clf, self.batch, self.comm = classifier, int(batch), comm or SingleProcess()
         real_train = check_images(real_train, "real training images")
         real_heldout = check_images(real_heldout, "real held-out images")
-        _, ft = self.logits_features(real_train)
-        lh, fh = self.logits_features(real_heldout)
+        self.n_train, self.n_heldout = len(real_train), len(real_heldout)
+        train = self.split_logits_features(real_train, "the real training images")
+        heldout = self.split_logits_features(real_heldout, "the real held-out images")
+        self.real_heldout = real_heldout
+        if not self.comm.is_root:         # rank 0 alone holds the statistics
+            return
+        (_, ft), (lh, fh) = train, heldout
+        self.feats_train, self.feats_heldout = ft, fh
+        self.heldout_labels = None if heldout_labels is None else np.asarray(heldout_labels)
         self.mml_real = float(lh.max(axis=1).mean())
         self.mu_train, self.cov_train = _moments(ft)
         self.fd_floor = frechet_from_moments(*_moments(fh), self.mu_train, self.cov_train)
-        self.n_train, self.n_heldout = len(real_train), len(real_heldout)
         self.accuracy = None
         if heldout_labels is not None:
             self.accuracy = float(np.mean(lh.argmax(axis=1) == np.asarray(heldout_labels)))
-        self.real_heldout, self.real_heldout_logits = real_heldout, lh
+        self.real_heldout_logits = lh
 
     def logits_features(self, x):
         """-> logits (N, 10), features (N, 128), float64 host arrays, computed in batches."""
@@ -112,10 +138,25 @@ class Evaluator:
             out_f.append(F.to_numpy(ft).astype(np.float64))
         return np.concatenate(out_l), np.concatenate(out_f)
 
-    def score(self, x, name="images", allow_nonnegative=False):
-        """The metrics of the module docstring for x (N, 1, 28, 28); -> (metrics dict, logits)."""
+    def split_logits_features(self, x, what):
+        """logits_features of x with the images split over the ranks: on rank 0 all of them,
+        in order; None on the others."""
+        from .distributed import split_rows
+
+        return split_rows(self.comm, lambda lo, hi: self.logits_features(x[lo:hi]), len(x),
+                          f"the classifier's pass over {what}")
+
+    def score(self, x, name="images", allow_nonnegative=False, labels=None):
+        """The metrics of the module docstring for x (N, 1, 28, 28); labels (N,): the class
+        each image was asked for, adds per_class_scores' entries. -> (metrics dict, logits);
+        (None, None) on ranks other than 0."""
         x = check_images(x, name, allow_nonnegative=allow_nonnegative)
-        logits, feats = self.logits_features(x)
+        if labels is not None:
+            labels = check_labels(labels, len(x), f"labels of {name}")
+        out = self.split_logits_features(x, name)
+        if not self.comm.is_root:
+            return None, None
+        logits, feats = out
         if x.shape[0] <= feats.shape[1]:
             warnings.warn(f"{name}: {x.shape[0]} images for {feats.shape[1]}-d features: the feature "
                           f"covariance is singular and fd_features is biased upward; use >= {DEFAULT_N}",
@@ -133,7 +174,45 @@ class Evaluator:
             "fd_features_real_vs_real": self.fd_floor,
             "classifier_accuracy": self.accuracy,
         }
+        if labels is not None:
+            if self.heldout_labels is None:
+                raise ValueError("per-class scores need the held-out images' labels (Evaluator(heldout_labels=...))")
+            metrics.update(per_class_scores(logits, feats, labels, self.feats_heldout, self.heldout_labels))
         return metrics, logits
+
+
+def check_labels(labels, n, name="labels"):
+    """labels (n,) integers in 0..NUM_CLASSES-1 (the class asked for each image) -> int64 copy."""
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one class per image; got {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+        raise ValueError(f"{name} must be integers (the classes asked for); got dtype {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        raise ValueError(f"{name} must lie in 0..{NUM_CLASSES - 1}; got values in [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+def per_class_scores(logits, feats, labels, real_feats, real_labels):
+    """Per-class scores of images asked for classes `labels` (module docstring).
+
+    logits (N, 10), feats (N, D) of the images; labels (N,) the classes asked for; real_feats
+    (M, D), real_labels (M,) the reference digits (held-out). -> dict(class_accuracy: share
+    of all N labelled as asked, per_class: [dict(label k, n, accuracy, fd_features), for each
+    k asked for, ascending]). A distance needs 2 images of the class on each side (a
+    covariance), else it is None."""
+    labels, real_labels = np.asarray(labels), np.asarray(real_labels)
+    pred = np.asarray(logits).argmax(axis=1)
+
+    def fd(a, b):
+        return frechet_from_moments(*_moments(a), *_moments(b)) if min(len(a), len(b)) >= 2 else None
+
+    rows = []
+    for k in np.unique(labels):
+        mine, real = feats[labels == k], real_feats[real_labels == k]
+        rows.append(dict(label=int(k), n=int(len(mine)), accuracy=float(np.mean(pred[labels == k] == k)),
+                         fd_features=fd(mine, real)))
+    return dict(class_accuracy=float(np.mean(pred == labels)), per_class=rows)
 
 
 def best_per_label(x, logits):
@@ -225,38 +304,110 @@ def load_or_train_classifier(path=None, source="mnist5k", log=None, data=None, *
     return model, path
 
 
-def build_evaluator(classifier_path=None, source="mnist5k", log=None):
-    """Load the real images once, get the classifier (cached or trained), -> (Evaluator, path)."""
+def shared_classifier(comm, path=None, source="mnist5k", log=None, data=None, **train_kw):
+    """load_or_train_classifier on rank 0 alone, its weights broadcast to every rank (one
+    training, never N). A `path` given is checked on every rank first (a missing file is the
+    same error everywhere); the other ranks wait untimed while rank 0 trains. train_kw go to
+    train_classifier. -> (model, path)."""
+    from .distributed import root_then_bcast
+
+    if comm.size == 1:
+        return load_or_train_classifier(path, source, log=log, data=data, **train_kw)
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"classifier checkpoint {path!r} does not exist")
+    trains = comm.bcast(path is None and not os.path.exists(default_classifier_path(source)) if comm.is_root
+                        else None, "the classifier cache's state")
+
+    mine = {}
+
+    def get():
+        mine["model"], got = load_or_train_classifier(path, source, log=log, data=data, **train_kw)
+        return mine["model"].spec(), mine["model"].state(), got
+
+    spec, state, got = root_then_bcast(comm, get, "the classifier", untimed=trains)
+    return (mine["model"] if comm.is_root else load_model_from_state(spec, state)), got
+
+
+def load_model_from_state(spec, state):
+    """A model rebuilt from its spec and state (what a checkpoint holds)."""
+    from .nn import model_from_spec
+
+    model = model_from_spec(spec)
+    model.load_state(state)
+    return model
+
+
+def build_evaluator(classifier_path=None, source="mnist5k", log=None, comm=None):
+    """Load the real images once, get the classifier (cached or trained), -> (Evaluator, path).
+    comm: split the classifier's passes over its ranks (Evaluator); the classifier is trained,
+    if it must be, by rank 0 alone (shared_classifier)."""
+    from .distributed import SingleProcess
+
+    comm = comm or SingleProcess()
     data = load_real(source)
-    clf, path = load_or_train_classifier(classifier_path, source, log=log, data=data)
-    return Evaluator(clf, data[0], data[2], data[3]), path
+    clf, path = shared_classifier(comm, classifier_path, source, log=log, data=data)
+    return Evaluator(clf, data[0], data[2], data[3], comm=comm), path
 
 
 # --- a file of images, scored ----------------------------------------------------------------------------
-def load_samples(path):
-    """A .npy file of images -> the array (checked by check_images when scored)."""
+def load_samples(path, what="samples file"):
+    """A .npy file of images -> the array (checked by check_images when scored); `what`
+    names the file in messages."""
     if not os.path.lexists(path):
-        raise FileNotFoundError(f"samples file {path!r} does not exist")
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as exc:       # noqa: BLE001 - a corrupt .npy fails in numpy's parser in many ways
-        raise ValueError(f"samples file {path!r} is not a readable .npy array ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{what} {path!r} is not a readable .npy array ({type(exc).__name__}: {exc})") from None
     if not isinstance(x, np.ndarray):
         x.close()
-        raise ValueError(f"samples file {path!r} holds several arrays (.npz); give one .npy array")
+        raise ValueError(f"{what} {path!r} holds several arrays (.npz); give one .npy array")
     return x
 
 
-def score_file(samples, out_dir, classifier=None, source="mnist5k", log=None):
-    """Score the images in the .npy file `samples` and write out_dir/metrics.json (holding
-    the directory's RunLock); -> the metrics (Evaluator.score's, plus the file names)."""
-    from . import io
+LABELS_FILE = "labels.npy"      # written by `refdiff sample --class` next to samples.npy
 
-    with io.output_run(out_dir, log=log) as out:
-        x = check_images(load_samples(samples), f"samples in {samples!r}")   # fail before any training
-        ev, clf_path = build_evaluator(classifier, source, log=log)
-        metrics, _ = ev.score(x, "samples")
-        metrics.update(samples=os.path.abspath(samples), classifier=os.path.abspath(clf_path), data=source)
+
+def labels_path(samples, labels="auto"):
+    """Where the classes asked for come from: "auto" -> LABELS_FILE next to `samples` if it
+    exists, else None; None or "none" -> None; anything else is a path that must exist."""
+    if labels is None or labels == "none":
+        return None
+    if labels == "auto":
+        p = os.path.join(os.path.dirname(os.path.abspath(samples)), LABELS_FILE)
+        return p if os.path.exists(p) else None
+    if not os.path.lexists(labels):
+        raise FileNotFoundError(f"labels file {labels!r} does not exist")
+    return labels
+
+
+def score_file(samples, out_dir, classifier=None, source="mnist5k", log=None, labels="auto", comm=None):
+    """Score the images in the .npy file `samples` and write out_dir/metrics.json (holding
+    the directory's RunLock); -> the metrics (Evaluator.score's, plus the file names).
+    labels: see labels_path; with a labels file, the per-class scores too. comm: a
+    refdiff.distributed communicator whose ranks share the classifier's work; rank 0 alone
+    writes, the others return None."""
+    from . import io
+    from .distributed import SingleProcess, on_root
+
+    comm = comm or SingleProcess()
+    with on_root(io.output_run(out_dir, log=log), comm, out_dir) as out:
+        # every input checked on every rank (the same error everywhere), before any training
+        x = check_images(load_samples(samples), f"samples in {samples!r}")
+        lpath = labels_path(samples, labels)
+        y = None
+        if lpath is not None:
+            y = check_labels(load_samples(lpath, "labels file"), len(x), f"labels in {lpath!r}")
+            if log is not None:
+                log(f"per-class scores: the classes asked for are in {lpath}")
+        if len(x) < comm.size:
+            raise ValueError(f"{len(x)} images cannot be split over {comm.size} ranks: run with at most "
+                             f"{len(x)} ranks (mpirun -n)")
+        ev, clf_path = build_evaluator(classifier, source, log=log, comm=comm)
+        metrics, _ = ev.score(x, "samples", labels=y)
+        if not comm.is_root:
+            return None
+        metrics.update(samples=os.path.abspath(samples), classifier=os.path.abspath(clf_path), data=source,
+                       labels=None if lpath is None else os.path.abspath(lpath), ranks=comm.size)
         io.write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
-

@@ -201,18 +201,25 @@ def _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min):
 
 
 def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, probe="rademacher",
-                   rtol=1e-5, atol=1e-5, t_min=1e-5, method="RK45"):
+                   rtol=1e-5, atol=1e-5, t_min=1e-5, method="RK45", probe_vectors=None):
     """log p_{t_min}(x) per sample by eq. (1), and the NFE.
 
     x (B, ...) float; score_fn JVP-capable (see the module docstring). The joint state
     [x (B D), delta (B)] is one solve_ivp system from t = t_min to T (score_sde's
     likelihood.py, whose eps = 1e-5 is the default here). Hutchinson probes (P, B, ...) are drawn
-    once from `rng`; "exact" draws nothing. -> (logp (B,) float64, nfe int).
+    once from `rng`, unless given as `probe_vectors` (probes, B, ...) (then rng is not used);
+    "exact" draws nothing. -> (logp (B,) float64, nfe int).
     """
     x = _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min)
     _require_jvp(score_fn)
     B, shape, D = x.shape[0], x.shape, int(np.prod(x.shape[1:]))
-    v = sample_probes((probes,) + shape, check_rng(rng), probe) if divergence == "hutchinson" else None
+    v = None
+    if divergence == "hutchinson" and probe_vectors is not None:
+        v = np.asarray(probe_vectors, dtype=np.float64)
+        if v.shape != (probes,) + shape:
+            raise ValueError(f"probe_vectors must have shape {(probes,) + shape}; got {v.shape}")
+    elif divergence == "hutchinson":
+        v = sample_probes((probes,) + shape, check_rng(rng), probe)
 
     def rhs(t, y):
         xt = y[:B * D].reshape(shape)
@@ -256,6 +263,23 @@ def image_bits_per_dim(model, meta, pixels, rng, batch=100, divergence="hutchins
     through the VP SDE of its DDPM chain (refdiff.solvers.continuous_sde: a cosine chain has
     none, ValueError). pixels (n, ...) integers 0..255, dequantised with `rng`, then `batch`
     images per ODE solve. -> dict(bpd (n,), nfe [one per batch])."""
+    sde, sf, pixels, shape1 = _image_setup(model, meta, pixels, batch)
+    x = dequantize(pixels, rng).reshape((pixels.shape[0],) + shape1)
+    D = int(np.prod(shape1))
+    bpd, nfes = [], []
+    for start in range(0, x.shape[0], batch):
+        logp, nfe = log_likelihood(sde, sf, x[start:start + batch], rng, divergence=divergence, probes=probes,
+                                   probe=probe, rtol=rtol, atol=atol, t_min=t_min)
+        bpd.append(bits_per_dim(logp, D))
+        nfes.append(nfe)
+        if log:
+            done = np.concatenate(bpd)
+            log(f"likelihood {len(done)}/{x.shape[0]} images: bits/dim {done.mean():.4f} (NFE {nfe})")
+    return dict(bpd=np.concatenate(bpd), nfe=nfes)
+
+
+def _image_setup(model, meta, pixels, batch):
+    """image_bits_per_dim's checks -> (VP SDE, JVP-capable score, pixels array, one image's shape)."""
     from .ddpm import model_input_shape
     from .solvers import continuous_sde
 
@@ -268,18 +292,45 @@ def image_bits_per_dim(model, meta, pixels, rng, batch=100, divergence="hutchins
     if pixels.ndim < 2 or int(np.prod(pixels.shape[1:])) != int(np.prod(shape1)):
         raise ValueError(f"pixels must be (n, ...) images of {int(np.prod(shape1))} values for this model; "
                          f"got shape {pixels.shape}")
-    x = dequantize(pixels, rng).reshape((pixels.shape[0],) + shape1)
-    D, sf = int(np.prod(shape1)), model_score(model, sde)
-    bpd, nfes = [], []
-    for start in range(0, x.shape[0], batch):
-        logp, nfe = log_likelihood(sde, sf, x[start:start + batch], rng, divergence=divergence, probes=probes,
-                                   probe=probe, rtol=rtol, atol=atol, t_min=t_min)
-        bpd.append(bits_per_dim(logp, D))
-        nfes.append(nfe)
-        if log:
-            done = np.concatenate(bpd)
-            log(f"likelihood {len(done)}/{x.shape[0]} images: bits/dim {done.mean():.4f} (NFE {nfe})")
-    return dict(bpd=np.concatenate(bpd), nfe=nfes)
+    return sde, model_score(model, sde), pixels, shape1
+
+
+def split_image_bits_per_dim(comm, model, meta, pixels, seed, batch=100, divergence="hutchinson", probes=1,
+                             probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5, log=None):
+    """image_bits_per_dim over the ranks of `comm` (refdiff.distributed), with one random
+    stream per image: image k draws its dequantisation noise, then its probes (probes, ...),
+    from default_rng([seed, k]) (ImageStreams). The ODE solves are the same batches of
+    `batch` images as in one process (images [j batch, (j + 1) batch)), whole batches split
+    over the ranks (split_rows): RK45's step sizes depend on the whole batch, so a batch is
+    never cut, and every number of ranks (1 included) gives the same bits/dim, bit for bit.
+    -> dict(bpd (n,), nfe [one per batch]) on rank 0, None on the others."""
+    from .distributed import ImageStreams, split_rows
+
+    sde, sf, pixels, shape1 = _image_setup(model, meta, pixels, batch)
+    D = int(np.prod(shape1))
+
+    def share(lo, hi):
+        bpd, nfe = [], []
+        for s in range(lo, hi, batch):
+            e = min(s + batch, hi)
+            streams = ImageStreams(seed, range(s, e))
+            x = dequantize(pixels[s:e], streams).reshape((e - s,) + shape1)
+            v = None
+            if divergence == "hutchinson":      # drawn (B, probes, ...): one row per image, then (probes, B, ...)
+                v = np.ascontiguousarray(np.moveaxis(sample_probes((e - s, probes) + shape1, streams, probe), 1, 0))
+            logp, n = log_likelihood(sde, sf, x, None, divergence=divergence, probes=probes, probe=probe, rtol=rtol,
+                                     atol=atol, t_min=t_min, probe_vectors=v)
+            bpd.append(bits_per_dim(logp, D))
+            nfe.append(np.full(e - s, n, dtype=np.int64))
+            if log:
+                log(f"likelihood: images {lo}..{e - 1} of this rank's {lo}..{hi - 1} done (NFE {n})")
+        return np.concatenate(bpd), np.concatenate(nfe)
+
+    out = split_rows(comm, share, pixels.shape[0], "the likelihood ODE solves", unit=batch)
+    if out is None:
+        return None
+    bpd, nfe = out
+    return dict(bpd=bpd, nfe=[int(v) for v in nfe[::batch]])
 
 
 @dataclass
@@ -300,25 +351,41 @@ class LikelihoodConfig:
     backend: str = "numpy"
 
 
-def likelihood_to_dir(cfg, out_dir, log=None):
+def likelihood_to_dir(cfg, out_dir, log=None, comm=None):
     """What `refdiff likelihood` does: bits/dim of cfg.n real images under cfg.checkpoint, written
     to out_dir/metrics.json (mean, standard error over the images, NFE per batch, the config),
-    atomically, holding the directory's RunLock. -> the metrics dict."""
+    atomically, holding the directory's RunLock. -> the metrics dict. comm (under mpirun): the
+    ODE solves split over its ranks with per-image streams (split_image_bits_per_dim); rank 0
+    alone writes, the others return None."""
     from . import io
     from .data.images import load_images
+    from .distributed import on_root
     from .generate import load_generator
 
     check_int(cfg.n, "n", lo=1)
-    with io.output_run(out_dir, log=log) as out:
+    check_int(cfg.batch, "batch", lo=1)
+    solves = -(-cfg.n // cfg.batch)
+    if comm is not None and solves < comm.size:        # the same refusal on every rank
+        raise ValueError(f"n = {cfg.n} images in batches of {cfg.batch} make {solves} ODE solve(s), fewer than the "
+                         f"{comm.size} ranks: use --batch <= {cfg.n // comm.size} or fewer ranks")
+    root = comm is None or comm.is_root
+    with (io.output_run(out_dir, log=log) if comm is None else on_root(io.output_run(out_dir, log=log), comm,
+                                                                       out_dir)) as out:
         model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
         x, _ = load_images(cfg.data, cfg.split)
         if cfg.n > len(x):
             raise ValueError(f"n = {cfg.n} is more than the {len(x)} images of {cfg.data} {cfg.split}")
         pixels = np.round((x[:cfg.n].astype(np.float64) + 1.0) * 127.5).astype(np.int64)   # back to 0..255
         t0 = time.perf_counter()
-        res = image_bits_per_dim(model, meta, pixels, np.random.default_rng(cfg.seed), batch=cfg.batch,
-                                 divergence=cfg.divergence, probes=cfg.probes, probe=cfg.probe, rtol=cfg.rtol,
-                                 atol=cfg.atol, t_min=cfg.t_min, log=log)
+        kw = dict(batch=cfg.batch, divergence=cfg.divergence, probes=cfg.probes, probe=cfg.probe, rtol=cfg.rtol,
+                  atol=cfg.atol, t_min=cfg.t_min, log=log)
+        if comm is None:
+            res = image_bits_per_dim(model, meta, pixels, np.random.default_rng(cfg.seed), **kw)
+        else:
+            res = split_image_bits_per_dim(comm, model, meta, pixels, cfg.seed, **kw)
+            info.update(ranks=comm.size, streams="per image: default_rng([seed, k])")
+        if not root:
+            return None
         bpd = res["bpd"]
         info.update(bits_per_dim_mean=float(bpd.mean()),
                     bits_per_dim_se=float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else None,
@@ -331,5 +398,6 @@ def likelihood_to_dir(cfg, out_dir, log=None):
 
 
 __all__ = ["DIVERGENCES", "PROBES", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
-           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim", "LikelihoodConfig",
+           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim",
+           "split_image_bits_per_dim", "LikelihoodConfig",
            "likelihood_to_dir"]

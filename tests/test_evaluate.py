@@ -7,6 +7,7 @@ features) trained for 120 steps: enough for these properties, a few seconds on 2
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -245,3 +246,86 @@ def test_non_numeric_images():
 def test_evaluator_needs_a_classifier(real):
     with pytest.raises(ValueError, match="needs a classifier model"):
         E.Evaluator(make_model("vae"), real[0][:10], real[2][:10])
+
+
+# --- per-class scores (the classes asked for, labels.npy) -------------------------------------------------------
+def _se(p, n):
+    return np.sqrt(p * (1 - p) / n)
+
+
+def test_per_class_real_digits_with_their_labels(ev, real):
+    """Unseen real digits asked for their true class: the share labelled as asked is the
+    classifier's accuracy, measured on the other half of the held-out set (two independent
+    estimates from 500 digits each: within 4 standard errors of their difference); the
+    per-class shares weighted by n_k add up to it exactly, and the counts are the labels'."""
+    x, y = real[2][500:], real[3][500:]
+    m, _ = ev.score(x, labels=y)
+    p = ev.accuracy
+    assert abs(m["class_accuracy"] - p) <= 4 * np.sqrt(2) * _se(p, 500), (m["class_accuracy"], p)
+    rows = m["per_class"]
+    assert [r["label"] for r in rows] == list(range(10)) and [r["n"] for r in rows] == list(np.bincount(y))
+    assert sum(r["n"] * r["accuracy"] for r in rows) / len(y) == pytest.approx(m["class_accuracy"], rel=1e-12)
+
+
+def test_per_class_shuffled_labels_are_chance(ev, real):
+    """The same digits with their labels permuted: a digit matches its label by chance, so
+    the share is sum_k n_k m_k / N^2 (n_k the labels' counts, m_k the predictions'), ~10 %
+    here, within 4 standard errors; and a class's FD is now far above its floor, since its
+    images are digits of every class."""
+    x, y = real[2][500:], real[3][500:]
+    shuffled = np.random.default_rng(0).permutation(y)
+    m, logits = ev.score(x, labels=shuffled)
+    pred_counts = np.bincount(logits.argmax(1), minlength=10)
+    chance = float(np.bincount(shuffled, minlength=10) @ pred_counts) / len(y) ** 2
+    assert 0.08 < chance < 0.12
+    assert abs(m["class_accuracy"] - chance) <= 4 * _se(chance, len(y)), (m["class_accuracy"], chance)
+    true, _ = ev.score(x, labels=y)
+    for r, t in zip(m["per_class"], true["per_class"]):
+        assert r["fd_features"] > 3 * t["fd_features"], (r, t)
+
+
+def test_per_class_scores_by_hand():
+    """Two classes asked for, features chosen so that each FD is a closed form: class 0's
+    images are the reference digits shifted by (1, 0) (FD = |shift|^2 = 1: same covariance),
+    class 3 has one image (no covariance: None); the accuracies count argmax == asked."""
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((20, 2))
+    feats = np.concatenate([real[:20] + [1.0, 0.0], rng.standard_normal((1, 2))])
+    real_feats, real_labels = real[:20], np.zeros(20, int)
+    logits = np.zeros((21, 10))
+    logits[:15, 0] = logits[15:20, 7] = logits[20, 3] = 1.0       # 15 of class 0 labelled 0, 5 labelled 7
+    got = E.per_class_scores(logits, feats, np.array([0] * 20 + [3]), real_feats, real_labels)
+    assert got["class_accuracy"] == pytest.approx(16 / 21)
+    c0, c3 = got["per_class"]
+    assert (c0["label"], c0["n"], c0["accuracy"]) == (0, 20, 0.75)
+    assert c0["fd_features"] == pytest.approx(1.0, rel=1e-9)      # sqrtm of S S: rounding only
+    assert (c3["label"], c3["n"], c3["accuracy"], c3["fd_features"]) == (3, 1, 1.0, None)
+
+
+def test_evaluate_reads_labels_next_to_the_samples(cached, real, capsys):
+    """labels.npy beside samples.npy is used (per_class in metrics.json), --labels none ignores
+    it, --labels FILE names another; a wrong length, a class out of range, floats, a missing
+    file: exit 2, one line naming the file."""
+    d = cached / "run"
+    d.mkdir()
+    np.save(d / "samples.npy", real[2][:200])
+    np.save(d / "labels.npy", real[3][:200].astype(np.int64))
+    assert cli.main(["evaluate", "--samples", str(d / "samples.npy"), "--out", str(cached / "ev")]) == 0
+    m = json.loads((cached / "ev" / "metrics.json").read_text())
+    assert [r["n"] for r in m["per_class"]] == list(np.bincount(real[3][:200])) and 0 <= m["class_accuracy"] <= 1
+    assert m["labels"] == str(d / "labels.npy") and "class 0: n" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--samples", str(d / "samples.npy"), "--out", str(cached / "ev"),
+                     "--labels", "none"]) == 0
+    assert "per_class" not in json.loads((cached / "ev" / "metrics.json").read_text())
+    for bad, message in ((np.zeros(199, np.int64), r"must have shape \(200,\)"),
+                         (np.full(200, 10), r"must lie in 0..9"),
+                         (np.zeros(200), "must be integers")):
+        np.save(cached / "bad.npy", bad)
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--samples", str(d / "samples.npy"), "--out", str(cached / "ev"),
+                         "--labels", str(cached / "bad.npy")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "bad.npy" in err and err.strip().count("\n") == 0, err
+    assert cli.main(["evaluate", "--samples", str(d / "samples.npy"), "--out", str(cached / "ev"),
+                     "--labels", str(cached / "none.npy")]) == 2
+    assert "labels file" in capsys.readouterr().err

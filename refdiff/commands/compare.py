@@ -4,6 +4,8 @@
                     [--ddpm runs/ddpm-seed/checkpoint.npz] [--n 1000] [--sampler ...]
 
 Writes DIR/table.md, DIR/table.json, DIR/labels.png, DIR/best.png and DIR/samples-<row>.npy.
+Under `mpirun -n N`, image k of a row draws from its own stream (the same images for every N)
+and the ranks share the sampling and the classifier's passes; rank 0 scores and writes.
 """
 from __future__ import annotations
 
@@ -34,11 +36,14 @@ def add_arguments(p):
 
 def run(args):
     from ..compare import ROWS, CompareConfig, compare
+    from ..distributed import get_comm, launched_by_mpi
 
     sampler_args = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
     cfg = CompareConfig(checkpoints={row: getattr(args, row) for row in ROWS[1:] if getattr(args, row)},
                         n=args.n, seed=args.seed, use_ema=not args.no_ema, classifier=args.classifier,
                         data=args.data, backend=args.backend, sampler_args=dict(sampler_args, clip=args.clip))
-    _, table = compare(cfg, args.out, log=lambda s: print(s, file=sys.stderr))
-    print(table)
+    comm = get_comm() if launched_by_mpi() else None     # under mpirun: per-image streams, work split
+    _, table = compare(cfg, args.out, log=lambda s: print(s, file=sys.stderr), comm=comm)
+    if table is not None:      # rank 0 reports
+        print(table)
     return 0

@@ -5,7 +5,9 @@
 The first n images of the split, dequantised, through the probability-flow ODE of the
 checkpoint's VP SDE (score_sde's convention, see refdiff/likelihood.py). The flags map onto
 refdiff.likelihood.LikelihoodConfig; likelihood_to_dir writes DIR/metrics.json: bits/dim mean
-and standard error over the images, the NFE per batch, and the settings.
+and standard error over the images, the NFE per batch, and the settings. Under `mpirun -n N`,
+image k draws from its own stream default_rng([seed, k]) and whole batches (ODE solves) are
+split over the ranks: every N gives the same bits/dim; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -37,13 +39,17 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..distributed import get_comm, launched_by_mpi
     from ..likelihood import LikelihoodConfig, likelihood_to_dir
 
     cfg = LikelihoodConfig(checkpoint=args.checkpoint, data=args.data, split=args.split, n=args.n, batch=args.batch,
                            divergence=args.divergence, probes=args.probes, probe=args.probe, rtol=args.rtol,
                            atol=args.atol, t_min=args.t_min, seed=args.seed, use_ema=not args.no_ema,
                            backend=args.backend)
-    m = likelihood_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr))
+    comm = get_comm() if launched_by_mpi() else None     # under mpirun: whole ODE solves split over the ranks
+    m = likelihood_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr), comm=comm)
+    if m is None:              # a rank other than 0: rank 0 reports
+        return 0
     se = "" if m["bits_per_dim_se"] is None else f" +- {m['bits_per_dim_se']:.4f}"
     print(f"bits/dim {m['bits_per_dim_mean']:.4f}{se} (n {args.n}, NFE {m['nfe_mean']:.0f}) -> {args.out}/metrics.json",
           file=sys.stderr)

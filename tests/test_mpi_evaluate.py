@@ -1,0 +1,286 @@
+"""`refdiff evaluate | compare | likelihood` on 2 MPI ranks (launched from pytest as
+tests/test_mpi.py does, with its launcher) against the same commands in one process.
+
+- evaluate: the classifier's passes over the real and the scored images are split by image
+  index; rank 0 scores. With a float64 classifier every metric (per-class ones included)
+  agrees within 1e-10 relative: the ranks run the classifier on batches of another size
+  (20 + 20 images instead of 40), and a matrix product's rounding depends on it (measured
+  here: ~1e-16 relative per feature); the Fréchet distance subtracts traces larger than it
+  and sqrtm amplifies that a few orders of magnitude at most, far below 1e-10. With the
+  float32 classifier (what `refdiff evaluate` runs), the distance of the 2-rank metrics to
+  the 1-process ones is at most 4 x the float32 classifier's own error against float64 (the
+  suite's float32 rule, refdiff_cuda.testing.check_op); the label counts are equal.
+- compare: under mpirun image k of a row draws from default_rng([seed, row, k]), so 2 ranks
+  draw the images 1 rank (comm=SingleProcess() here) draws, float64 models: equal to within
+  one float32 rounding of the saved images (6e-8: the float64 images agree to ~1e-15 and the
+  file rounds them to float32); the 2-rank table scores those images as one process does.
+- likelihood: whole ODE solves split over the ranks, per-image streams: the same
+  bits/dim as one process (1e-12 relative: the same arithmetic on the same batches).
+- the evaluator's classifier, when none is cached, is trained by rank 0 alone and its
+  weights reach the other rank unchanged.
+- faults: rank 1 raises inside the classifier pass -> the job ends non-zero within
+  FAULT_BOUND_S and writes nothing; bad input under mpirun -> exit 2 and one message.
+
+Run as a script (`python tests/test_mpi_evaluate.py MODE DIR`) it is the program each rank runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from tests.test_mpi import FAULT_BOUND_S, _mpirun_cmd  # noqa: E402  (the launcher of the 2-rank tests)
+
+N_SAMPLES, N_COMPARE = 400, 40
+LIK = dict(n=4, batch=1, rtol=1e-3, atol=1e-3)     # 4 ODE solves: 2 per rank
+
+
+def _write_idx(path, a):
+    """An MNIST-format IDX file of uint8 array `a` (magic 00 00 08 rank, big-endian sizes)."""
+    a = np.asarray(a, dtype=np.uint8)
+    path.write_bytes(bytes([0, 0, 8, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes() + a.tobytes())
+
+
+def _small_real_set(d):
+    """The real images the scores use (--data idx:DIR): the first 1,000 training and 500
+    held-out digits of mnist5k, so that the evaluators of every run are 3x cheaper to build."""
+    from refdiff.image_scores import load_real
+
+    x_tr, y_tr, x_te, y_te = load_real("mnist5k")
+    (d / "idx").mkdir()
+    for stem, x, y in (("train", x_tr[:1000], y_tr[:1000]), ("t10k", x_te[:500], y_te[:500])):
+        _write_idx(d / "idx" / f"{stem}-images-idx3-ubyte", np.round((x[:, 0] + 1) * 127.5))
+        _write_idx(d / "idx" / f"{stem}-labels-idx1-ubyte", y)
+
+
+def data(d):
+    return f"idx:{d / 'idx'}"
+
+
+# --- the inputs, made once in the test process ---------------------------------------------------------------
+def make_inputs(d):
+    """Classifiers (float64, float32: the same weights; 16 features), 400 real held-out digits
+    with their labels.npy (about 40 per class: more than 16, so that each class's feature
+    covariance has full rank), float64 VAE and GAN, and a float64 eps checkpoint (an MLP trained one epoch)."""
+    import contextlib
+    import io
+
+    from refdiff.checkpoint import save_model
+    from refdiff.cli import main
+    from refdiff.image_scores import load_real
+    from refdiff.nn import make_model
+    from refdiff.objectives import ClassifierObjective
+
+    x_tr, y_tr, x_te, y_te = load_real("mnist5k")
+    clf64 = make_model("classifier", seed=0, channels=(8, 16), hidden=16, dtype=np.float64)
+    obj, rng = ClassifierObjective(clf64, dict(shift=0)), np.random.default_rng(0)
+    for _ in range(40):           # trained a little, so that labels and per-class scores vary
+        i = rng.choice(len(x_tr), 32, replace=False)
+        obj.step(x_tr[i], y_tr[i], rng)
+    clf32 = make_model("classifier", seed=0, channels=(8, 16), hidden=16, dtype=np.float32)
+    clf32.load_state(clf64.state())
+    save_model(d / "clf64.npz", clf64)
+    save_model(d / "clf32.npz", clf32)
+    (d / "s").mkdir()
+    _small_real_set(d)
+    # the "samples": held-out digits that the reference set (the first 500) does not hold
+    np.save(d / "s" / "samples.npy", x_te[500:500 + N_SAMPLES])
+    np.save(d / "s" / "labels.npy", np.asarray(y_te[500:500 + N_SAMPLES], dtype=np.int64))
+    for name in ("vae", "gan"):
+        save_model(d / f"{name}.npz", make_model(name, seed=1, dtype=np.float64))
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--out", str(d / "run"), "--model", "mlp", "--model-arg", "widths=[8]",
+                     "--limit", "16", "--epochs", "1", "--dtype", "float64"]) == 0
+
+
+def compare_args(d, out):
+    return ["compare", "--out", str(out), "--vae", str(d / "vae.npz"), "--gan", str(d / "gan.npz"),
+            "--ddpm", str(d / "run" / "checkpoint.npz"), "--n", str(N_COMPARE), "--sampler", "ddim",
+            "--steps", "2", "--classifier", str(d / "clf64.npz"), "--data", data(d)]
+
+
+def likelihood_args(d, out):
+    return ["likelihood", "--checkpoint", str(d / "run" / "checkpoint.npz"), "--out", str(out)] + [
+        x for k, v in LIK.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def evaluate_args(d, out, clf):
+    return ["evaluate", "--samples", str(d / "s" / "samples.npy"), "--out", str(out), "--classifier",
+            str(d / clf), "--data", data(d)]
+
+
+# --- the program of each rank ----------------------------------------------------------------------------------
+def _main(mode, d):
+    import pathlib
+
+    from refdiff import image_scores
+    from refdiff.cli import main
+    from refdiff.distributed import abort_on_error, get_comm
+
+    d = pathlib.Path(d)
+    comm = get_comm()
+    with abort_on_error(comm):
+        if mode == "all":
+            for clf in ("clf64.npz", "clf32.npz"):
+                assert main(evaluate_args(d, d / f"ev2-{clf}", clf)) == 0
+            assert main(compare_args(d, d / "cmp2")) == 0
+            assert main(likelihood_args(d, d / "lik2")) == 0
+            # no cached classifier: rank 0 trains one (1 epoch on 64 images), rank 1 receives it
+            os.environ["REFDIFF_CACHE"] = str(d / "cache")
+            x_tr, y_tr, x_te, y_te = image_scores.load_real("mnist5k")
+            logs = []
+            model, _ = image_scores.shared_classifier(comm, None, log=logs.append, epochs=1,
+                                                      data=(x_tr[:64], y_tr[:64], x_te[:32], y_te[:32]))
+            from refdiff.distributed import state_digest
+            got = comm.allgather((sum("training one" in s for s in logs), state_digest(model)))
+            if comm.is_root:
+                (d / "trained.json").write_text(json.dumps(got))
+        elif mode == "fault":
+            if comm.rank == 1:
+                def broken(self, x):
+                    raise RuntimeError("injected failure in the classifier pass")
+                image_scores.Evaluator.logits_features = broken
+            return main(evaluate_args(d, d / "fault", "clf32.npz"))
+    return 0
+
+
+# --- the tests ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mpi_eval")
+    make_inputs(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def two_ranks(inputs):
+    """Every command on 2 ranks (one mpirun, the commands through refdiff.cli.main)."""
+    proc, seconds = _mpirun_cmd([sys.executable, HERE, "all", str(inputs)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"2 ranks: evaluate x2, compare, likelihood, classifier training in {seconds:.1f} s")
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def evaluators(inputs):
+    """One process's evaluators with the float64 and the float32 classifier."""
+    from refdiff.image_scores import build_evaluator
+
+    return {dt: build_evaluator(str(inputs / f"clf{dt}.npz"), data(inputs))[0] for dt in ("64", "32")}
+
+
+def _metrics(path):
+    return json.loads(path.read_text())
+
+
+def _floats(m):
+    """The float metrics of evaluate's metrics.json, per-class ones included, by name."""
+    out = {k: m[k] for k in ("mml", "mml_ratio", "mml_real_heldout", "label_entropy", "fd_features",
+                             "fd_features_real_vs_real", "class_accuracy")}
+    for r in m["per_class"]:
+        out.update({f"class {r['label']} {k}": r[k] for k in ("accuracy", "fd_features")
+                    if r[k] is not None})
+    return out
+
+
+def test_evaluate_on_two_ranks_gives_one_process_numbers(two_ranks, evaluators):
+    d = two_ranks
+    x, y = np.load(d / "s" / "samples.npy"), np.load(d / "s" / "labels.npy")
+    one = {dt: ev.score(x, "samples", labels=y)[0] for dt, ev in evaluators.items()}
+    m2, m1 = _metrics(d / "ev2-clf64.npz" / "metrics.json"), one["64"]
+    assert m2["ranks"] == 2 and len(m2["per_class"]) == 10 and m2["labels"].endswith("labels.npy")
+    for k in ("n", "label_hist", "classifier_accuracy"):
+        assert m2[k] == m1[k], k
+    assert [(r["label"], r["n"], r["accuracy"]) for r in m2["per_class"]] == [
+        (r["label"], r["n"], r["accuracy"]) for r in m1["per_class"]]
+    f2, f1 = _floats(m2), _floats(m1)
+    for k, v in f1.items():
+        assert abs(f2[k] - v) <= 1e-10 * abs(v), (k, f2[k], v)
+    # float32: 2 ranks vs 1 process within 4x the float32 classifier's own error against float64
+    g2, g1 = _floats(_metrics(d / "ev2-clf32.npz" / "metrics.json")), _floats(one["32"])
+    keys = ["mml", "fd_features", "fd_features_real_vs_real"] + [k for k in f1 if k.endswith("fd_features")]
+    own = np.sqrt(sum((g1[k] - f1[k]) ** 2 for k in keys))
+    diff = np.sqrt(sum((g2[k] - g1[k]) ** 2 for k in keys))
+    print(f"evaluate, float32 classifier: 2 ranks vs 1 process {diff:.3g}, float32 vs float64 {own:.3g}")
+    assert own > 0, "the float32 metrics equal the float64 ones: the bound would be vacuous"
+    assert diff <= 4 * own, (diff, own)
+
+
+def test_compare_on_two_ranks_draws_and_scores_one_process_images(two_ranks, evaluators):
+    """Each row's images drawn here by one process with the per-image streams of row r,
+    default_rng([seed, r, k]), in one call, against the 2-rank files; the 2-rank table's
+    scores against one process's scores of those files."""
+    from refdiff.compare import ROWS
+    from refdiff.distributed import SingleProcess, sample_split
+    from refdiff.generate import generate, load_generator
+
+    d = two_ranks
+    t2 = json.loads((d / "cmp2" / "table.json").read_text())
+    assert [r["model"] for r in t2["rows"]] == ["real", "vae", "gan", "ddpm"]
+    paths = dict(vae=d / "vae.npz", gan=d / "gan.npz", ddpm=d / "run" / "checkpoint.npz")
+    for i, row in enumerate(("vae", "gan", "ddpm")):
+        model, meta, _ = load_generator(str(paths[row]))
+        kw = dict(sampler="ddim", steps=2, clip=False) if row == "ddpm" else {}
+        x1 = sample_split(SingleProcess(), lambda n, rng: generate(model, meta, n, rng, **kw)[0], N_COMPARE,
+                          (0, ROWS.index(row)))
+        x2 = np.load(d / "cmp2" / f"samples-{row}.npy")
+        assert x2.shape == (N_COMPARE, 1, 28, 28) and np.std(x1) > 0.01, row
+        np.testing.assert_allclose(x2, x1, rtol=0, atol=2.0 ** -24, err_msg=row)   # one float32 rounding
+        want, _ = evaluators["64"].score(x2, row, allow_nonnegative=True)
+        got = t2["rows"][i + 1]
+        assert got["ranks"] == 2 and got["label_hist"] == want["label_hist"], row
+        for k in ("mml", "fd_features", "label_entropy"):
+            assert abs(got[k] - want[k]) <= 1e-10 * abs(want[k]), (row, k, got[k], want[k])
+    # images differ from image to image: the streams are per image
+    v, g = np.load(d / "cmp2" / "samples-vae.npy"), np.load(d / "cmp2" / "samples-ddpm.npy")
+    assert np.max(np.abs(v[0] - v[1])) > 0.01 and np.max(np.abs(g[0] - g[1])) > 0.01
+
+
+def test_likelihood_on_two_ranks_gives_one_process_numbers(two_ranks):
+    from refdiff.distributed import SingleProcess
+    from refdiff.likelihood import LikelihoodConfig, likelihood_to_dir
+
+    d = two_ranks
+    m1 = likelihood_to_dir(LikelihoodConfig(checkpoint=str(d / "run" / "checkpoint.npz"), **LIK), d / "lik1",
+                           comm=SingleProcess())
+    m2 = _metrics(d / "lik2" / "metrics.json")
+    assert m2["ranks"] == 2 and m2["nfe_per_batch"] == m1["nfe_per_batch"] and len(m1["nfe_per_batch"]) == 4
+    for k in ("bits_per_dim_mean", "bits_per_dim_se"):
+        assert abs(m2[k] - m1[k]) <= 1e-12 * abs(m1[k]), (k, m2[k], m1[k])
+    assert m1["bits_per_dim_se"] > 0        # the images' bits/dim differ: not one value repeated
+
+
+def test_the_classifier_is_trained_once_on_rank_0(two_ranks):
+    from refdiff.checkpoint import load_model
+    from refdiff.distributed import state_digest
+
+    (n0, dig0), (n1, dig1) = json.loads((two_ranks / "trained.json").read_text())
+    assert (n0, n1) == (1, 0) and dig0 == dig1
+    cached = load_model(str(two_ranks / "cache" / "classifier-mnist5k.npz"), use_ema=True)[0]
+    assert state_digest(cached) == dig0
+
+
+def test_a_failing_rank_stops_evaluate(inputs):
+    proc, seconds = _mpirun_cmd([sys.executable, HERE, "fault", str(inputs)], timeout=FAULT_BOUND_S + 60)
+    print(f"fault: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode != 0 and seconds < FAULT_BOUND_S
+    assert "injected failure in the classifier pass" in proc.stderr, proc.stderr[-3000:]
+    assert not (inputs / "fault" / "metrics.json").exists()
+
+
+def test_bad_input_under_mpirun_is_one_error(inputs):
+    """Fewer ODE solves than ranks: exit 2 and the message, no traceback."""
+    cmd = [sys.executable, "-m", "refdiff"] + likelihood_args(inputs, inputs / "bad")
+    cmd[cmd.index("--n") + 1], cmd[cmd.index("--batch") + 1] = "2", "2"
+    proc, _ = _mpirun_cmd(cmd)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "make 1 ODE solve(s), fewer than the 2 ranks" in proc.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1], sys.argv[2]))
