@@ -10,6 +10,7 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     conv_v4.py     conv2d 4 (wide-row im2col per chunk; a dense matrix for tiny images)
     conv_v5.py     conv2d 5 (implicit GEMM by SIMD micro-kernels, _simd.py: LLVM IR compiled by
                    llvmlite; strided convs as polyphase stride-1 convs; tiny images: v4's dense path)
+    conv_v6.py     conv2d 6 (version 5, with 1x1 convs as one GEMM on the channel-major buffer)
     convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
     norm.py        group_norm 1,2  group_norm_silu 1,2
@@ -43,7 +44,7 @@ from .. import _ops
 from ._cache import caching_into
 
 with caching_into():      # every cached kernel of these modules goes to the user cache directory
-    from . import _blas, attention, conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3
+    from . import _blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, functional, norm, silu_v3
 
 
 def configure_threads():
@@ -68,7 +69,8 @@ def configure_threads():
 
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS, **attention.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
-                     5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5)}
+                     5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5),
+                     6: (conv_v6.conv2d_forward_v6, conv_v6.conv2d_backward_v6)}
 KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
                                3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3)}
 KERNELS["silu"] = {**functional.KERNELS["silu"], 3: (silu_v3.silu_forward_v3, silu_v3.silu_backward_v3)}
