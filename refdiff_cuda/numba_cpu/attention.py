@@ -10,14 +10,12 @@ it; upsampling and the dropout multiply as plain loops over C-contiguous NCHW ar
 
 Version 2 works on channel-major buffers (_layout.py: the (C, B, H, W) buffer whose NCHW
 view the convs return and take), in parallel:
-  spatial_attention  one task per (sample, head); q, k, v of a head are rows of the
-      (3C, B, N) buffer (qkv from the 1x1 conv arrives this way, no copy). Every product is
-      written as rows += scalar x row, the inner loop running over a contiguous index, so
-      LLVM vectorises it without reassociating a sum (fastmath stays off): S and dA by
-      outer products of q, k (dy, v) rows; y = v A^T and dq = k dS^T through the transposes
-      A^T, dS^T (N x N, per task). Sums over a row (softmax, rowsum(dA * A)) in float64.
-      y and dqkv are channel-major buffers, so the output 1x1 conv reads y without a copy.
-      Cache: the qkv buffer and A (B heads, N, N).
+  spatial_attention  one task per (sample, head); q, k, v of a head are (d, N) matrices
+      inside the (3C, B, N) buffer (qkv from the 1x1 conv arrives this way, no copy), so each
+      of the 2 forward and 4 backward products is one single-threaded BLAS call on the buffers
+      (_blas.gemm_t, leading dimension B N); the softmax and its backward are loops over
+      contiguous rows with float64 row sums. y and dqkv are channel-major buffers, so the
+      output 1x1 conv reads y without a copy. Cache: the qkv buffer and A (B heads, N, N).
   upsample_nearest2x  one task per (channel, sample) plane; backward adds each 2 x 2 block
       as (top-left + top-right) + (bottom-left + bottom-right).
   dropout  the mask is drawn on the host exactly as the reference draws it
@@ -37,6 +35,7 @@ from numba import njit, prange
 
 from refdiff.nn.attention import _check_heads
 
+from ._blas import gemm_t
 from ._layout import cm, nchw
 
 _JIT = dict(cache=True, fastmath=False)
@@ -114,45 +113,38 @@ def spatial_attention_backward_v1(dy, cache):
     return np.stack([dq, dk, dv], axis=1).reshape(shape)
 
 
-# --- version 2: channel-major, one parallel task per (sample, head) ----------------------------
+# --- version 2: channel-major, one parallel task per (sample, head), BLAS products ------------
+# Head h of sample b reads its q, k, v as (d, N) matrices inside the (3C, B, N) buffer X
+# (leading dimension B N, offsets below), so every product is one single-threaded BLAS call
+# (_blas.gemm_t) on the buffers themselves: no gather, no copy.
 @njit(parallel=True, **_JIT)
 def _attn_fwd_v2(X, heads, scale, Y, A):
     C3, B, N = X.shape                  # X (3C, B, N): q rows [0, C), k [C, 2C), v [2C, 3C)
     C = C3 // 3
     d = C // heads
+    ld = B * N
+    Xf, Yf, Af = X.reshape(-1), Y.reshape(-1), A.reshape(-1)
     for bh in prange(B * heads):
         b, h = bh // heads, bh % heads
-        q0, k0, v0 = h * d, C + h * d, 2 * C + h * d
-        s = A[bh]                       # (N, N): scores, then probabilities, in place
-        s[:, :] = 0
-        for c in range(d):              # S = q^T k: outer products of rows
-            for n in range(N):
-                qc = X[q0 + c, b, n]
-                for m in range(N):
-                    s[n, m] += qc * X[k0 + c, b, m]
-        at = np.empty((N, N), X.dtype)  # A^T, for y = v A^T row by row
+        qo, ko, vo, ao = (h * d) * ld + b * N, (C + h * d) * ld + b * N, (2 * C + h * d) * ld + b * N, bh * N * N
+        gemm_t(N, N, d, Xf, qo, ld, True, Xf, ko, ld, False, Af, ao, N, 0.0)          # S = q^T k
+        s = A[bh]
         rnd = np.empty(1, X.dtype)      # storing here rounds a float64 sum to the dtype
-        for n in range(N):
-            mx = s[n, 0] * scale
+        for n in range(N):              # A = softmax(S scale), row by row, in place
+            row = s[n]
+            mx = row[0] * scale
             for m in range(N):
-                s[n, m] = s[n, m] * scale
-                mx = max(mx, s[n, m])
+                row[m] = row[m] * scale
+                mx = max(mx, row[m])
             tot = 0.0
             for m in range(N):
-                e = math.exp(s[n, m] - mx)
-                s[n, m] = e
+                e = math.exp(row[m] - mx)
+                row[m] = e
                 tot += e
             rnd[0] = tot                # the reference divides by the sum in the dtype
             for m in range(N):
-                s[n, m] = s[n, m] / rnd[0]
-                at[m, n] = s[n, m]
-        for c in range(d):
-            y = Y[h * d + c, b]
-            y[:] = 0
-            for m in range(N):
-                vc = X[v0 + c, b, m]
-                for n in range(N):
-                    y[n] += vc * at[m, n]
+                row[m] = row[m] / rnd[0]
+        gemm_t(d, N, N, Xf, vo, ld, False, Af, ao, N, True, Yf, (h * d) * ld + b * N, ld, 0.0)   # y = v A^T
 
 
 @njit(parallel=True, **_JIT)
@@ -160,44 +152,31 @@ def _attn_bwd_v2(dY, X, A, heads, scale, dX):
     C3, B, N = X.shape
     C = C3 // 3
     d = C // heads
+    ld = B * N
+    Xf, dYf, Af, dXf = X.reshape(-1), dY.reshape(-1), A.reshape(-1), dX.reshape(-1)
     for bh in prange(B * heads):
         b, h = bh // heads, bh % heads
-        q0, k0, v0 = h * d, C + h * d, 2 * C + h * d
+        qo, ko, vo, ao = (h * d) * ld + b * N, (C + h * d) * ld + b * N, (2 * C + h * d) * ld + b * N, bh * N * N
+        yo = (h * d) * ld + b * N
+        gemm_t(d, N, N, dYf, yo, ld, False, Af, ao, N, False, dXf, vo, ld, 0.0)         # dv = dy A
+        ds = np.empty((N, N), X.dtype)
+        dsf = ds.reshape(-1)
+        gemm_t(N, N, d, dYf, yo, ld, True, Xf, vo, ld, False, dsf, 0, N, 0.0)           # dA = dy^T v
         a = A[bh]
-        ds = np.zeros((N, N), X.dtype)      # dA = dy^T v, then dS in place
-        for c in range(d):
-            dvr = dX[v0 + c, b]             # dv = dy A
-            dvr[:] = 0
-            for n in range(N):
-                g = dY[h * d + c, b, n]
-                for m in range(N):
-                    ds[n, m] += g * X[v0 + c, b, m]
-                    dvr[m] += g * a[n, m]
-        dst = np.empty((N, N), X.dtype)
         rnd = np.empty(1, X.dtype)
-        for n in range(N):
+        for n in range(N):              # dS = A (dA - rowsum(dA A)), in place
             r = 0.0
             for m in range(N):
                 r += ds[n, m] * a[n, m]
             rnd[0] = r
             for m in range(N):
                 ds[n, m] = a[n, m] * (ds[n, m] - rnd[0])
-                dst[m, n] = ds[n, m]
-        for c in range(d):
-            dq, dk = dX[q0 + c, b], dX[k0 + c, b]
-            dq[:] = 0
-            dk[:] = 0
-            for m in range(N):              # dq = k dS^T
-                kc = X[k0 + c, b, m]
-                for n in range(N):
-                    dq[n] += kc * dst[m, n]
-            for n in range(N):              # dk = q dS
-                qc = X[q0 + c, b, n]
-                for m in range(N):
-                    dk[m] += qc * ds[n, m]
+        gemm_t(d, N, N, Xf, ko, ld, False, dsf, 0, N, True, dXf, qo, ld, 0.0)           # dq = k dS^T
+        gemm_t(d, N, N, Xf, qo, ld, False, dsf, 0, N, False, dXf, ko, ld, 0.0)          # dk = q dS
+        for c in range(d):              # both times 1/sqrt(d), after the product as the reference
             for n in range(N):
-                dq[n] = dq[n] * scale
-                dk[n] = dk[n] * scale
+                dXf[qo + c * ld + n] = dXf[qo + c * ld + n] * scale
+                dXf[ko + c * ld + n] = dXf[ko + c * ld + n] * scale
 
 
 def spatial_attention_forward_v2(qkv, heads=1):
