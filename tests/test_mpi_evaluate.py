@@ -4,9 +4,9 @@ tests/test_mpi.py does, with its launcher) against the same commands in one proc
 - evaluate: the classifier's passes over the real and the scored images are split by image
   index; rank 0 scores. With a float64 classifier every metric (per-class ones included)
   agrees within 1e-10 relative: the ranks run the classifier on batches of another size
-  (20 + 20 images instead of 40), and a matrix product's rounding depends on it (measured
-  here: ~1e-16 relative per feature); the Fréchet distance subtracts traces larger than it
-  and sqrtm amplifies that a few orders of magnitude at most, far below 1e-10. With the
+  (200 + 200 images instead of 400), and a matrix product's rounding depends on it (~1e-16
+  relative per feature); the Fréchet distance subtracts traces larger than it and sqrtm
+  amplifies that (measured: 2e-12 relative in the worst metric), still far below 1e-10. With the
   float32 classifier (what `refdiff evaluate` runs), the distance of the 2-rank metrics to
   the 1-process ones is at most 4 x the float32 classifier's own error against float64 (the
   suite's float32 rule, refdiff_cuda.testing.check_op); the label counts are equal.
@@ -199,6 +199,8 @@ def test_evaluate_on_two_ranks_gives_one_process_numbers(two_ranks, evaluators):
     assert [(r["label"], r["n"], r["accuracy"]) for r in m2["per_class"]] == [
         (r["label"], r["n"], r["accuracy"]) for r in m1["per_class"]]
     f2, f1 = _floats(m2), _floats(m1)
+    print(f"evaluate, float64 classifier: worst relative difference "
+          f"{max(abs(f2[k] - v) / abs(v) for k, v in f1.items() if v):.3g}")
     for k, v in f1.items():
         assert abs(f2[k] - v) <= 1e-10 * abs(v), (k, f2[k], v)
     # float32: 2 ranks vs 1 process within 4x the float32 classifier's own error against float64
@@ -230,6 +232,7 @@ def test_compare_on_two_ranks_draws_and_scores_one_process_images(two_ranks, eva
                           (0, ROWS.index(row)))
         x2 = np.load(d / "cmp2" / f"samples-{row}.npy")
         assert x2.shape == (N_COMPARE, 1, 28, 28) and np.std(x1) > 0.01, row
+        print(f"compare {row}: images 2 ranks vs 1 process, max |difference| {np.max(np.abs(x2 - x1)):.3g}")
         np.testing.assert_allclose(x2, x1, rtol=0, atol=2.0 ** -24, err_msg=row)   # one float32 rounding
         want, _ = evaluators["64"].score(x2, row, allow_nonnegative=True)
         got = t2["rows"][i + 1]
@@ -251,6 +254,7 @@ def test_likelihood_on_two_ranks_gives_one_process_numbers(two_ranks):
     m2 = _metrics(d / "lik2" / "metrics.json")
     assert m2["ranks"] == 2 and m2["nfe_per_batch"] == m1["nfe_per_batch"] and len(m1["nfe_per_batch"]) == 4
     for k in ("bits_per_dim_mean", "bits_per_dim_se"):
+        print(f"likelihood {k}: 2 ranks {m2[k]!r}, 1 process {m1[k]!r}")
         assert abs(m2[k] - m1[k]) <= 1e-12 * abs(m1[k]), (k, m2[k], m1[k])
     assert m1["bits_per_dim_se"] > 0        # the images' bits/dim differ: not one value repeated
 
@@ -280,6 +284,18 @@ def test_bad_input_under_mpirun_is_one_error(inputs):
     proc, _ = _mpirun_cmd(cmd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "make 1 ODE solve(s), fewer than the 2 ranks" in proc.stderr
+
+
+def test_one_process_scoring_does_not_import_mpi4py(inputs):
+    """Without an MPI launcher, evaluate and likelihood run without importing mpi4py."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")}
+    runs = [evaluate_args(inputs, inputs / "ev-plain", "clf32.npz"), likelihood_args(inputs, inputs / "lik-plain")]
+    code = ("import sys; from refdiff.cli import main; "
+            f"codes = [main(a) for a in {runs!r}]; print(codes, 'mpi4py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0] False", out.stderr[-3000:]
 
 
 if __name__ == "__main__":
