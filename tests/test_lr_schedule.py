@@ -167,3 +167,17 @@ def test_bad_config_values(kw, match):
 def test_knobs_the_model_cannot_take(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         trainer(tmp_path, epochs=1, **kw)
+
+
+def test_the_command_line_maps_the_knobs(tmp_path):
+    from refdiff.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--model", "mlp", "--model-arg", "widths=[8]", "--limit", "16",
+                 "--batch", "8", "--epochs", "2", "--pred", "x0", "--warmup", "1", "--lr-schedule", "cosine",
+                 "--schedule", "cosine"]) == 0
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    c = meta["train_config"]
+    assert (c["pred"], c["warmup"], c["lr_schedule"], c["schedule"], c["label_dropout"]) == ("x0", 1, "cosine",
+                                                                                              "cosine", 0.0)
+    assert meta["prediction"] == "x0" and meta["ddpm_schedule"]["kind"] == "cosine"
+    assert int(arrays["optim/model/step"]) == 4
