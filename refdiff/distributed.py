@@ -30,6 +30,13 @@ Sampling: image k draws everything from its own stream numpy.random.default_rng(
 (`ImageStreams`), so an image does not depend on which rank, or which batch, draws it; rank
 r draws images [lo_r, hi_r) of n and rank 0 gathers them (`sample_split`).
 
+Scoring (refdiff evaluate, compare, likelihood): `split_rows` gives each rank a contiguous
+share of n rows in whole units (an image; a likelihood ODE solve of `batch` images), and rank
+0 gathers the rows and alone reduces them (the scores), in one process's order; what must be
+done once (training the evaluator's classifier) runs on rank 0 and is broadcast
+(`root_then_bcast`). A rank that waits for others sleeps on a polled non-blocking barrier
+(`wait_for_others`) rather than spinning in a collective.
+
 Faults: `abort_on_error()` wraps a rank's work; any uncaught exception (or non-zero
 SystemExit) prints one line naming the rank and calls MPI_Abort, which makes mpirun stop
 every rank: no rank waits forever in a collective for one that died (the CLI, which turns

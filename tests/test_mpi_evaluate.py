@@ -20,6 +20,9 @@ tests/test_mpi.py does, with its launcher) against the same commands in one proc
   weights reach the other rank unchanged.
 - faults: rank 1 raises inside the classifier pass -> the job ends non-zero within
   FAULT_BOUND_S and writes nothing; bad input under mpirun -> exit 2 and one message.
+- in one process: split_rows' shares (whole units, in order, covering every row) for every
+  number of ranks, root_then_bcast, the per-row streams, the likelihood rows of each rank
+  against one process's, and that one-process scoring does not import mpi4py.
 
 Run as a script (`python tests/test_mpi_evaluate.py MODE DIR`) it is the program each rank runs.
 """
@@ -284,6 +287,109 @@ def test_bad_input_under_mpirun_is_one_error(inputs):
     proc, _ = _mpirun_cmd(cmd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "make 1 ODE solve(s), fewer than the 2 ranks" in proc.stderr
+
+
+# --- in one process: the pieces, with a stand-in communicator per rank -------------------------------------------
+class RankComm:
+    """Rank `rank` of `size` without MPI: gather_rows records what it is given and returns it
+    on rank 0 (the test assembles the ranks' rows itself); bcast returns `root_value`."""
+
+    def __init__(self, rank, size, root_value=None):
+        self.rank, self.size, self.is_root, self.root_value = rank, size, rank == 0, root_value
+        self.sent, self.waits = [], []
+
+    def gather_rows(self, a, counts, what=None):
+        self.sent.append((a, list(counts)))
+        return a if self.is_root else None
+
+    def wait_for_others(self, what=None, seconds=None):
+        self.waits.append(seconds)
+
+    def bcast(self, obj, what=None):
+        return obj if self.is_root else self.root_value
+
+
+@pytest.mark.parametrize("n, unit", [(7, 1), (10, 3), (9, 3), (5, 5)])
+def test_split_rows_gives_each_rank_whole_units(n, unit):
+    """For every N up to the number of units: the ranks' rows [lo, hi) tile [0, n) in order,
+    each starts on a unit boundary, each rank sends its rows with the counts of all, and the
+    rows are fn's rows (here the row index and its square, two arrays)."""
+    from refdiff.distributed import split_rows
+
+    units = -(-n // unit)
+    for size in range(1, units + 1):
+        rows, spans = [], []
+        for r in range(size):
+            comm = RankComm(r, size)
+
+            def fn(lo, hi):
+                spans.append((lo, hi))
+                i = np.arange(lo, hi)
+                return i, i ** 2
+            out = split_rows(comm, fn, n, "rows", unit=unit)
+            assert (out is None) == (r > 0)
+            (a, counts), (b, _) = comm.sent
+            assert sum(counts) == n
+            rows.append((a, b))
+            assert comm.waits == ([] if size == 1 else [comm.waits[0]])   # waited once, with 2+ ranks
+        assert [lo for lo, _ in spans] == sorted(lo for lo, _ in spans) and spans[0][0] == 0
+        assert all(lo % unit == 0 and hi > lo for lo, hi in spans) and spans[-1][1] == n
+        assert all(spans[k][1] == spans[k + 1][0] for k in range(size - 1))
+        assert counts == [hi - lo for lo, hi in spans]
+        got = np.concatenate([a for a, _ in rows])
+        assert np.array_equal(got, np.arange(n)) and np.array_equal(np.concatenate([b for _, b in rows]), got ** 2)
+
+
+def test_split_rows_refusals():
+    from refdiff.distributed import split_rows
+
+    with pytest.raises(ValueError, match="2 units cannot be split over 3 ranks"):
+        split_rows(RankComm(1, 3), lambda lo, hi: np.zeros(hi - lo), 4, "the solves", unit=3)
+    with pytest.raises(ValueError, match=r"rows \[0, 2\) gave an array of shape \(3,\)"):
+        split_rows(RankComm(0, 2), lambda lo, hi: np.zeros(3), 4, "the rows")
+
+
+def test_root_then_bcast_runs_on_rank_0_only():
+    from refdiff.distributed import root_then_bcast
+
+    calls = []
+    assert root_then_bcast(RankComm(0, 2), lambda: calls.append(0) or "w", "x", untimed=True) == "w"
+    other = RankComm(1, 2, root_value="w")
+    assert root_then_bcast(other, lambda: calls.append(1), "x", untimed=True) == "w"
+    assert calls == [0] and other.waits == [0]           # untimed: the wait is not watched (0)
+    timed = RankComm(1, 2, root_value="w")
+    root_then_bcast(timed, lambda: None, "x")
+    assert timed.waits == [None]                         # the collective timeout
+
+
+def test_image_streams_of_a_seed_sequence():
+    """(seed, row): image k of row r draws from default_rng([seed, r, k]); rows differ."""
+    from refdiff.distributed import ImageStreams
+
+    a = ImageStreams((3, 1), range(4)).standard_normal((4, 5))
+    assert np.array_equal(a[2], np.random.default_rng([3, 1, 2]).standard_normal(5))
+    assert not np.array_equal(a, ImageStreams((3, 2), range(4)).standard_normal((4, 5)))
+    assert np.array_equal(ImageStreams(3, [2]).standard_normal((1, 5))[0],
+                          np.random.default_rng([3, 2]).standard_normal(5))
+
+
+def test_split_likelihood_does_not_depend_on_the_split(inputs):
+    """split_image_bits_per_dim: rank r's rows, computed as that rank computes them, are one
+    process's rows (the same batches, per-image streams), for 1, 2 and 3 ranks."""
+    from refdiff.generate import load_generator
+    from refdiff.likelihood import split_image_bits_per_dim
+
+    model, meta, _ = load_generator(str(inputs / "run" / "checkpoint.npz"), want="eps")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28))
+    kw = dict(batch=1, rtol=1e-3, atol=1e-3)
+    one = split_image_bits_per_dim(RankComm(0, 1), model, meta, pixels, 5, **kw)
+    for size in (2, 3):
+        comms = [RankComm(r, size) for r in range(size)]
+        for c in comms:
+            split_image_bits_per_dim(c, model, meta, pixels, 5, **kw)
+        bpd = np.concatenate([c.sent[0][0] for c in comms])
+        assert np.array_equal(bpd, one["bpd"]), size
+    assert len(set(one["bpd"].tolist())) == 3
 
 
 def test_one_process_scoring_does_not_import_mpi4py(inputs):
