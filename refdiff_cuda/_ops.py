@@ -37,10 +37,7 @@ PAIRS = {
     "upsample_nearest2x": ("upsample_nearest2x_forward", "upsample_nearest2x_backward"),
     "dropout": ("dropout_forward", "dropout_backward"),
 }
-# A backend must accelerate every one of these. The ops of unet-ddpm alone (attention.py)
-# are accelerated by numba and cupy; numba-cuda runs them as explicit host fallbacks.
-OPTIONAL = ("spatial_attention", "upsample_nearest2x", "dropout")
-REQUIRED = tuple(op for op in PAIRS if op not in OPTIONAL)
+REQUIRED = tuple(PAIRS)          # a backend must accelerate every one of these
 
 
 def reference_namespace():

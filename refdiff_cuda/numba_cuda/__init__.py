@@ -11,6 +11,8 @@ Ops and versions (each module's docstring says what the versions differ in):
                    adam_update ddpm_step em_step: 1
     conv.py        conv2d 1,2  conv_transpose2d 1,2  max_pool2d 1
     norm.py        group_norm 1,2  group_norm_silu 1,2
+    attention.py   spatial_attention upsample_nearest2x dropout: 1 (literal ports; dropout's
+                   mask drawn on the host as the reference draws it)
 Every op takes the array container (_arrays.Arrays) as its first argument; make_backend
 binds it (bind_kernels), so two backends (host and CuPy containers) share no state.
 Falls back to the host reference explicitly (copies in and out): `backend.fallback`.
@@ -73,9 +75,9 @@ def make_backend(versions=None):
     cuda, sim = _cuda()
     from .. import _ops
     from ._arrays import Arrays
-    from . import conv, functional, norm
+    from . import attention, conv, functional, norm
     A = Arrays(cuda, "host" if sim or not _has_cupy_gpu() else "cupy")
-    kernels = bind_kernels(A, {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS})
+    kernels = bind_kernels(A, {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS, **attention.KERNELS})
     return _ops.build("numba-cuda", kernels, versions, A.xp, asarray=A.asarray, to_numpy=A.to_numpy,
                       is_device=A.is_on_device if A.mode == "cupy" else None,
                       simulator=sim, container=A.mode)
