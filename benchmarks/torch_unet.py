@@ -1,11 +1,15 @@
-"""The refdiff UNet (refdiff/nn/unet.py) rebuilt in PyTorch, for the speed comparison only.
+"""refdiff's UNets rebuilt in PyTorch, for the speed comparison only (benchmarks/train_step.py).
 
-`plan_of(model)` turns a refdiff UNet into plain data (config, stages, sizes, GroupNorm
-groups); `TorchUNet(plan, state)` builds the same network from that plan and loads the
-same weights by name. The split keeps refdiff out of the PyTorch worker's process: the
-parent calls `plan_of` and saves the weights, the worker imports only torch, numpy and
-this file. The parent checks the worker's output against refdiff's before anything is
-timed. refdiff itself never imports torch.
+    unet-seed   (refdiff/nn/unet.py)       plan_of(model)       -> TorchUNet(plan, state)
+    unet-ddpm   (refdiff/nn/unet_ddpm.py)  plan_of_ddpm(model)  -> TorchUNetDDPM(plan, state)
+
+`plan_of*` turns a refdiff model into plain data (config, stages or layout, GroupNorm
+groups); the torch class builds the same network from that plan and loads the same weights
+by parameter name (every one: strict). The split keeps refdiff out of the PyTorch worker's
+process: the parent calls `plan_of*` and saves the weights, the worker imports only torch,
+numpy and this file. The worker's output is checked against refdiff's before anything is
+timed (unet-ddpm: output, input gradient and every parameter gradient in float64,
+train_step.check64). refdiff itself never imports torch.
 """
 from __future__ import annotations
 
