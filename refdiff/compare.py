@@ -95,7 +95,7 @@ def compare(cfg, out_dir, log=None, comm=None):
     """The comparison into `out_dir` (module docstring); -> (rows, table markdown), or
     (None, None) on ranks other than 0. comm: split the work over its ranks (per-image
     streams; module docstring)."""
-    from .distributed import on_root
+    from .distributed import SingleProcess, on_root
     from .image_scores import best_per_label, build_evaluator
 
     cfg.validate()
@@ -104,8 +104,7 @@ def compare(cfg, out_dir, log=None, comm=None):
                          f"(each needs at least one)")
     log = log or (lambda s: None)
     root = comm is None or comm.is_root
-    with (io.output_run(out_dir, log=log) if comm is None else on_root(io.output_run(out_dir, log=log), comm,
-                                                                       out_dir)) as out:
+    with on_root(io.output_run(out_dir, log=log), comm or SingleProcess(), out_dir) as out:   # rank 0 writes
         # every checkpoint first: a wrong path or kind fails before the classifier work
         given = [(row, *load_generator(cfg.checkpoints[row], KINDS[row], cfg.use_ema, cfg.backend,
                                        label=f"--{row} checkpoint"))

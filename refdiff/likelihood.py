@@ -359,18 +359,18 @@ def likelihood_to_dir(cfg, out_dir, log=None, comm=None):
     alone writes, the others return None."""
     from . import io
     from .data.images import load_images
-    from .distributed import on_root
+    from .distributed import SingleProcess, on_root
     from .generate import load_generator
 
     check_int(cfg.n, "n", lo=1)
     check_int(cfg.batch, "batch", lo=1)
     solves = -(-cfg.n // cfg.batch)
     if comm is not None and solves < comm.size:        # the same refusal on every rank
+        fix = f"--batch <= {cfg.n // comm.size} or fewer ranks" if cfg.n >= comm.size else "at most n ranks"
         raise ValueError(f"n = {cfg.n} images in batches of {cfg.batch} make {solves} ODE solve(s), fewer than the "
-                         f"{comm.size} ranks: use --batch <= {cfg.n // comm.size} or fewer ranks")
+                         f"{comm.size} ranks (each takes whole solves): use {fix}")
     root = comm is None or comm.is_root
-    with (io.output_run(out_dir, log=log) if comm is None else on_root(io.output_run(out_dir, log=log), comm,
-                                                                       out_dir)) as out:
+    with on_root(io.output_run(out_dir, log=log), comm or SingleProcess(), out_dir) as out:   # rank 0 writes
         model, meta, info = load_generator(cfg.checkpoint, want="eps", use_ema=cfg.use_ema, backend=cfg.backend)
         x, _ = load_images(cfg.data, cfg.split)
         if cfg.n > len(x):
