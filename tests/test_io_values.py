@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import io as pyio
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def test_clean_temporaries_removes_exactly_the_temporaries(tmp_path):
     assert sorted(removed) == sorted(temporaries)
     assert set(os.listdir(tmp_path)) == kept
     assert io.clean_temporaries(tmp_path / "missing") == []
+
+
+# --- write_json ------------------------------------------------------------------------------------------
+def test_write_json_converts_numpy_and_sorts_keys(tmp_path):
+    # bug caught: a NumPy scalar written as the string "0.5" (the str() fallback) or refused,
+    # an array as its repr, unsorted keys (diffs between runs), no final newline
+    path = tmp_path / "m.json"
+    io.write_json(path, {"b": np.float32(0.5), "a": np.arange(3), "c": np.int64(7), "d": tmp_path / "x"})
+    expected = {"a": [0, 1, 2], "b": 0.5, "c": 7, "d": str(tmp_path / "x")}
+    assert path.read_text() == json.dumps(expected, indent=2, sort_keys=True) + "\n"
 
 
 # --- prepare_output_dir ----------------------------------------------------------------------------------
