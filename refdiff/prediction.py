@@ -156,7 +156,7 @@ def target_of(pred, x0, eps, abar):
 
 
 # --- abar of a model time ---------------------------------------------------------------------------------
-SNAP = 2.0 ** -22           # relative: twice float32's rounding of t = (i + 1) / N
+SNAP = 2.0 ** -22           # relative: 4 x float32's rounding error (2^-24) of a grid time t = (i + 1) / N
 
 
 def abar_at(schedule, t):
