@@ -31,9 +31,14 @@ a = np.arange(counts[c.rank] * 4, dtype=np.float64).reshape(-1, 2, 2) + 100 * c.
 out = c.gather_rows(a, counts)
 buf = np.array([1.0, 2.0]) * (c.rank + 1)
 c.allreduce_sum_(buf)
+if c.rank == 0:
+    time.sleep(0.5)     # rank 1 must wait this long in wait_for_others
+t0 = time.perf_counter()
+c.wait_for_others()
+waited = time.perf_counter() - t0
 print("RESULT " + json.dumps(dict(rank=c.rank, size=c.size, gathered=None if out is None else out.tolist(),
                                    allgather=c.allgather(10 * c.rank + 1), reduced=buf.tolist(),
-                                   local=c.local_rank())), flush=True)
+                                   local=c.local_rank(), waited=waited)), flush=True)
 c.barrier()
 if c.rank == 1:
     c.abort(5)          # MPI_Abort: the whole job ends with this code
@@ -43,8 +48,8 @@ time.sleep(60)          # rank 0: killed by rank 1's abort long before
 
 def test_mpicomm_collectives_on_two_ranks():
     # bug caught: Gatherv counts in rows instead of elements (rows of 4 values), ranks'
-    # rows out of order, a result on every rank, an Allreduce that is not a sum, an abort
-    # that loses its exit code or leaves the other rank waiting
+    # rows out of order, a result on every rank, an Allreduce that is not a sum, a wait that
+    # does not wait, an abort that loses its exit code or leaves the other rank waiting
     pytest.importorskip("mpi4py")
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not on PATH")
@@ -61,6 +66,7 @@ def test_mpicomm_collectives_on_two_ranks():
     for r in (0, 1):
         assert res[r]["allgather"] == [1, 11] and res[r]["reduced"] == [3.0, 6.0]
     assert sorted(res[r]["local"] for r in (0, 1)) == [0, 1]          # both ranks on this machine
+    assert res[1]["waited"] >= 0.4                                   # wait_for_others waited for rank 0
 
 
 def test_single_process_abort_exits_at_once_with_the_code():
@@ -76,6 +82,8 @@ def test_single_process_collectives_are_the_identity():
     a = np.arange(6.0).reshape(3, 2)
     assert c.gather_rows(a, [3]) is a and c.allgather("x") == ["x"] and c.allreduce_sum_(a) is a
     assert c.local_rank() == 0 and (c.rank, c.size, c.is_root) == (0, 1, True)
+    t0 = time.perf_counter()
+    assert c.wait_for_others() is None and time.perf_counter() - t0 < 1.0     # nobody to wait for
 
 
 def test_launched_by_mpi_reads_the_launchers_variables():

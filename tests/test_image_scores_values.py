@@ -130,3 +130,47 @@ def test_compare_config_validate():
                      ({"checkpoints": {}, "n": True}, "n must be an integer >= 2")):
         with pytest.raises(ValueError, match=msg):
             compare.CompareConfig(**bad).validate()
+
+
+# --- labels, the rebuilt model, the shared classifier ------------------------------------------------------
+def test_check_labels_values_and_refusals():
+    y = E.check_labels(np.array([3, 0, 9], dtype=np.int8), 3)
+    assert y.dtype == np.int64 and y.tolist() == [3, 0, 9]
+    for bad, msg in (([1, 2], r"must have shape \(3,\)"), ([0, 10, 1], r"must lie in 0..9; got values in \[0, 10\]"),
+                     ([-1, 0, 1], r"got values in \[-1, 1\]"), ([0.0, 1.0, 2.0], "must be integers")):
+        with pytest.raises(ValueError, match=msg):
+            E.check_labels(np.array(bad), 3)
+
+
+def test_labels_path_auto_none_and_given(tmp_path):
+    samples = tmp_path / "samples.npy"
+    assert E.labels_path(str(samples)) is None                       # auto, nothing there
+    np.save(tmp_path / "labels.npy", np.arange(3))
+    assert E.labels_path(str(samples)) == str(tmp_path / "labels.npy")
+    assert E.labels_path(str(samples), None) is None and E.labels_path(str(samples), "none") is None
+    other = tmp_path / "y.npy"
+    np.save(other, np.arange(3))
+    assert E.labels_path(str(samples), str(other)) == str(other)
+    with pytest.raises(FileNotFoundError, match="labels file .* does not exist"):
+        E.labels_path(str(samples), str(tmp_path / "missing.npy"))
+
+
+def test_load_model_from_state_rebuilds_the_same_function(narrow_clf):
+    clf, _ = narrow_clf
+    m = E.load_model_from_state(clf.spec(), clf.state())
+    assert type(m) is type(clf) and m.config == clf.config and m.params is not clf.params
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 1, 28, 28)).astype(np.float32)
+    assert np.array_equal(m.predict(x), clf.predict(x))
+
+
+def test_one_process_split_and_shared_classifier(narrow_clf):
+    from refdiff.distributed import SingleProcess
+
+    clf, path = narrow_clf
+    ev = E.Evaluator.__new__(E.Evaluator)
+    ev.clf, ev.batch, ev.comm = clf, 4, SingleProcess()
+    x = np.random.default_rng(3).uniform(-1, 1, (5, 1, 28, 28)).astype(np.float32)
+    got, ref = ev.split_logits_features(x, "five images"), ev.logits_features(x)
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref))      # one rank: the whole pass, in order
+    model, got_path = E.shared_classifier(SingleProcess(), path)
+    assert got_path == path and all(np.array_equal(model.params[k], clf.params[k]) for k in clf.params)
