@@ -30,8 +30,9 @@ to; a distance from them is not what unseen real digits of class k would score.
 
 Under mpirun (`comm` of refdiff.distributed with several ranks) the classifier's passes over
 the images (generated and real) are split by image index over the ranks and gathered on rank
-0, which alone computes the scores: the logits and features of an image do not depend on the
-rank that computes them, so N ranks give one process's numbers (tests/test_mpi_evaluate.py).
+0, which alone computes the scores, in one process's order: N ranks give one process's
+numbers, up to the rounding of the classifier's matrix products on batches of another size
+(tests/test_mpi_evaluate.py; docs/distributed.md).
 
 The classifier is trained once and cached (`default_classifier_path`); `load_or_train_classifier`
 trains it on first use and says so (under mpirun, on rank 0 alone: `shared_classifier`).
@@ -99,9 +100,8 @@ class Evaluator:
 
     classifier: a refdiff.nn.classifier.Classifier; real_train, real_heldout: (N, 1, 28, 28)
     images in [-1, 1]; heldout_labels (N,) for the classifier's accuracy and the per-class
-    scores (optional). comm: a
-    refdiff.distributed communicator: the passes over the images are split over its ranks,
-    and only rank 0 holds the statistics and gets scores (None elsewhere)."""
+    scores (optional). comm: a refdiff.distributed communicator: the passes over the images
+    are split over its ranks, and only rank 0 holds the statistics and gets scores."""
 
     def __init__(self, classifier, real_train, real_heldout, heldout_labels=None, batch=500, comm=None):
         from .distributed import SingleProcess
@@ -186,7 +186,7 @@ def check_labels(labels, n, name="labels"):
     y = np.asarray(labels)
     if y.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), one class per image; got {y.shape}")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+    if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{name} must be integers (the classes asked for); got dtype {y.dtype}")
     if n and (y.min() < 0 or y.max() >= NUM_CLASSES):
         raise ValueError(f"{name} must lie in 0..{NUM_CLASSES - 1}; got values in [{y.min()}, {y.max()}]")
