@@ -25,7 +25,7 @@ thread count in the last bits; they agree with the reference within refdiff_cuda
 Not thread-safe: do not call the backend from several Python threads at once.
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
-ops of refdiff/nn/lossfn.py and the naive conv twins (`backend.fallback` lists them).
+ops of refdiff/nn/lossfn.py and the naive twins of conv and attention (`backend.fallback` lists them).
 JIT cache: every @njit kernel is cached (cache=True) in _cache.cache_dir() (NUMBA_CACHE_DIR,
 else $XDG_CACHE_HOME/refdiff/numba or ~/.cache/refdiff/numba), never in the package, so a
 second process loads them instead of compiling; only the SIMD kernels' LLVM IR (_simd.py,
