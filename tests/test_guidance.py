@@ -113,6 +113,11 @@ def test_labels_follow_the_images_through_chunks():
     net = CondNet("x0")
     x = _gen(P.as_eps(net, dict(META, prediction="x0")), 7, labels=labels, sampler="ddim", steps=10, batch=3)
     np.testing.assert_allclose(x, np.clip(IMG[labels], -1, 1), rtol=0, atol=1e-6)     # float32 output
+    x2, traj, _ = generate(P.as_eps(net, dict(META, prediction="x0")), dict(META, prediction="x0"), 7,
+                           np.random.default_rng(0), gif=True, frames=4, labels=labels, sampler="ddim", steps=10,
+                           batch=3)
+    assert np.array_equal(x2, x) and traj.shape == (4, 7, 1, 4, 4)      # the GIF's frames follow the chunks
+    np.testing.assert_allclose(traj[-1], x, rtol=0, atol=1e-6)
     same = np.full(5, 2)
     a = _gen(P.as_eps(net, dict(META, prediction="x0")), 5, labels=same, sampler="ddpm", batch=2)
     b = _gen(FixedLabel(net, same, "x0"), 5, sampler="ddpm", batch=2)
