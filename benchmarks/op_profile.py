@@ -1,0 +1,117 @@
+"""Where one training step's time goes: every op of a backend timed inside a model's step.
+
+    python benchmarks/op_profile.py [--model unet-ddpm] [--batch 64] [--backend numba]
+                                    [--versions "{'conv2d': 5}"] [--steps 5] [--clock cpu|wall]
+
+The model is built on a copy of the backend whose op functions are wrapped by a timer (the
+model cannot tell: it only calls `ops.<name>`), then takes `--steps` training steps (eps-
+prediction MSE, Adam, dropout on where the model has it) after two untimed ones. Printed: the
+step time, then each op's share, grouped by kind; a conv is keyed by its kernel, stride,
+channels and input size, and its backward by its forward's key. `--clock cpu`
+(time.process_time, the default) is this process's CPU time, which on a machine shared with
+other jobs moves far less than wall time; it adds up all threads, so run with
+NUMBA_NUM_THREADS=1 for shares that mean time on one core. Ratios only: this is a profile,
+not a benchmark (train_step.py is that).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import time
+import types
+
+import numpy as np
+
+
+def profiled(backend, clock):
+    """(ops, totals, counts): a copy of `backend` whose *_forward / *_backward / adam_update
+    functions add their time to totals[key] and counts[key]."""
+    totals, counts, conv_keys = collections.defaultdict(float), collections.Counter(), {}
+
+    def key_of(name, args, result):
+        if name == "conv2d_forward":
+            x, w = args[0], args[1]
+            stride = args[3] if len(args) > 3 else 1
+            k = f"k{w.shape[2]} s{stride} {x.shape[1]}->{w.shape[0]} @{x.shape[2]}"
+            conv_keys[id(result[1])] = k
+            return "conv2d fwd " + k
+        if name == "conv2d_backward":
+            return "conv2d bwd " + conv_keys.pop(id(args[1]), "?")
+        return name.replace("_forward", "").replace("_backward", "")
+
+    def wrap(name, f):
+        def timed(*args, **kwargs):
+            t0 = clock()
+            out = f(*args, **kwargs)
+            dt = clock() - t0
+            k = key_of(name, args, out)
+            totals[k] += dt
+            counts[k] += 1
+            return out
+        return timed
+
+    ops = types.SimpleNamespace(**{k: wrap(k, v) if callable(v) and (k.endswith(("_forward", "_backward"))
+                                                                      or k == "adam_update") else v
+                                   for k, v in vars(backend).items()})
+    return ops, totals, counts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="unet-ddpm")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--versions", default=None, help="get_backend's versions, e.g. 1 or \"{'conv2d': 5}\"")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    a = ap.parse_args(argv)
+    if a.batch < 1 or a.steps < 1:
+        ap.error("--batch and --steps must be >= 1")
+    from refdiff.backend import get_ops
+    from refdiff.nn import make_model
+    from refdiff.optim import Adam
+    import refdiff_cuda
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    versions = None if a.versions is None else ast.literal_eval(a.versions)
+    backend = get_ops(None) if a.backend == "numpy" else refdiff_cuda.get_backend(a.backend, versions=versions)
+    ops, totals, counts = profiled(backend, clock)
+    model = make_model(a.model, backend=ops)
+    opt = Adam(model, lr=1e-4)
+    rng = np.random.default_rng(0)
+    x = ops.asarray(rng.uniform(-1, 1, (a.batch, 1, 28, 28)).astype(np.float32))
+    eps = ops.asarray(rng.standard_normal((a.batch, 1, 28, 28)).astype(np.float32))
+    t = (rng.integers(0, 1000, a.batch) + 1) / 1000.0
+    drop = {"rng": np.random.default_rng(1)} if getattr(model, "uses_dropout", False) else {}
+
+    def step():
+        model.zero_grad()
+        y = model.forward(x, t, **drop)
+        _, cache = ops.mse_forward(y, eps)
+        model.backward(ops.mse_backward(cache))
+        opt.step()
+    for _ in range(2):
+        step()
+    totals.clear()
+    counts.clear()
+    t0 = clock()
+    for _ in range(a.steps):
+        step()
+    total = (clock() - t0) / a.steps
+    ops_sum = sum(totals.values()) / a.steps
+    print(f"{a.model} batch {a.batch} on {a.backend} (versions {a.versions or 'newest'}), {a.clock} clock: "
+          f"{total * 1e3:.0f} ms per step, {ops_sum / total:.0%} of it in ops")
+    groups = collections.defaultdict(float)
+    for k, v in totals.items():
+        groups[" ".join(k.split()[:4]) if k.startswith("conv2d") else k] += v      # conv2d fwd k3 s1
+    print("\nby kind:")
+    for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {v / a.steps / total:6.1%}  {v / a.steps * 1e3:8.2f} ms  {k}")
+    print(f"  {1 - ops_sum / total:6.1%}  {(total - ops_sum) * 1e3:8.2f} ms  (between ops: the model's own NumPy code)")
+    print("\nby op:")
+    for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {v / a.steps / total:6.1%}  {v / a.steps * 1e3:8.2f} ms  x{counts[k] // a.steps:<3d} {k}")
+
+
+if __name__ == "__main__":
+    main()
