@@ -25,6 +25,7 @@ import numpy as np
 
 from refdiff import ddpm, solvers
 from refdiff.checkpoint import load_model
+from refdiff.generate import load_generator
 from refdiff.image_scores import Evaluator, load_real
 from refdiff.inpaint import inpaint_from_checkpoint
 
@@ -103,7 +104,9 @@ def main():
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "mnist_fast_samplers.json"))
     a = ap.parse_args()
-    model, sections, meta = load_model(a.checkpoint, backend=a.backend, use_ema=True)
+    # through load_generator, as `refdiff sample` loads it: x0- and v-networks and class-conditional
+    # ones (the null label) are seen by every sampler as eps-models (refdiff.prediction.as_eps)
+    model, meta, _ = load_generator(a.checkpoint, want="eps", use_ema=True, backend=a.backend)
     clf = load_model(a.classifier, expect="classifier", use_ema=True)[0]
     x_tr, y_tr, x_te, y_te = load_real("mnist5k")
     ev = Evaluator(clf, x_tr, x_te, y_te)
