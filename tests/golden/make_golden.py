@@ -4,7 +4,8 @@ Regenerate (after a deliberate change of the reference's maths) with
 
     python -m tests.golden.make_golden
 
-which rewrites tests/golden/unet_train_float32.npz and unet_train_float64.npz. Each file
+which rewrites tests/golden/unet_train_float32.npz and unet_train_float64.npz (and the tiny
+float64 one, and unet_ddpm_train_float32/64.npz: the same for unet-ddpm, see DDPM_CONFIG). Each file
 holds: `config` (the model's exact make_model("unet", ...) options, JSON), `version`,
 the inputs of every step (xt, t, eps), the 10 losses, and every parameter gradient of
 every step ("grad/<step>/<name>"). tests/test_backend_golden.py (and the CUDA-simulator
@@ -97,9 +98,73 @@ def write(dtype, config, batch, steps, tiny):
     print(f"wrote {path(dtype, tiny)}: {len(grads[0])} gradient tensors x {steps} steps; losses {losses.round(4)}")
 
 
+# --- the second golden run: unet-ddpm (refdiff/nn/unet_ddpm.py) --------------------------------
+# 8 -> 4: two levels, a 1x1 skip conv (4 -> 8 channels), two-head attention at level 1 and in
+# the middle, upsampling, three classes and the null label, dropout 0.2 whose masks come from
+# the seeds [DROPOUT_SEED, step] (drawn on the host, so every backend draws the same), v as the
+# target (a fixed v-target stands in for the conversion; what is checked is the network).
+# max_groups 2 and zero_init False so that every parameter gets a gradient from step 0.
+DDPM_CONFIG = dict(in_channels=1, image_size=8, channels=[4, 8], blocks=1, attention=[1], heads=2, dropout=0.2,
+                   num_classes=3, emb_mult=2, max_groups=2, zero_init=False)
+DDPM_VERSION, DROPOUT_SEED = 1, 77
+
+
+def ddpm_path(dtype):
+    return os.path.join(HERE, f"unet_ddpm_train_{np.dtype(dtype).name}.npz")
+
+
+def ddpm_data(seed=4321, batch=BATCH, steps=STEPS):
+    """Inputs of each unet-ddpm step, float64: x_t (steps, B, 1, 8, 8), t (steps, B), the
+    target (steps, B, 1, 8, 8), labels (steps, B) in [0, 3] (3 = the null label)."""
+    rng = np.random.default_rng(seed)
+    size = DDPM_CONFIG["image_size"]
+    return (rng.standard_normal((steps, batch, 1, size, size)), rng.uniform(0.001, 1.0, (steps, batch)),
+            rng.standard_normal((steps, batch, 1, size, size)), rng.integers(0, 4, (steps, batch)))
+
+
+def train_ddpm(backend, dtype, xt, t, target, labels, steps=STEPS, config=None):
+    """`steps` Adam steps of MSE(unet-ddpm(x_t, t, y, dropout), target); -> (losses, grads) as train."""
+    from refdiff.nn import make_model
+    from refdiff.optim import Adam
+    model = make_model("unet-ddpm", dtype=dtype, seed=0, backend=backend, **(config or DDPM_CONFIG))
+    opt = Adam(model, lr=LR)
+    ops = model.ops
+    losses, grads = [], []
+    for k in range(steps):
+        model.zero_grad()
+        y = model.forward(ops.asarray(xt[k].astype(dtype)), t[k], labels[k], np.random.default_rng([DROPOUT_SEED, k]))
+        loss, cache = ops.mse_forward(y, ops.asarray(target[k].astype(dtype)))
+        model.backward(ops.mse_backward(cache))
+        losses.append(float(loss))
+        grads.append({n: np.array(ops.to_numpy(g)) for n, g in model.grads.items()})
+        opt.step()
+    return np.array(losses), grads
+
+
+def write_ddpm(dtype):
+    xt, t, target, labels = ddpm_data()
+    losses, grads = train_ddpm("numpy", dtype, xt, t, target, labels)
+    out = dict(config=json.dumps(DDPM_CONFIG), version=DDPM_VERSION, xt=xt, t=t, eps=target, labels=labels,
+               losses=losses, command="python -m tests.golden.make_golden")
+    for s, g in enumerate(grads):
+        out.update({f"grad/{s}/{n}": v for n, v in g.items()})
+    np.savez_compressed(ddpm_path(dtype), **out)
+    print(f"wrote {ddpm_path(dtype)}: {len(grads[0])} gradient tensors x {STEPS} steps; losses {losses.round(4)}")
+
+
+def load_ddpm(dtype):
+    with np.load(ddpm_path(dtype)) as f:
+        data = dict(f)
+    data["config"] = json.loads(str(data["config"]))
+    data["grads"] = [{k.split("/", 2)[2]: v for k, v in data.items() if k.startswith(f"grad/{s}/")}
+                     for s in range(len(data["losses"]))]
+    return data
+
+
 def main():
     for dtype in (np.float32, np.float64):
         write(dtype, CONFIG, BATCH, STEPS, False)
+        write_ddpm(dtype)
     write(np.float64, TINY["config"], TINY["batch"], TINY["steps"], True)
 
 
