@@ -125,6 +125,10 @@ class EpsObjective(_Objective):
                              f"class conditioning need loss 'ddpm'")
         self.model, self.config = model, c
         self.lr_schedule = lr_schedule(config)
+        if c["loss"] != "ddpm" and getattr(model, "uses_dropout", False) and (model.config.get("dropout") or 0) > 0:
+            raise ValueError(f"loss {c['loss']!r} calls the network without a dropout generator, so "
+                             f"{model.name}'s dropout {model.config['dropout']} would be silently off: use "
+                             f"--loss ddpm, or --model-arg dropout=0 with --loss {c['loss']}")
         self.loss_fn = None if c["loss"] == "ddpm" else LOSSES[c["loss"]]
         sched = {k: config[k] for k in ("num_steps", "beta_start", "beta_end") if config.get(k) is not None}
         self.schedule = DDPMSchedule(kind=config.get("schedule") or "linear", **sched)

@@ -204,8 +204,9 @@ class EpsModel:
 
     kind = "eps"
 
-    def __init__(self, net, pred="eps", schedule=None, labels=None, guidance=None):
+    def __init__(self, net, pred="eps", schedule=None, labels=None, guidance=None, null_label_trained=True):
         self.net, self.pred = net, check_prediction(pred)
+        self.null_label_trained = bool(null_label_trained)
         if pred != "eps" and schedule is None:
             raise ValueError(f"an {pred}-prediction model needs its DDPM schedule to be seen as eps")
         self.schedule = schedule
@@ -227,9 +228,16 @@ class EpsModel:
     def _net(self, x, t, y):
         return self.net.forward(x, t) if y is None else self.net.forward(x, t, y=y)
 
+    def _check_null_label(self):
+        """The null label is about to be used: refuse it where the run never trained it."""
+        if not self.null_label_trained:
+            raise ValueError(NULL_LABEL_UNTRAINED)
+
     def raw(self, x, t):
         """The network's own prediction (guided when labels are given), float64."""
         f64 = lambda a: a.astype(np.float64)                                    # noqa: E731
+        if self.labels is None or self.guidance != 1.0:
+            self._check_null_label()
         if self.labels is None:
             return f64(self._net(x, t, None))
         if self.labels.shape[0] != x.shape[0]:
@@ -256,6 +264,7 @@ class EpsModel:
         return (x64 - a * p) / s if self.pred == "x0" else s * x64 + a * p
 
     def _forward_jvp(self, x, t, v):
+        self._check_null_label()
         p, dp = self.net.forward_jvp(x, t, v)
         p, dp = p.astype(np.float64), dp.astype(np.float64)
         if self.pred == "eps":
@@ -277,19 +286,37 @@ def prediction_of(meta):
     return check_prediction(pred, "the checkpoint's prediction target")
 
 
+NULL_LABEL_UNTRAINED = ("this class-conditional checkpoint was trained with --label-dropout 0, so its null label "
+                        "(the unconditional model) never was: sample with --class K and --guidance 1 (the default), "
+                        "or train with --label-dropout > 0 (0.1 as Ho & Salimans 2022)")
+
+
+def null_label_trained(net, meta):
+    """False for a class-conditional network whose training run recorded label dropout 0: the
+    null label K never occurred in its batches, so its embedding is still the random init
+    (its unconditional prediction, guidance W != 1, the likelihood, inpainting would be noise)."""
+    if not num_classes(net):
+        return True
+    cfg = (meta or {}).get("train_config") or {}
+    return not ("label_dropout" in cfg and not cfg["label_dropout"])
+
+
 def as_eps(net, meta, labels=None, guidance=None):
     """The network of a diffusion checkpoint as the samplers see it: `net` itself for an eps
-    target without labels (bit for bit what it always was), else an EpsModel."""
+    target without labels (bit for bit what it always was), else an EpsModel (also for a
+    conditional network whose null label was never trained: it refuses to use it)."""
     from .ddpm import schedule_from_meta
 
     if isinstance(net, EpsModel):
         net = net.net
     pred = prediction_of(meta)
-    if pred == "eps" and labels is None:
+    trained = null_label_trained(net, meta)
+    if pred == "eps" and labels is None and trained:
         if guidance is not None:
             EpsModel(net, pred, labels=labels, guidance=guidance)        # raises the error guidance alone gets
         return net
-    return EpsModel(net, pred, schedule_from_meta(meta), labels=labels, guidance=guidance)
+    return EpsModel(net, pred, schedule_from_meta(meta), labels=labels, guidance=guidance,
+                    null_label_trained=trained)
 
 
 def class_labels(classes, n):
@@ -308,4 +335,5 @@ def class_labels(classes, n):
 
 __all__ = ["PREDICTIONS", "check_prediction", "x0_from_eps", "eps_from_x0", "v_from_eps_x0", "eps_from_v",
            "x0_from_v", "v_from_eps", "v_from_x0", "score_from_eps", "eps_from_score", "to_eps", "target_of",
-           "abar_at", "num_classes", "check_labels", "EpsModel", "prediction_of", "as_eps", "class_labels"]
+           "abar_at", "num_classes", "check_labels", "EpsModel", "prediction_of", "as_eps", "class_labels",
+           "null_label_trained", "NULL_LABEL_UNTRAINED"]

@@ -89,6 +89,9 @@ class UNetDDPM(UNetJVP, Model):
         for a in c["attention"]:
             if 0 <= a < levels and c["channels"][a] % c["heads"]:
                 problems.append(f"heads={c['heads']} must divide the {c['channels'][a]} channels of attention level {a}")
+        if c["channels"] and c["channels"][-1] % c["heads"]:
+            problems.append(f"heads={c['heads']} must divide the {c['channels'][-1]} channels of the middle "
+                            f"attention block (channels[-1]), which every unet-ddpm has")
         if problems:
             raise ValueError("unet-ddpm: " + "; ".join(problems))
 
@@ -173,7 +176,7 @@ class UNetDDPM(UNetJVP, Model):
                 raise ValueError(f"model {self.name!r} is unconditional (num_classes 0): labels y must be None")
             return None
         y = np.full(B, K, dtype=np.int64) if y is None else np.asarray(self.ops.to_numpy(y))
-        if y.shape != (B,) or not (np.issubdtype(y.dtype, np.integer) or (y.size and np.all(np.mod(y, 1) == 0))):
+        if y.shape != (B,) or not np.issubdtype(y.dtype, np.integer):      # bool and float refused
             raise ValueError(f"model {self.name!r}: labels y must be integers of shape ({B},); got "
                              f"{y.dtype} {tuple(y.shape)}")
         if y.size and (y.min() < 0 or y.max() > K):
