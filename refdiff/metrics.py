@@ -15,8 +15,10 @@ instead of returning Inf or NaN.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
+import scipy.linalg
 
 from ._checks import check_array_float, check_int, check_real, check_rng
 
@@ -60,22 +62,46 @@ def _psd_sqrt(s):
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_from_moments(mu1, s1, mu2, s2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
+def _trace_sqrt_product(s1, s2):
+    """Tr (S1 S2)^{1/2} for symmetric positive semi-definite S1, S2.
 
-    Tr (S1 S2)^{1/2} is computed as Tr (R S2 R)^{1/2} with R = S1^{1/2}: R S2 R is similar to
-    S1 S2 (R (S2 R) and (S2 R) R have the same eigenvalues when R is invertible, and by
-    continuity otherwise), and it is symmetric positive semi-definite, so its square root's
-    trace is the sum of the square roots of its eigenvalues (those below 0, rounding noise,
-    count as 0). Unlike scipy.linalg.sqrtm of the non-symmetric S1 S2 (pytorch-fid's way),
-    this stays real and accurate when the covariances are singular, as they are when fewer
-    images than feature dimensions are scored (a per-class score of 100 images in 128-d).
-    """
-    diff = mu1 - mu2
+    First as pytorch-fid computes it, the trace of scipy.linalg.sqrtm(S1 S2) (its real part
+    when the imaginary part is rounding noise), so that the scores are the ones FID users
+    compare against. Where that fails (a non-finite result, or an imaginary part above 1e-3 of
+    the real part: singular covariances, as when fewer images than feature dimensions are
+    scored, e.g. a per-class score of 100 images in 128-d), by the symmetric form:
+    Tr (R S2 R)^{1/2} with R = S1^{1/2}. R S2 R has the eigenvalues of S1 S2 (AB and BA share
+    them) and is symmetric positive semi-definite, so the trace is the sum of the square roots
+    of its eigenvalues (those below 0, rounding noise, count as 0)."""
+    with warnings.catch_warnings():       # singular products are expected and handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if np.all(np.isfinite(covmean)):
+        if not np.iscomplexobj(covmean):
+            return float(np.trace(covmean))
+        if np.max(np.abs(covmean.imag)) <= 1e-3 * max(1.0, np.max(np.abs(covmean.real))):
+            return float(np.trace(covmean.real))
+    return _trace_sqrt_symmetric(s1, s2)
+
+
+def _trace_sqrt_symmetric(s1, s2):
+    """Tr (R S2 R)^{1/2}, R = S1^{1/2}: _trace_sqrt_product's form for singular covariances."""
     r = _psd_sqrt(np.asarray(s1, dtype=np.float64))
     m = r @ np.asarray(s2, dtype=np.float64) @ r
-    tr_covmean = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None))))
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+    return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None))))
+
+
+def _psd_sqrt(s):
+    """The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues
+    below 0, rounding noise, set to 0)."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_from_moments(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) (Tr (S1 S2)^{1/2}: _trace_sqrt_product)."""
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2), 0.0))
 
 
 def frechet_distance(a, b):

@@ -25,35 +25,45 @@ def test_frechet_same_set_is_zero_and_singular_covariance_is_fine():
     assert np.isfinite(metrics.frechet_distance(flat, flat)) and metrics.frechet_distance(flat, flat) < 1e-6
 
 
-def test_frechet_of_rank_deficient_covariances_against_closed_forms():
+def test_trace_sqrt_of_rank_deficient_covariances_against_closed_forms():
     """Fewer samples than dimensions (a per-class score: 100 images, 128 features) gives
-    singular covariances; the trace term must stay exact there, where sqrtm of the
-    non-symmetric product S1 S2 returns complex noise. Two closed forms in 128-d:
-    S1 = S2 = S (rank 40): FD = |m1 - m2|^2 exactly (Tr(S + S - 2 S) = 0); and commuting
-    diagonal covariances with zeros: Tr (S1 S2)^{1/2} = sum sqrt(a_i b_i)."""
+    singular covariances, where scipy's sqrtm of the non-symmetric product S1 S2 can come back
+    with a large imaginary part; the symmetric form Tr (R S2 R)^{1/2}, R = S1^{1/2}, that
+    frechet_from_moments falls back to must be exact there. Two closed forms in 128-d:
+    S1 = S2 = S (rank 40): Tr (S S)^{1/2} = Tr S; diagonal covariances with zeros:
+    Tr (S1 S2)^{1/2} = sum sqrt(a_i b_i). And on a full-rank pair it equals sqrtm's trace."""
+    import scipy.linalg
     rng = np.random.default_rng(3)
     x = rng.standard_normal((40, 128)) * rng.uniform(0.1, 3.0, 128)
     s = x.T @ x / 39.0                                        # rank 40 of 128
-    m1, m2 = rng.standard_normal(128), rng.standard_normal(128)
-    got = metrics.frechet_from_moments(m1, s, m2, s)
     # each of the 88 zero eigenvalues of R S R = S^2 comes back as rounding noise of size
-    # ~ D u lambda_max^2, and its square root, sqrt(D u) lambda_max, enters the trace: the bound
-    # is (D - rank) sqrt(D u) lambda_max (x 2 for the factor 2 of the trace term)
+    # ~ D u lambda_max^2, and its square root, sqrt(D u) lambda_max, enters the trace: the
+    # bound is (D - rank) sqrt(D u) lambda_max
     lam = np.linalg.eigvalsh(s)[-1]
-    tol = 2 * (128 - 40) * np.sqrt(128 * np.finfo(float).eps) * lam
-    assert abs(got - np.sum((m1 - m2) ** 2)) <= tol
-    assert tol < 1e-3 * np.sum((m1 - m2) ** 2)             # ... which is still a sharp check
+    tol = (128 - 40) * np.sqrt(128 * np.finfo(float).eps) * lam
+    assert abs(metrics._trace_sqrt_symmetric(s, s) - np.trace(s)) <= tol
+    assert tol < 1e-3 * np.trace(s)                          # ... which is still a sharp check
     a = np.where(rng.random(128) < 0.5, 0.0, rng.uniform(0.5, 2.0, 128))
     b = np.where(rng.random(128) < 0.5, 0.0, rng.uniform(0.5, 2.0, 128))
-    expected = np.sum(a) + np.sum(b) - 2 * np.sum(np.sqrt(a * b))
-    assert metrics.frechet_from_moments(np.zeros(128), np.diag(a), np.zeros(128), np.diag(b)) == \
-        pytest.approx(expected, rel=1e-10)
-    # a general full-rank pair: the same value as scipy's sqrtm of the product
-    import scipy.linalg
+    assert metrics._trace_sqrt_symmetric(np.diag(a), np.diag(b)) == pytest.approx(np.sum(np.sqrt(a * b)), rel=1e-12)
     y = rng.standard_normal((300, 6))
     s1, s2 = np.cov(y[:150], rowvar=False), np.cov(y[150:] @ rng.standard_normal((6, 6)), rowvar=False)
-    ref = np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    assert metrics.frechet_from_moments(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(ref, rel=1e-9)
+    assert metrics._trace_sqrt_symmetric(s1, s2) == pytest.approx(np.trace(scipy.linalg.sqrtm(s1 @ s2).real),
+                                                                  rel=1e-10)
+
+
+def test_frechet_falls_back_where_sqrtm_fails(monkeypatch):
+    """Where sqrtm returns a large imaginary part (as it did for 10 images per class in 128-d)
+    or non-finite values, frechet_from_moments uses the symmetric form: the closed form
+    |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2 of diagonal covariances; before, it raised."""
+    import scipy.linalg
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(0.5, 2.0, 16), rng.uniform(0.5, 2.0, 16)
+    m1, m2 = rng.standard_normal(16), rng.standard_normal(16)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    for broken in (lambda m: m + 1.3j, lambda m: np.full_like(m, np.nan)):
+        monkeypatch.setattr(scipy.linalg, "sqrtm", broken)
+        assert metrics.frechet_from_moments(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_sliced_wasserstein_shift():
