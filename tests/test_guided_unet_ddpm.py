@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from refdiff import checkpoint, prediction as P
+from tests.helpers import assert_fd, fd_tangent
 from refdiff.cli import main
 from refdiff.generate import generate, load_generator
 from refdiff.train import TrainConfig, Trainer
@@ -100,6 +101,5 @@ def test_forward_jvp_of_the_loaded_v_network(run):
     x, v, t = rng.standard_normal((2, 1, 28, 28)), rng.standard_normal((2, 1, 28, 28)), np.array([0.3, 0.8])
     e, de = model.forward_jvp(x, t, v)
     np.testing.assert_array_equal(e, model.forward(x, t))
-    h = 1e-5
-    fd = (model.forward(x + h * v, t) - model.forward(x - h * v, t)) / (2 * h)
-    np.testing.assert_allclose(de, fd, rtol=0, atol=1e-8 * max(1.0, float(np.max(np.abs(fd)))))
+    # central differences with the suite's step and their derived rounding bound (tests/helpers.py)
+    assert_fd(de, fd_tangent(lambda z: model.forward(z, t), x, v), "JVP of the loaded v-network")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from refdiff import metrics, samplers
 from refdiff.data import GaussianMixture
 from refdiff.sde import OU, VE, VP, DDPMSchedule, SubVP, bcast, make_sde
-from tests.helpers import TOL, assert_close, examples
+from tests.helpers import EPS64, FD_ROUND, FD_RTOL, TOL, assert_close, examples
 
 SDES = [OU(5.0), OU(2.0, sigma=1.5, T=2.0), VP(), SubVP(), VE(0.01, 4.0)]
 IDS = [repr(s) for s in SDES]
@@ -22,8 +22,12 @@ def test_marginal_solves_the_moment_odes(sde, u):
     (g1, s1), (g0, s0) = sde.marginal_coeffs(t + h), sde.marginal_coeffs(t - h)
     gamma, std = sde.marginal_coeffs(t)
     a, g = sde.a(t), sde.diffusion(t)
-    assert (g1 - g0) / (2 * h) == pytest.approx(-a * gamma, rel=1e-5, abs=1e-8)
-    assert (s1 ** 2 - s0 ** 2) / (2 * h) == pytest.approx(-2 * a * std ** 2 + g ** 2, rel=1e-5, abs=1e-6)
+    # central differences: truncation O(h^2) (inside FD_RTOL relative) plus the rounding of the
+    # two evaluations, FD_ROUND ulps of the larger, divided by 2h (tests/helpers.py's bound)
+    def near(fd, exact, f1, f0):
+        return abs(fd - exact) <= FD_RTOL * abs(exact) + FD_ROUND * EPS64 * max(abs(f1), abs(f0)) / h
+    assert near((g1 - g0) / (2 * h), -a * gamma, g1, g0)
+    assert near((s1 ** 2 - s0 ** 2) / (2 * h), -2 * a * std ** 2 + g ** 2, s1 ** 2, s0 ** 2)
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
