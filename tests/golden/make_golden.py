@@ -58,18 +58,16 @@ def make_data(seed=1234, batch=BATCH, steps=STEPS):
     return np.stack(xs), np.stack(ts), np.stack(es)
 
 
-def train(backend, dtype, xt, t, eps, steps=STEPS, config=None):
-    """Run `steps` training steps; -> (losses (steps,), [{name: grad (host)} per step])."""
-    from refdiff.nn import make_model
+def _fit(model, xt, t, target, steps, extra=lambda k: ()):
+    """`steps` Adam steps (lr LR) of refdiff's mse(model(x_t, t, *extra(k)), target); -> (losses
+    (steps,), [{name: grad (host)} per step]). The one loop both golden runs take."""
     from refdiff.optim import Adam
-    model = make_model("unet", dtype=dtype, seed=0, backend=backend, **(config or CONFIG))
-    opt = Adam(model, lr=LR)
-    ops = model.ops
+    opt, ops, dtype = Adam(model, lr=LR), model.ops, model.dtype
     losses, grads = [], []
     for k in range(steps):
         model.zero_grad()
-        y = model.forward(ops.asarray(xt[k].astype(dtype)), t[k])
-        loss, cache = ops.mse_forward(y, ops.asarray(eps[k].astype(dtype)))
+        y = model.forward(ops.asarray(xt[k].astype(dtype)), t[k], *extra(k))
+        loss, cache = ops.mse_forward(y, ops.asarray(target[k].astype(dtype)))
         model.backward(ops.mse_backward(cache))
         losses.append(float(loss))
         grads.append({n: np.array(ops.to_numpy(g)) for n, g in model.grads.items()})
@@ -77,25 +75,38 @@ def train(backend, dtype, xt, t, eps, steps=STEPS, config=None):
     return np.array(losses), grads
 
 
-def load(dtype, tiny=False):
-    with np.load(path(dtype, tiny)) as f:
+def train(backend, dtype, xt, t, eps, steps=STEPS, config=None):
+    """Run `steps` training steps; -> (losses (steps,), [{name: grad (host)} per step])."""
+    from refdiff.nn import make_model
+    return _fit(make_model("unet", dtype=dtype, seed=0, backend=backend, **(config or CONFIG)), xt, t, eps, steps)
+
+
+def _load(file):
+    with np.load(file) as f:
         data = dict(f)
     data["config"] = json.loads(str(data["config"]))
-    steps = len(data["losses"])
     data["grads"] = [{k.split("/", 2)[2]: v for k, v in data.items() if k.startswith(f"grad/{s}/")}
-                     for s in range(steps)]
+                     for s in range(len(data["losses"]))]
     return data
+
+
+def _save(file, config, version, losses, grads, **inputs):
+    out = dict(config=json.dumps(config), version=version, losses=losses, command="python -m tests.golden.make_golden",
+               **inputs)
+    for s, g in enumerate(grads):
+        out.update({f"grad/{s}/{n}": v for n, v in g.items()})
+    np.savez_compressed(file, **out)
+    print(f"wrote {file}: {len(grads[0])} gradient tensors x {len(losses)} steps; losses {losses.round(4)}")
+
+
+def load(dtype, tiny=False):
+    return _load(path(dtype, tiny))
 
 
 def write(dtype, config, batch, steps, tiny):
     xt, t, eps = make_data(batch=batch, steps=steps)
     losses, grads = train("numpy", dtype, xt, t, eps, steps, config)
-    out = dict(config=json.dumps(config), version=VERSION, xt=xt, t=t, eps=eps, losses=losses,
-               command="python -m tests.golden.make_golden")
-    for s, g in enumerate(grads):
-        out.update({f"grad/{s}/{n}": v for n, v in g.items()})
-    np.savez_compressed(path(dtype, tiny), **out)
-    print(f"wrote {path(dtype, tiny)}: {len(grads[0])} gradient tensors x {steps} steps; losses {losses.round(4)}")
+    _save(path(dtype, tiny), config, VERSION, losses, grads, xt=xt, t=t, eps=eps)
 
 
 # --- the second golden run: unet-ddpm (refdiff/nn/unet_ddpm.py) --------------------------------
@@ -125,40 +136,18 @@ def ddpm_data(seed=4321, batch=BATCH, steps=STEPS):
 def train_ddpm(backend, dtype, xt, t, target, labels, steps=STEPS, config=None):
     """`steps` Adam steps of MSE(unet-ddpm(x_t, t, y, dropout), target); -> (losses, grads) as train."""
     from refdiff.nn import make_model
-    from refdiff.optim import Adam
     model = make_model("unet-ddpm", dtype=dtype, seed=0, backend=backend, **(config or DDPM_CONFIG))
-    opt = Adam(model, lr=LR)
-    ops = model.ops
-    losses, grads = [], []
-    for k in range(steps):
-        model.zero_grad()
-        y = model.forward(ops.asarray(xt[k].astype(dtype)), t[k], labels[k], np.random.default_rng([DROPOUT_SEED, k]))
-        loss, cache = ops.mse_forward(y, ops.asarray(target[k].astype(dtype)))
-        model.backward(ops.mse_backward(cache))
-        losses.append(float(loss))
-        grads.append({n: np.array(ops.to_numpy(g)) for n, g in model.grads.items()})
-        opt.step()
-    return np.array(losses), grads
+    return _fit(model, xt, t, target, steps, lambda k: (labels[k], np.random.default_rng([DROPOUT_SEED, k])))
 
 
 def write_ddpm(dtype):
     xt, t, target, labels = ddpm_data()
     losses, grads = train_ddpm("numpy", dtype, xt, t, target, labels)
-    out = dict(config=json.dumps(DDPM_CONFIG), version=DDPM_VERSION, xt=xt, t=t, eps=target, labels=labels,
-               losses=losses, command="python -m tests.golden.make_golden")
-    for s, g in enumerate(grads):
-        out.update({f"grad/{s}/{n}": v for n, v in g.items()})
-    np.savez_compressed(ddpm_path(dtype), **out)
-    print(f"wrote {ddpm_path(dtype)}: {len(grads[0])} gradient tensors x {STEPS} steps; losses {losses.round(4)}")
+    _save(ddpm_path(dtype), DDPM_CONFIG, DDPM_VERSION, losses, grads, xt=xt, t=t, eps=target, labels=labels)
 
 
 def load_ddpm(dtype):
-    with np.load(ddpm_path(dtype)) as f:
-        data = dict(f)
-    data["config"] = json.loads(str(data["config"]))
-    data["grads"] = [{k.split("/", 2)[2]: v for k, v in data.items() if k.startswith(f"grad/{s}/")}
-                     for s in range(len(data["losses"]))]
-    return data
+    return _load(ddpm_path(dtype))
 
 
 def main():
