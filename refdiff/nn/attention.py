@@ -130,16 +130,25 @@ def upsample_nearest2x_backward(dy, cache):
     return dy.reshape(B, C, H, 2, W, 2).sum(axis=(3, 5))
 
 
-def dropout_forward(x, p, rng):
-    """y = x * mask / (1 - p), mask = rng.random(x.shape) >= p (host draw); p in [0, 1)."""
+def _dropout_uniforms(shape, p, rng):
+    """dropout's checks and its host draw, the one copy every backend's twin calls: None when
+    p = 0 (nothing drawn), else rng.random(shape) (float64 uniforms, C order); entry kept
+    where u >= p."""
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 <= p < 1:
         raise ValueError(f"dropout: p must be a number in [0, 1); got {p!r}")
     if p == 0:
-        return x, None
+        return None
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"dropout: rng must be a numpy.random.Generator; got {type(rng).__name__}")
-    keep = rng.random(tuple(x.shape)) >= p
-    mask = array_module(x).asarray((keep / (1.0 - p)).astype(x.dtype))
+    return rng.random(tuple(shape))
+
+
+def dropout_forward(x, p, rng):
+    """y = x * mask / (1 - p), mask = rng.random(x.shape) >= p (host draw); p in [0, 1)."""
+    u = _dropout_uniforms(x.shape, p, rng)
+    if u is None:
+        return x, None
+    mask = array_module(x).asarray(((u >= p) / (1.0 - p)).astype(x.dtype))
     return x * mask, mask
 
 

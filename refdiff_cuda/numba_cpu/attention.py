@@ -33,7 +33,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from refdiff.nn.attention import _check_heads
+from refdiff.nn.attention import _check_heads, _dropout_uniforms
 
 from ._blas import gemm_t
 from ._layout import cm, nchw
@@ -283,17 +283,6 @@ def upsample_nearest2x_backward_v2(dy, cache):
 
 
 # ================================ dropout =======================================================
-def _check_dropout(p, rng):
-    """The reference's checks, in its order: -> whether anything is dropped (p > 0)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be a number in [0, 1); got {p!r}")
-    if p == 0:
-        return False
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"dropout: rng must be a numpy.random.Generator; got {type(rng).__name__}")
-    return True
-
-
 @njit(**_JIT)
 def _mul_v1(x, m):
     y = np.empty_like(x)
@@ -304,11 +293,11 @@ def _mul_v1(x, m):
 
 def dropout_forward_v1(x, p, rng):
     """The reference's draw and mask; the product by a serial loop."""
-    if not _check_dropout(p, rng):
+    u = _dropout_uniforms(np.shape(x), p, rng)
+    if u is None:
         return x, None
     x = np.ascontiguousarray(x)
-    keep = rng.random(tuple(x.shape)) >= p
-    mask = (keep / (1.0 - p)).astype(x.dtype)
+    mask = ((u >= p) / (1.0 - p)).astype(x.dtype)
     return _mul_v1(x.reshape(-1), mask.reshape(-1)).reshape(x.shape), mask
 
 
@@ -353,10 +342,10 @@ def _dropout_bwd_v2(dyb, keep, scale, zero, dxb):
 
 
 def dropout_forward_v2(x, p, rng):
-    if not _check_dropout(p, rng):
+    u = _dropout_uniforms(np.shape(x), p, rng)      # the reference's checks and draw, in its order
+    if u is None:
         return x, None
     xb, trans, back = _planes3(x)
-    u = np.asarray(rng.random(tuple(np.shape(x))))   # the reference's draw, in its order
     B, C = (xb.shape[1], xb.shape[0]) if trans else xb.shape[:2]
     t = xb.dtype.type
     scale, zero = t(1.0 / (1.0 - p)), t(0)       # the reference's mask values keep/(1-p) in the dtype

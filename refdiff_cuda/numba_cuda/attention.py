@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from refdiff.nn.attention import _check_heads
+from refdiff.nn.attention import _check_heads, _dropout_uniforms
 
 from .functional import flat, launch
 
@@ -203,15 +203,11 @@ def _mul(x, m, y, n):
 def dropout_forward(A, x, p, rng):
     """The reference's checks (in its order) and host draw (refdiff.nn.attention.dropout_forward),
     the product on the device."""
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be a number in [0, 1); got {p!r}")
-    if p == 0:
+    u = _dropout_uniforms(np.shape(x), p, rng)
+    if u is None:
         return x, None
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"dropout: rng must be a numpy.random.Generator; got {type(rng).__name__}")
     xd = A.dev(x)
-    keep = rng.random(tuple(xd.shape)) >= p
-    md = A.dev((keep / (1.0 - p)).astype(xd.dtype))
+    md = A.dev(((u >= p) / (1.0 - p)).astype(xd.dtype))
     y = A.empty(xd.shape, xd.dtype)
     launch(_mul, xd.size, flat(xd), flat(md), flat(y), xd.size)
     return A.out(y), md
