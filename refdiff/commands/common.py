@@ -6,55 +6,32 @@ import argparse
 import math
 
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {s!r}")
-    return v
+def _number_type(name, convert, ok, unparsable, out_of_range):
+    """An argparse type: `convert` the string (a failure: `unparsable`), then `ok(value)` (else
+    `out_of_range`); both messages end with the given string."""
+    def parse(s):
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{unparsable}; got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{out_of_range}; got {s!r}")
+        return v
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {s!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number; got {s!r}")
-    return v
-
-
-def nonnegative_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {s!r}")
-    return v
-
-
-def nonnegative_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {s!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {s!r}")
-    return v
-
-
-def probability_below_one(s):
-    """A probability in [0, 1) (1 would drop every label)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1); got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1); got {s!r}")
-    return v
+positive_int = _number_type("positive_int", int, lambda v: v >= 1, "expected a positive integer",
+                            "expected a positive integer")
+positive_float = _number_type("positive_float", float, lambda v: math.isfinite(v) and v > 0,
+                              "expected a positive number", "expected a finite positive number")
+nonnegative_int = _number_type("nonnegative_int", int, lambda v: v >= 0, "expected an integer >= 0",
+                               "expected an integer >= 0")
+nonnegative_float = _number_type("nonnegative_float", float, lambda v: math.isfinite(v) and v >= 0,
+                                 "expected a number >= 0", "expected a finite number >= 0")
+# a probability in [0, 1) (1 would drop every label)
+probability_below_one = _number_type("probability_below_one", float, lambda v: 0 <= v < 1,
+                                     "expected a probability in [0, 1)", "expected a probability in [0, 1)")
 
 
 def int_list(s):
