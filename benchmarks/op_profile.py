@@ -69,27 +69,17 @@ def main(argv=None):
     if a.batch < 1 or a.steps < 1:
         ap.error("--batch and --steps must be >= 1")
     from refdiff.backend import get_ops
-    from refdiff.nn import make_model
-    from refdiff.optim import Adam
     import refdiff_cuda
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     versions = None if a.versions is None else ast.literal_eval(a.versions)
     backend = get_ops(None) if a.backend == "numpy" else refdiff_cuda.get_backend(a.backend, versions=versions)
     ops, totals, counts = profiled(backend, clock)
-    model = make_model(a.model, backend=ops)
-    opt = Adam(model, lr=1e-4)
     rng = np.random.default_rng(0)
-    x = ops.asarray(rng.uniform(-1, 1, (a.batch, 1, 28, 28)).astype(np.float32))
-    eps = ops.asarray(rng.standard_normal((a.batch, 1, 28, 28)).astype(np.float32))
+    x = rng.uniform(-1, 1, (a.batch, 1, 28, 28)).astype(np.float32)
+    eps = rng.standard_normal((a.batch, 1, 28, 28)).astype(np.float32)
     t = (rng.integers(0, 1000, a.batch) + 1) / 1000.0
-    drop = {"rng": np.random.default_rng(1)} if getattr(model, "uses_dropout", False) else {}
-
-    def step():
-        model.zero_grad()
-        y = model.forward(x, t, **drop)
-        _, cache = ops.mse_forward(y, eps)
-        model.backward(ops.mse_backward(cache))
-        opt.step()
+    from train_step import refdiff_step        # the benchmark's own step (forward, mse, backward, Adam)
+    _, step = refdiff_step(ops, x, t, eps, a.model)
     for _ in range(2):
         step()
     totals.clear()
