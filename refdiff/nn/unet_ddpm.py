@@ -297,7 +297,7 @@ class UNetDDPM(UNetJVP, Model):
                 dh = dh + d_skips.pop(name)
             elif kind == "concat":
                 dh, d_skips[name] = F.concat_backward(dh, cache)
-            elif kind == "conv":
+            elif kind in ("conv", "down"):             # a plain conv, or the stride-2 one
                 dh = self._conv_backward(name, dh, cache)
             elif kind == "norm_silu":
                 dh = self._norm_silu_backward(name, dh, cache)
@@ -305,8 +305,6 @@ class UNetDDPM(UNetJVP, Model):
                 dh = self._res_backward(name, dh, cache)
             elif kind == "attn":
                 dh = self._attn_backward(name, dh, cache)
-            elif kind == "down":
-                dh = self._conv_backward(name, dh, cache)
             else:                                   # up
                 up, conv = cache
                 dh = F.upsample_nearest2x_backward(self._conv_backward(name, dh, conv), up)
