@@ -1,16 +1,20 @@
 """Mutation score of a mutmut run, with the survivors explained in docs/mutation-survivors.json.
 
-    python -m tests.mutation.report [--workdir DIR] [--json OUT]
+    python -m tests.mutation.report [--workdir DIR ...] [--json OUT] [--list STATUS]
 
-Reads mutmut's results (DIR/mutants/**/*.py.meta; DIR defaults to MUTATION_WORKDIR or
-/tmp/refdiff-mutation), counts per module killed / survived / timeout / no tests / not yet
-run, and prints the score
+Reads mutmut's results (DIR/mutants/**/*.py.meta, for each --workdir; default: the two runs of
+tests/mutation/run.sh, $MUTATION_WORKDIR/core and $MUTATION_WORKDIR/kernels, MUTATION_WORKDIR
+defaulting to /tmp/refdiff-mutation), counts per module killed / survived / timeout / no tests
+/ not yet run, and prints the score
 
     killed (timeouts count as killed: the mutant hangs) / (checked - equivalent),
 
 where "equivalent" are the survivors docs/mutation-survivors.json marks as such (the mutant
 computes the same thing). Survivors that the file does not explain are listed: each needs a
-test, or an entry with its one-line reason. --json writes the counts (for docs/testing.md).
+test, or an entry with its one-line reason. --json writes the counts (for docs/testing.md);
+--list STATUS prints only the names of the mutants with that status (run.sh re-runs the
+timeouts with it). "no tests" (no test of the selection calls the function) counts as
+not caught, like a survivor.
 """
 from __future__ import annotations
 
@@ -46,10 +50,21 @@ def module_of(mutant):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default=os.environ.get("MUTATION_WORKDIR", "/tmp/refdiff-mutation"))
+    base = os.environ.get("MUTATION_WORKDIR", "/tmp/refdiff-mutation")
+    ap.add_argument("--workdir", action="append", help="a mutmut run's directory (repeatable)")
     ap.add_argument("--json", help="write the counts here")
+    ap.add_argument("--list", metavar="STATUS", help="only print the names of the mutants with this status")
     args = ap.parse_args(argv)
-    res, known = results(args.workdir), survivors_file()
+    res = {}
+    for w in args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]:
+        if os.path.isdir(os.path.join(w, "mutants")):
+            res.update(results(w))
+    if args.list:
+        for name, status in sorted(res.items()):
+            if status == args.list:
+                print(name)
+        return 0
+    known = survivors_file()
     by_module = defaultdict(Counter)
     for name, status in res.items():
         by_module[module_of(name)][status] += 1

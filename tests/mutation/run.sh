@@ -1,23 +1,63 @@
 #!/usr/bin/env bash
-# Mutation testing of the numerical core with mutmut (configuration: setup.cfg [mutmut];
-# results and score: docs/testing.md; survivors explained: docs/mutation-survivors.json).
+# Mutation testing of the numerical core with mutmut (configuration: setup.cfg [mutmut] for the
+# reference, tests/mutation/kernels.cfg for version 1 of the numba kernels; results and score:
+# docs/testing.md; survivors explained: docs/mutation-survivors.json).
 #
 #   pip install -e ".[test,numba,dev]"
-#   tests/mutation/run.sh                          # every mutant of the numerical core
+#   tests/mutation/run.sh                          # every mutant: the reference, then the kernels
 #   tests/mutation/run.sh "refdiff.optim.*"        # a subset, by mutmut's mutant-name glob
+#   tests/mutation/run.sh "refdiff_cuda.numba_cpu.conv.*"      # globs of kernels go to their run
 #   python -m tests.mutation.report                # score and unexplained survivors
 #
-# It runs in a scratch copy of the committed tree (MUTATION_WORKDIR, default
-# /tmp/refdiff-mutation), so uncommitted edits neither leak into it nor get mutated; mutmut
-# keeps its results in $MUTATION_WORKDIR/mutants/ and reruns only what changed. Each mutant
-# runs only the tests that call the mutated function, with CI's derandomized hypothesis
-# profile, at nice 15, one mutant at a time unless MUTATION_JOBS says otherwise.
+# Two mutmut runs, each in a scratch copy of the committed tree (uncommitted edits neither
+# leak into it nor get mutated), under MUTATION_WORKDIR (default /tmp/refdiff-mutation):
+#   core/     the reference (setup.cfg [mutmut]);
+#   kernels/  version 1 of the numba kernels, made visible to mutmut by tests/mutation/kernels.py
+#             and run with NUMBA_DISABLE_JIT=1 (a trampoline cannot be compiled by @njit).
+# mutmut keeps its results in <run>/mutants/ and reruns only what changed. Each mutant runs only
+# the tests that call the mutated function, fastest first, stopping at the first failure, with
+# CI's derandomized hypothesis profile, MUTATION_JOBS (default 2) mutants at a time, at nice 15.
+# Mutants that timed out are run again, one at a time: a timeout on a loaded machine is not a
+# kill, and only a second timeout counts as one.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${MUTATION_WORKDIR:-/tmp/refdiff-mutation}
-mkdir -p "$work"
-git -C "$repo" archive HEAD | tar -x -C "$work"
-cd "$work"
+jobs=${MUTATION_JOBS:-2}
+core_globs=() kernel_globs=()
+for g in "$@"; do
+    case $g in refdiff_cuda.*) kernel_globs+=("$g") ;; *) core_globs+=("$g") ;; esac
+done
+
+copy_tree() {     # the committed tree into $1 (mutmut's results in $1/mutants are kept)
+    mkdir -p "$1"
+    git -C "$repo" archive HEAD | tar -x -C "$1"
+}
+
+timeouts() {      # names of the mutants of the run in $1 whose last result is a timeout
+    python -m tests.mutation.report --workdir "$1" --list timeout
+}
+
+run_mutmut() {    # run_mutmut DIR [GLOB...]
+    local dir=$1; shift
+    (cd "$dir" && nice -n 15 python -m mutmut run --max-children "$jobs" "$@")
+    local again
+    again=$(cd "$repo" && timeouts "$dir")
+    if [ -n "$again" ]; then
+        echo "re-running $(echo "$again" | wc -l) timed-out mutants one at a time"
+        # shellcheck disable=SC2086
+        (cd "$dir" && nice -n 15 python -m mutmut run --max-children 1 $again)
+    fi
+}
+
 export CI=true NUMBA_NUM_THREADS=1
-nice -n 15 python -m mutmut run --max-children "${MUTATION_JOBS:-1}" "$@"
-python -m tests.mutation.report --workdir "$work"
+if [ $# -eq 0 ] || [ ${#core_globs[@]} -gt 0 ]; then
+    copy_tree "$work/core"
+    run_mutmut "$work/core" "${core_globs[@]}"
+fi
+if [ $# -eq 0 ] || [ ${#kernel_globs[@]} -gt 0 ]; then
+    copy_tree "$work/kernels"
+    (cd "$repo" && python -m tests.mutation.kernels "$work/kernels")
+    NUMBA_DISABLE_JIT=1 run_mutmut "$work/kernels" "${kernel_globs[@]}"
+fi
+cd "$repo"
+python -m tests.mutation.report --workdir "$work/core" --workdir "$work/kernels"
