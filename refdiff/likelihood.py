@@ -20,15 +20,29 @@ so, integrating the state x and delta = int_{t_min}^t div f~ together from t = t
 scipy.integrate.solve_ivp (RK45 by default; `rtol`, `atol` exposed) and returns the
 log-density per sample and the number of drift evaluations (NFE, score_sde's `nfe`).
 
-The trace tr(ds/dx) needs Jacobian-vector products J v = (ds/dx) v of the score, so the
-score must be "JVP-capable": a callable `score_fn(x, t)` (the samplers' signature) that
-also carries `score_fn.jvp(x, t, v) -> (s, J v)`. Two are provided:
+The trace tr(ds/dx) needs products of the score's Jacobian J = ds/dx with vectors, and
+both kinds give it, since v^T J v = v^T (J^T v) and e_i^T J e_i = e_i^T J^T e_i:
 
-    model_score(model, sde)     a noise-prediction model, s = -eps_theta / std_t and
+    "jvp"   J v by forward mode: `score_fn.jvp(x, t, v) -> (s, J v)`
+    "vjp"   J^T v by reverse mode: `score_fn.vjp(x, t, v) -> (s, J^T v)`, one forward and
+            one backward pass of the network (score_sde's likelihood.py computes
+            grad_x (f(x) . v) . v by autograd: the same vector-Jacobian product)
+
+A score is "JVP-capable" or "VJP-capable" when it carries the attribute; `route="auto"`
+(the default) takes the VJP where there is one: a model's backward is the fast path every
+backend already runs for training. Two scores are provided:
+
+    model_score(model, sde)     a noise-prediction model, s = -eps_theta / std_t,
                                 J v = -(d eps_theta/dx) v / std_t by the model's forward
-                                mode (`forward_jvp`: refdiff.nn.tangent, the MLP and UNet)
+                                mode (`forward_jvp`: refdiff.nn.tangent, the MLP and UNets),
+                                J^T v = -(d eps_theta/dx)^T v / std_t by its `backward`
+                                (for an x0- or v-network seen as an eps-model by
+                                refdiff.prediction.EpsModel, through the affine conversion:
+                                eps = s x + a p gives (d eps/dx)^T v = s v + a (dp/dx)^T v,
+                                eps = (x - a p) / s gives (v - a (dp/dx)^T v) / s)
     mixture_score(gmm, sde)     refdiff.data.toy.GaussianMixture's exact diffused score and
-                                its exact Jacobian (derived at `_mixture_jvp`)
+                                its exact Jacobian (derived at `_mixture_jvp`); J is the
+                                Hessian of log p_t, symmetric, so its VJP is its JVP
 
 Divergence estimators (x (B, ...), D = prod(x.shape[1:])):
 
@@ -56,6 +70,8 @@ upper bound, in bits, on the discrete model's codelength, Theis et al. 2016.)
 Must agree with: closed-form Gaussian log-densities under their exact score, a Gaussian
 mixture's analytic density (GaussianMixture, to 0.01 nats/dim), a 1-D flow integrated by
 quadrature (tests/test_likelihood.py).
+The two routes give the same Hutchinson and exact traces to rounding (float64 to the float32
+error rescaled to float64's unit roundoff; tests/test_likelihood_vjp.py).
 """
 from __future__ import annotations
 
@@ -73,35 +89,91 @@ from .sde import bcast
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
+ROUTES = ("auto", "vjp", "jvp")
 
 
 # --- JVP-capable scores ---------------------------------------------------------------------------
 def model_score(model, sde):
     """A noise-prediction model as score_fn(x, t) = -eps_theta(x, t) / std_t (host float64
-    arrays), with score_fn.jvp(x, t, v) -> (s, J v) through model.forward_jvp."""
+    arrays), with score_fn.jvp(x, t, v) -> (s, J v) through model.forward_jvp and
+    score_fn.vjp(x, t, v) -> (s, J^T v) through its forward and backward passes, each where
+    the model has them (at least one is required)."""
     F = model.ops
-    if not callable(getattr(model, "forward_jvp", None)):
-        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has no forward_jvp: "
-                         f"its score has no Jacobian-vector product")
+    net_vjp = _eps_vjp_of(model)
+    if not callable(getattr(model, "forward_jvp", None)) and net_vjp is None:
+        raise ValueError(f"model {getattr(model, 'name', type(model).__name__)!r} has neither forward_jvp nor "
+                         f"backward: its score has no Jacobian product")
 
     def _std(x, t):
         t = np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],))
         return t, bcast(sde.marginal_coeffs(t)[1], x)
 
+    def _in(a):
+        return F.asarray(np.asarray(a).astype(model.dtype))
+
+    def _out(a):
+        return np.asarray(F.to_numpy(a), dtype=np.float64)
+
     def score_fn(x, t):
         t, std = _std(x, t)
-        e = F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
-        return -np.asarray(e, dtype=np.float64) / std
+        return -_out(model.forward(_in(x), _in(t))) / std
 
     def jvp(x, t, v):
         t, std = _std(x, t)
-        e, ed = model.forward_jvp(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype)),
-                                  F.asarray(v.astype(model.dtype)))
-        return (-np.asarray(F.to_numpy(e), dtype=np.float64) / std,
-                -np.asarray(F.to_numpy(ed), dtype=np.float64) / std)
+        e, ed = model.forward_jvp(_in(x), _in(t), _in(v))
+        return -_out(e) / std, -_out(ed) / std
 
-    score_fn.jvp = jvp
+    def vjp(x, t, v):
+        t, std = _std(x, t)
+        e, et_v = net_vjp(_in(x), _in(t), _in(v))
+        return -_out(e) / std, -_out(et_v) / std
+
+    if callable(getattr(model, "forward_jvp", None)):
+        score_fn.jvp = jvp
+    if net_vjp is not None:
+        score_fn.vjp = vjp
     return score_fn
+
+
+def _eps_vjp_of(model):
+    """-> eps_vjp(x, t, v) = (eps, (d eps/dx)^T v) on the model's backend arrays, by one forward
+    and one backward pass, or None when the model has no backward. The parameter gradients
+    that backward accumulates are not this function's business: they are zeroed afterwards
+    (zero_grad), so a likelihood leaves the model as it found it. An EpsModel (an x0- or
+    v-network, or a conditional one through its null label) is differentiated through its
+    affine conversion, as EpsModel._forward_jvp does in forward mode."""
+    from .prediction import NULL_LABEL_UNTRAINED, EpsModel, abar_at
+
+    if not isinstance(model, EpsModel):
+        if not callable(getattr(model, "backward", None)):
+            return None
+
+        def plain(x, t, v):
+            e = model.forward(x, t)
+            g = model.backward(v)
+            model.zero_grad()
+            return e.astype(np.float64), g.astype(np.float64)
+        return plain
+    net = model.net
+    if model.labels is not None or not callable(getattr(net, "backward", None)):
+        return None
+
+    def converted(x, t, v):
+        if not model.null_label_trained:
+            raise ValueError(NULL_LABEL_UNTRAINED)
+        p = net.forward(x, t).astype(np.float64)                # the null label for a conditional network
+        gp = net.backward(v).astype(np.float64)                 # (dp/dx)^T v
+        net.zero_grad()
+        if model.pred == "eps":
+            return p, gp
+        abar = abar_at(model.schedule, model.ops.to_numpy(t))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, s = (model.ops.asarray(np.sqrt(c).reshape(shape)) for c in (abar, 1.0 - abar))
+        x64, v64 = x.astype(np.float64), v.astype(np.float64)
+        if model.pred == "x0":                                  # eps = (x - a p) / s
+            return (x64 - a * p) / s, (v64 - a * gp) / s
+        return s * x64 + a * p, s * v64 + a * gp                # v: eps = s x + a p
+    return converted
 
 
 def _mixture_jvp(gmm, sde, x, t, v):
@@ -134,32 +206,46 @@ def _mixture_jvp(gmm, sde, x, t, v):
 
 def mixture_score(gmm, sde):
     """GaussianMixture's exact score as score_fn(x, t) (gmm.score), with score_fn.jvp(x, t, v)
-    -> (s, J v) exact (`_mixture_jvp`)."""
+    -> (s, J v) exact (`_mixture_jvp`), and the same function as score_fn.vjp (J symmetric)."""
 
     def score_fn(x, t):
         return gmm.score(x, t, sde)
 
     score_fn.jvp = lambda x, t, v: _mixture_jvp(gmm, sde, np.asarray(x, np.float64), t, np.asarray(v, np.float64))
+    score_fn.vjp = score_fn.jvp                 # J = Hessian of log p_t: symmetric
     return score_fn
 
 
 # --- divergence of the score ----------------------------------------------------------------------
-def _require_jvp(score_fn):
-    if not callable(getattr(score_fn, "jvp", None)):
-        raise ValueError("score_fn has no .jvp(x, t, v): the divergence needs Jacobian-vector products; "
-                         "wrap a model with refdiff.likelihood.model_score(model, sde) or a GaussianMixture "
-                         "with mixture_score(gmm, sde)")
+def resolve_route(score_fn, route="auto"):
+    """-> "vjp" or "jvp": the asked route, checked against what score_fn carries; "auto" is the
+    VJP where score_fn has one, else the JVP. ValueError naming `route` (or what is missing)."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}; got {route!r}")
+    has = {r: callable(getattr(score_fn, r, None)) for r in ("vjp", "jvp")}
+    if route == "auto":
+        route = "vjp" if has["vjp"] else "jvp"
+    if not has[route]:
+        raise ValueError(f"score_fn has no .{route}(x, t, v): the divergence needs Jacobian products; wrap a "
+                         f"model with refdiff.likelihood.model_score(model, sde) or a GaussianMixture with "
+                         f"mixture_score(gmm, sde)" + (f" (or use route='{'jvp' if route == 'vjp' else 'vjp'}')"
+                                                       if any(has.values()) else ""))
+    return route
 
 
-def divergence_exact(score_fn, x, t):
-    """(s, tr ds/dx): one JVP per dimension, e_i^T J e_i, batched as B D rows. x (B, ...)."""
-    _require_jvp(score_fn)
+def _products(score_fn, route, x, t, v):
+    """(s, J v) or (s, J^T v): the two routes' products, whose v-weighted sums are equal."""
+    return getattr(score_fn, resolve_route(score_fn, route))(x, t, v)
+
+
+def divergence_exact(score_fn, x, t, route="auto"):
+    """(s, tr ds/dx): e_i^T J e_i (or e_i^T J^T e_i) for each dimension, batched as B D rows. x (B, ...)."""
     B, D = x.shape[0], int(np.prod(x.shape[1:]))
     eye = np.eye(D).reshape((D, 1) + x.shape[1:])                       # e_i, (D, 1, ...)
     xs = np.broadcast_to(x[None], (D,) + x.shape).reshape((D * B,) + x.shape[1:])
     vs = np.broadcast_to(eye, (D,) + x.shape).reshape((D * B,) + x.shape[1:])
     ts = np.tile(np.broadcast_to(np.asarray(t, np.float64), (B,)), D)
-    s, jv = score_fn.jvp(xs, ts, vs)
+    s, jv = _products(score_fn, route, xs, ts, vs)
     diag = np.sum((jv * vs).reshape(D, B, D), axis=2)                   # (D, B): (J e_i)_i
     return s[:B], diag.sum(axis=0)
 
@@ -173,13 +259,12 @@ def sample_probes(shape, rng, kind="rademacher"):
     raise ValueError(f"probe must be one of {PROBES}; got {kind!r}")
 
 
-def divergence_hutchinson(score_fn, x, t, probes):
-    """(s, 1/P sum_p v_p^T J v_p) for probes (P, B, ...), one batched JVP on P B rows."""
-    _require_jvp(score_fn)
+def divergence_hutchinson(score_fn, x, t, probes, route="auto"):
+    """(s, 1/P sum_p v_p^T J v_p) for probes (P, B, ...), one batched JVP or VJP on P B rows."""
     P, B = probes.shape[0], x.shape[0]
     xs = np.broadcast_to(x[None], probes.shape).reshape((P * B,) + x.shape[1:])
     ts = np.tile(np.broadcast_to(np.asarray(t, np.float64), (B,)), P)
-    s, jv = score_fn.jvp(xs, ts, probes.reshape(xs.shape))
+    s, jv = _products(score_fn, route, xs, ts, probes.reshape(xs.shape))
     est = np.sum((jv * probes.reshape(xs.shape)).reshape(P, B, -1), axis=2)     # (P, B)
     return s[:B], est.mean(axis=0)
 
@@ -201,17 +286,18 @@ def _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min):
 
 
 def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, probe="rademacher",
-                   rtol=1e-5, atol=1e-5, t_min=1e-5, method="RK45", probe_vectors=None):
+                   rtol=1e-5, atol=1e-5, t_min=1e-5, method="RK45", probe_vectors=None, route="auto"):
     """log p_{t_min}(x) per sample by eq. (1), and the NFE.
 
-    x (B, ...) float; score_fn JVP-capable (see the module docstring). The joint state
+    x (B, ...) float; score_fn JVP- or VJP-capable, `route` the product the trace takes
+    ("auto": the VJP where score_fn has one; see the module docstring). The joint state
     [x (B D), delta (B)] is one solve_ivp system from t = t_min to T (score_sde's
     likelihood.py, whose eps = 1e-5 is the default here). Hutchinson probes (P, B, ...) are drawn
     once from `rng`, unless given as `probe_vectors` (probes, B, ...) (then rng is not used);
     "exact" draws nothing. -> (logp (B,) float64, nfe int).
     """
     x = _check_args(sde, x, divergence, probes, probe, rtol, atol, t_min)
-    _require_jvp(score_fn)
+    route = resolve_route(score_fn, route)
     B, shape, D = x.shape[0], x.shape, int(np.prod(x.shape[1:]))
     v = None
     if divergence == "hutchinson" and probe_vectors is not None:
@@ -224,9 +310,9 @@ def log_likelihood(sde, score_fn, x, rng, divergence="hutchinson", probes=1, pro
     def rhs(t, y):
         xt = y[:B * D].reshape(shape)
         if v is None:
-            s, tr = divergence_exact(score_fn, xt, t)
+            s, tr = divergence_exact(score_fn, xt, t, route)
         else:
-            s, tr = divergence_hutchinson(score_fn, xt, t, v)
+            s, tr = divergence_hutchinson(score_fn, xt, t, v, route)
         g2 = float(sde.diffusion(np.float64(t))) ** 2
         dx = sde.probability_flow_drift(xt, t, s)                       # f - g^2/2 s
         ddelta = -float(sde.a(np.float64(t))) * D - 0.5 * g2 * tr        # div f~
@@ -258,24 +344,26 @@ def bits_per_dim(logp, dim, data_range=(-1.0, 1.0)):
 
 
 def image_bits_per_dim(model, meta, pixels, rng, batch=100, divergence="hutchinson", probes=1,
-                       probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5, log=None):
+                       probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5, log=None, route="auto"):
     """Bits/dim (eq. 2) of 8-bit images under an eps-model checkpoint (refdiff.checkpoint.load_model),
     through the VP SDE of its DDPM chain (refdiff.solvers.continuous_sde: a cosine chain has
     none, ValueError). pixels (n, ...) integers 0..255, dequantised with `rng`, then `batch`
-    images per ODE solve. -> dict(bpd (n,), nfe [one per batch])."""
+    images per ODE solve, the trace by `route` (resolve_route). -> dict(bpd (n,), nfe [one per
+    batch], route: the one taken)."""
     sde, sf, pixels, shape1 = _image_setup(model, meta, pixels, batch)
+    route = resolve_route(sf, route)
     x = dequantize(pixels, rng).reshape((pixels.shape[0],) + shape1)
     D = int(np.prod(shape1))
     bpd, nfes = [], []
     for start in range(0, x.shape[0], batch):
         logp, nfe = log_likelihood(sde, sf, x[start:start + batch], rng, divergence=divergence, probes=probes,
-                                   probe=probe, rtol=rtol, atol=atol, t_min=t_min)
+                                   probe=probe, rtol=rtol, atol=atol, t_min=t_min, route=route)
         bpd.append(bits_per_dim(logp, D))
         nfes.append(nfe)
         if log:
             done = np.concatenate(bpd)
             log(f"likelihood {len(done)}/{x.shape[0]} images: bits/dim {done.mean():.4f} (NFE {nfe})")
-    return dict(bpd=np.concatenate(bpd), nfe=nfes)
+    return dict(bpd=np.concatenate(bpd), nfe=nfes, route=route)
 
 
 def _image_setup(model, meta, pixels, batch):
@@ -296,17 +384,18 @@ def _image_setup(model, meta, pixels, batch):
 
 
 def split_image_bits_per_dim(comm, model, meta, pixels, seed, batch=100, divergence="hutchinson", probes=1,
-                             probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5, log=None):
+                             probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5, log=None, route="auto"):
     """image_bits_per_dim over the ranks of `comm` (refdiff.distributed), with one random
     stream per image: image k draws its dequantisation noise, then its probes (probes, ...),
     from default_rng([seed, k]) (ImageStreams). The ODE solves are the same batches of
     `batch` images as in one process (images [j batch, (j + 1) batch)), whole batches split
     over the ranks (split_rows): RK45's step sizes depend on the whole batch, so a batch is
     never cut, and every number of ranks (1 included) gives the same bits/dim, bit for bit.
-    -> dict(bpd (n,), nfe [one per batch]) on rank 0, None on the others."""
+    -> dict(bpd (n,), nfe [one per batch], route) on rank 0, None on the others."""
     from .distributed import ImageStreams, split_rows
 
     sde, sf, pixels, shape1 = _image_setup(model, meta, pixels, batch)
+    route = resolve_route(sf, route)
     D = int(np.prod(shape1))
 
     def share(lo, hi):
@@ -319,7 +408,7 @@ def split_image_bits_per_dim(comm, model, meta, pixels, seed, batch=100, diverge
             if divergence == "hutchinson":      # drawn (B, probes, ...): one row per image, then (probes, B, ...)
                 v = np.ascontiguousarray(np.moveaxis(sample_probes((e - s, probes) + shape1, streams, probe), 1, 0))
             logp, n = log_likelihood(sde, sf, x, None, divergence=divergence, probes=probes, probe=probe, rtol=rtol,
-                                     atol=atol, t_min=t_min, probe_vectors=v)
+                                     atol=atol, t_min=t_min, probe_vectors=v, route=route)
             bpd.append(bits_per_dim(logp, D))
             nfe.append(np.full(e - s, n, dtype=np.int64))
             if log:
@@ -330,7 +419,7 @@ def split_image_bits_per_dim(comm, model, meta, pixels, seed, batch=100, diverge
     if out is None:
         return None
     bpd, nfe = out
-    return dict(bpd=bpd, nfe=[int(v) for v in nfe[::batch]])
+    return dict(bpd=bpd, nfe=[int(v) for v in nfe[::batch]], route=route)
 
 
 @dataclass
@@ -346,6 +435,7 @@ class LikelihoodConfig:
     rtol: float = 1e-5                  # RK45 tolerances (score_sde's defaults)
     atol: float = 1e-5
     t_min: float = 1e-5                 # where the ODE starts (score_sde's eps)
+    route: str = "auto"                 # the trace's Jacobian product: vjp (backward) | jvp (forward mode) | auto
     seed: int = 0                       # dequantisation noise and probes
     use_ema: bool = True
     backend: str = "numpy"
@@ -378,7 +468,7 @@ def likelihood_to_dir(cfg, out_dir, log=None, comm=None):
         pixels = np.round((x[:cfg.n].astype(np.float64) + 1.0) * 127.5).astype(np.int64)   # back to 0..255
         t0 = time.perf_counter()
         kw = dict(batch=cfg.batch, divergence=cfg.divergence, probes=cfg.probes, probe=cfg.probe, rtol=cfg.rtol,
-                  atol=cfg.atol, t_min=cfg.t_min, log=log)
+                  atol=cfg.atol, t_min=cfg.t_min, log=log, route=cfg.route)
         if comm is None:
             res = image_bits_per_dim(model, meta, pixels, np.random.default_rng(cfg.seed), **kw)
         else:
@@ -390,6 +480,7 @@ def likelihood_to_dir(cfg, out_dir, log=None, comm=None):
         info.update(bits_per_dim_mean=float(bpd.mean()),
                     bits_per_dim_se=float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else None,
                     nfe_per_batch=res["nfe"], nfe_mean=float(np.mean(res["nfe"])),
+                    route=res["route"],
                     seconds=time.perf_counter() - t0, config=dataclasses.asdict(cfg),
                     convention="uniform dequantisation (p + u) / 256 onto [-1, 1); bpd = -logp / (D ln 2) + 7 "
                                "(score_sde likelihood.py / run_lib.py, centred data)")
@@ -397,7 +488,6 @@ def likelihood_to_dir(cfg, out_dir, log=None, comm=None):
     return info
 
 
-__all__ = ["DIVERGENCES", "PROBES", "model_score", "mixture_score", "divergence_exact", "divergence_hutchinson",
-           "sample_probes", "log_likelihood", "dequantize", "bits_per_dim", "image_bits_per_dim",
-           "split_image_bits_per_dim", "LikelihoodConfig",
-           "likelihood_to_dir"]
+__all__ = ["DIVERGENCES", "PROBES", "ROUTES", "resolve_route", "model_score", "mixture_score", "divergence_exact",
+           "divergence_hutchinson", "sample_probes", "log_likelihood", "dequantize", "bits_per_dim",
+           "image_bits_per_dim", "split_image_bits_per_dim", "LikelihoodConfig", "likelihood_to_dir"]

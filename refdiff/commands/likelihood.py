@@ -17,7 +17,7 @@ from .common import add_backend_flag, positive_float, positive_int
 
 
 def add_arguments(p):
-    from ..likelihood import DIVERGENCES, PROBES
+    from ..likelihood import DIVERGENCES, PROBES, ROUTES
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint.npz of a diffusion (eps) model")
     p.add_argument("--out", required=True, help="output directory (metrics.json)")
@@ -29,6 +29,9 @@ def add_arguments(p):
                    help="hutchinson (default) or exact (one JVP per pixel: small images only)")
     p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per image (default 1)")
     p.add_argument("--probe", default="rademacher", choices=PROBES)
+    p.add_argument("--route", default="auto", choices=ROUTES,
+                   help="the trace's Jacobian product: vjp (the model's backward pass), jvp (its forward mode); "
+                        "auto (default): vjp where the model has a backward")
     p.add_argument("--rtol", type=positive_float, default=1e-5, help="RK45 relative tolerance (default 1e-5)")
     p.add_argument("--atol", type=positive_float, default=1e-5, help="RK45 absolute tolerance (default 1e-5)")
     p.add_argument("--t-min", type=positive_float, default=1e-5,
@@ -45,7 +48,7 @@ def run(args):
     cfg = LikelihoodConfig(checkpoint=args.checkpoint, data=args.data, split=args.split, n=args.n, batch=args.batch,
                            divergence=args.divergence, probes=args.probes, probe=args.probe, rtol=args.rtol,
                            atol=args.atol, t_min=args.t_min, seed=args.seed, use_ema=not args.no_ema,
-                           backend=args.backend)
+                           backend=args.backend, route=args.route)
     comm = get_comm() if launched_by_mpi() else None     # under mpirun: whole ODE solves split over the ranks
     m = likelihood_to_dir(cfg, args.out, log=lambda s: print(s, file=sys.stderr), comm=comm)
     if m is None:              # a rank other than 0: rank 0 reports
