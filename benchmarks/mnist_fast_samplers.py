@@ -6,15 +6,17 @@
    (refdiff.ddpm.ddim), DPM-Solver++(2M) on the chain, EDM Heun and RK45 on its VP SDE
    (refdiff.solvers.sample_from_checkpoint), and optionally ancestral sampling (1,000 NFE).
 2. Inpainting: the first n held-out digits with their bottom half masked, completed by
-   refdiff.inpaint.inpaint_from_checkpoint (stochastic Heun, `--inpaint-steps`), classified by
-   the classifier: accuracy against the true labels, next to the same digits with the bottom
-   half left empty (background, -1) and the intact digits.
+   refdiff.inpaint.inpaint_from_checkpoint (`--inpaint-step` em or heun, `--inpaint-steps`,
+   RePaint's `--resample` U and `--jump` J), classified by the classifier: accuracy against
+   the true labels, next to the same digits with the bottom half left empty (background, -1)
+   and the intact digits.
 
 FD at n images is biased upward for small n (a 128-d covariance from n samples): compare rows
 of one run only, all at the same n. Writes benchmarks/results/mnist_fast_samplers.json and
 .png (command, machine, commit).
 
     python benchmarks/mnist_fast_samplers.py --checkpoint C --classifier CLF [--n 200] [--ancestral]
+        [--n-inpaint 500 --inpaint-step em --inpaint-steps 100 --resample 5 --jump 10] [--skip-fd]
 """
 import argparse
 import os
@@ -64,13 +66,14 @@ def inpainting(model, meta, ev, a, x_te, y_te):
     mask[:, 14:] = 0                                         # bottom half unknown
     t0 = time.perf_counter()
     done = inpaint_from_checkpoint(model, meta, y, mask, np.random.default_rng(1), steps=a.inpaint_steps,
-                                   step="heun")
+                                   step=a.inpaint_step, resample=a.resample, jump=a.jump, batch=a.inpaint_batch)
     empty = np.where(mask == 1, y, -1.0)
 
     def acc(x):
         logits, _ = ev.logits_features(np.clip(x, -1, 1).astype(np.float32))
         return float(np.mean(logits.argmax(1) == labels))
-    out = dict(n=int(len(y)), steps=a.inpaint_steps, step="stochastic heun", accuracy_inpainted=acc(done),
+    out = dict(n=int(len(y)), steps=a.inpaint_steps, step={"em": "euler-maruyama", "heun": "stochastic heun"}[
+               a.inpaint_step], resample=a.resample, jump=a.jump, accuracy_inpainted=acc(done),
                accuracy_bottom_empty=acc(empty), accuracy_intact=acc(y), seconds=time.perf_counter() - t0)
     print(f"inpainting n {out['n']}: accuracy {out['accuracy_inpainted']:.3f} (bottom half empty "
           f"{out['accuracy_bottom_empty']:.3f}, intact {out['accuracy_intact']:.3f})", flush=True)
@@ -99,6 +102,10 @@ def main():
     ap.add_argument("--n", type=int, default=200, help="images per sampler row")
     ap.add_argument("--n-inpaint", type=int, default=100)
     ap.add_argument("--inpaint-steps", type=int, default=100)
+    ap.add_argument("--inpaint-step", choices=("em", "heun"), default="heun")
+    ap.add_argument("--inpaint-batch", type=int, default=256)
+    ap.add_argument("--resample", type=int, default=1, help="RePaint's U (1: the plain replacement)")
+    ap.add_argument("--jump", type=int, default=1, help="RePaint's J, steps per resampled block")
     ap.add_argument("--ancestral", action="store_true")
     ap.add_argument("--skip-fd", action="store_true")
     ap.add_argument("--backend", default="numba")

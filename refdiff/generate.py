@@ -265,7 +265,8 @@ def _inpaint_to_dir(cfg, out_dir, log, inpaint_mask, inpaint_from):
         if mask.shape == images.shape:
             mask = mask[:cfg.n]
         x = inpaint_from_checkpoint(model, meta, images[:cfg.n], mask, rng, steps=args.get("steps") or 1000,
-                                    step="em" if sampler == "em" else "heun", batch=args.get("batch", 256))
+                                    step="em" if sampler == "em" else "heun", batch=args.get("batch", 256),
+                                    resample=args.get("resample", 1), jump=args.get("jump", 1))
         x = np.clip(np.asarray(x, dtype=np.float32), -1, 1)
         info.update(inpaint=os.path.abspath(inpaint_mask), source=os.path.abspath(inpaint_from), sampler=sampler,
                     n=cfg.n, seed=cfg.seed, sample_seconds=time.perf_counter() - t0)

@@ -56,6 +56,11 @@ def add_arguments(p):
                         "of --from, with --sampler em or heun-sde (refdiff.inpaint)")
     p.add_argument("--from", dest="inpaint_from", metavar="IMAGES.npy", default=None,
                    help="the images to inpaint, (N, 1, 28, 28) in [-1, 1]; the first --n are used")
+    p.add_argument("--resample", type=positive_int, default=None, metavar="U",
+                   help="--inpaint: RePaint's resampling, each block of --jump steps done U times with the "
+                        "state re-noised between (default 1: the plain replacement)")
+    p.add_argument("--jump", type=positive_int, default=None, metavar="J",
+                   help="--inpaint with --resample: steps per resampled block (default 1: RePaint's Algorithm 1)")
     add_backend_flag(p)
 
 
@@ -70,6 +75,8 @@ def run(args):
 
     from ..solvers import CHECKPOINT_SAMPLERS
 
+    if (args.resample is not None or args.jump is not None) and not args.inpaint:
+        raise ValueError("--resample and --jump are options of --inpaint (RePaint's resampling)")
     if args.sampler in CHECKPOINT_SAMPLERS or args.inpaint or args.inpaint_from:
         unused = [f for f, on in (("--eta", args.eta != 0), ("--spacing", args.spacing), ("--clip", args.clip),
                                   ("--variance", args.variance != "beta")) if on]
@@ -81,6 +88,8 @@ def run(args):
                            guidance=args.guidance,
                            sampler_args=dict(sampler=args.sampler, steps=args.steps, batch=args.batch,
                                              rtol=args.rtol, atol=args.atol))
+        if args.inpaint:
+            cfg.sampler_args.update(resample=args.resample or 1, jump=args.jump or 1)
     else:
         cfg = SampleConfig(checkpoint=args.checkpoint, n=args.n, seed=args.seed, use_ema=not args.no_ema,
                            gif=args.gif, frames=args.frames, backend=args.backend, classes=args.classes,
