@@ -16,7 +16,10 @@
 #             and run with NUMBA_DISABLE_JIT=1 (a trampoline cannot be compiled by @njit).
 # mutmut keeps its results in <run>/mutants/ and reruns only what changed. Each mutant runs only
 # the tests that call the mutated function, fastest first, stopping at the first failure, with
-# CI's derandomized hypothesis profile, MUTATION_JOBS (default 2) mutants at a time, at nice 15.
+# CI's derandomized hypothesis profile, at nice 15. The two runs go side by side (their set-up,
+# mutmut's one-process stats and clean-test runs, then overlaps the other's mutants): the
+# reference's with MUTATION_JOBS (default 2) mutants at a time, the kernels' with one. Their
+# output goes to $MUTATION_WORKDIR/core.log and kernels.log.
 # Mutants that timed out are run again, one at a time: a timeout on a loaded machine is not a
 # kill, and only a second timeout counts as one.
 set -euo pipefail
@@ -50,14 +53,27 @@ run_mutmut() {    # run_mutmut DIR [GLOB...]
 }
 
 export CI=true NUMBA_NUM_THREADS=1
+mkdir -p "$work"
+pids=()
 if [ $# -eq 0 ] || [ ${#core_globs[@]} -gt 0 ]; then
     copy_tree "$work/core"
-    run_mutmut "$work/core" "${core_globs[@]}"
+    run_mutmut "$work/core" "${core_globs[@]}" > "$work/core.log" 2>&1 &
+    pids+=($!)
 fi
 if [ $# -eq 0 ] || [ ${#kernel_globs[@]} -gt 0 ]; then
     copy_tree "$work/kernels"
-    (cd "$repo" && python -m tests.mutation.kernels "$work/kernels")
-    NUMBA_DISABLE_JIT=1 run_mutmut "$work/kernels" "${kernel_globs[@]}"
+    (cd "$work/kernels" && python -m tests.mutation.kernels .)
+    (jobs=1; NUMBA_DISABLE_JIT=1 run_mutmut "$work/kernels" "${kernel_globs[@]}") > "$work/kernels.log" 2>&1 &
+    pids+=($!)
 fi
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+for log in "$work"/core.log "$work"/kernels.log; do
+    if [ -f "$log" ]; then
+        echo "== $log"
+        tr '\r' '\n' < "$log" | grep -v '^[^ ]* Running\|^[^ ]* Generating\|^$' | tail -n 12 || true
+    fi
+done
+[ "$status" -eq 0 ] || { echo "a mutmut run failed (exit $status): see the logs above" >&2; exit "$status"; }
 cd "$repo"
 python -m tests.mutation.report --workdir "$work/core" --workdir "$work/kernels"
