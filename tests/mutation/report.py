@@ -68,14 +68,14 @@ def main(argv=None):
     by_module = defaultdict(Counter)
     for name, status in res.items():
         by_module[module_of(name)][status] += 1
-    print(f"{'module':28s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} {'equiv':>5s} {'no tests':>8s} {'not run':>7s}")
+    print(f"{'module':34s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} {'equiv':>5s} {'no tests':>8s} {'not run':>7s}")
     total = Counter()
     for module, c in sorted(by_module.items()):
         equiv = sum(1 for n, s in res.items() if s == "survived" and module_of(n) == module
                     and known.get(n, {}).get("equivalent"))
         c["equivalent"] = equiv
         total.update(c)
-        print(f"{module:28s} {c['killed']:7d} {c['timeout']:7d} {c['survived']:8d} {equiv:5d} {c['no tests']:8d} "
+        print(f"{module:34s} {c['killed']:7d} {c['timeout']:7d} {c['survived']:8d} {equiv:5d} {c['no tests']:8d} "
               f"{c['not run']:7d}")
     caught = total["killed"] + total["timeout"]
     checked = caught + total["survived"] + total["no tests"]
