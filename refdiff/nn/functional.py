@@ -48,8 +48,12 @@ def linear_backward(dy, cache):
 
 # --- activations --------------------------------------------------------------------------
 def _sigmoid(x):
-    # sigmoid(x) = (1 + tanh(x/2)) / 2: one transcendental, no overflow for any x.
-    return 0.5 * (1 + array_module(x).tanh(0.5 * x))
+    # sigmoid(x) = (1 + tanh(x/2)) / 2: one transcendental, no overflow for any x. In place
+    # on one new array (the same operations as the formula, so the same bits).
+    s = array_module(x).tanh(0.5 * x)
+    s += 1
+    s *= 0.5
+    return s
 
 
 def sigmoid_forward(x):
@@ -69,9 +73,13 @@ def silu_forward(x):
 
 
 def silu_backward(dy, cache):
-    # d/dx [x s(x)] = s + x s (1 - s)
+    # d/dx [x s(x)] = s + x s (1 - s) = s (1 + x (1 - s)), built in place on one array
     x, s = cache
-    return dy * (s * (1 + x * (1 - s)))
+    g = 1 - s
+    g *= x
+    g += 1
+    g *= s
+    return dy * g
 
 
 def relu_forward(x):
