@@ -1,6 +1,6 @@
 """Images per second of 1000-step DDPM ancestral sampling: reference vs numba vs PyTorch.
 
-    python benchmarks/sampling.py [--model unet-seed] [--batch 64] [--timed-steps 20]
+    python benchmarks/sampling.py [--model unet-seed|unet-ddpm] [--batch 64] [--timed-steps 20]
                                   [--backends numpy,numba] [--no-torch] [--threads 2] [--out FILE]
     python benchmarks/sampling.py --check [--timed-steps 2] [--batch 8]   # smoke test, no timing
 
@@ -13,10 +13,15 @@ times a whole chain).
 
 Each implementation runs in its own process that holds only its own library, as in
 train_step.py (whose worker environments and isolation rule this reuses): refdiff's
-backends call `model.forward` and `ops.ddpm_step`; PyTorch runs torch_unet.TorchUNet
-under `torch.no_grad()` with the same update written in torch, from the weights, time
+backends call the model as the samplers do (refdiff.nn.base.predictor: its inference
+forward `predict`, no caches for a backward, fused ops) and `ops.ddpm_step`; PyTorch runs
+torch_unet.TorchUNet (TorchUNetDDPM for unet-ddpm, in eval mode: dropout off) under
+`torch.no_grad()` with the same update written in torch, from the weights, time
 embeddings and step scalars the parent saves (its forward on 8 images must match
-refdiff's first). All start from the same noise and draw the same z; the JSON records how
+refdiff's first). unet-ddpm's weights are its initial ones plus 0.05 N(0, 1) noise from a
+fixed seed (model_for), because its zero-initialised last convolutions would make every
+block the identity and the output 0: the same cost, but nothing to compare. All start
+from the same noise and draw the same z; the JSON records how
 far apart their final samples end (float32), the libraries each worker held, the
 machine, the commit and the date (default results/sampling_<model>_b<batch>.json).
 """
@@ -43,20 +48,31 @@ def _noise(B, size, timed):
     return x0, zs
 
 
+def model_for(model_name, backend=None):
+    """The benchmarked network: unet-seed as initialised; unet-ddpm's initial weights plus
+    0.05 N(0, 1) from seed 0 (see the module docstring)."""
+    from refdiff.nn import make_model
+    m = make_model(model_name, backend=backend)
+    if model_name == "unet-ddpm":
+        rng = np.random.default_rng(0)
+        m.load_state({k: v + 0.05 * rng.standard_normal(v.shape) for k, v in m.state().items()})
+    return m
+
+
 def _refdiff_chain(name, model_name, x0, zs):
     """The last len(zs) steps of the chain on refdiff backend `name`; -> (seconds per step, final x)."""
-    from refdiff.nn import make_model
+    from refdiff.nn.base import predictor
     from refdiff.sde import DDPMSchedule
     from train_step import sync
     sched, B = DDPMSchedule(), x0.shape[0]
-    m = make_model(model_name, backend=name)
-    ops = m.ops
+    m = model_for(model_name, backend=name)
+    net, ops = predictor(m), m.ops                # what the samplers call: the inference forward
     x = ops.asarray(x0)
-    m.forward(x, np.full(B, 0.5))                # warm-up, untimed (numba compiles here)
+    net(x, np.full(B, 0.5))                      # warm-up, untimed (numba compiles here)
     times = []
     for k, i in enumerate(range(len(zs) - 1, -1, -1)):   # i = step index, t = (i + 1) / N
         t0 = time.perf_counter()
-        eps = m.forward(x, np.full(B, (i + 1) / N))
+        eps = net(x, np.full(B, (i + 1) / N))
         z = ops.asarray(zs[k]) if i > 0 else None
         x = ops.ddpm_step(x, eps, z, sched.betas[i], sched.alpha_bars[i], np.sqrt(sched.betas[i]))
         sync(ops)
@@ -67,11 +83,12 @@ def _refdiff_chain(name, model_name, x0, zs):
 def _torch_chain(plan, weights, x0, zs):
     """The same steps in PyTorch, forward only; -> (seconds per step, final x, max |output diff|)."""
     import torch
-    from torch_unet import TorchUNet
+    from torch_unet import TorchUNet, TorchUNetDDPM
     with np.load(weights) as f:
         state = {k: f[k] for k in f.files if not k.startswith("_")}
         emb, y8, scal = torch.from_numpy(f["_emb"]), f["_y8"], f["_scalars"]
-    net, B = TorchUNet(plan, state), x0.shape[0]
+    net, B = (TorchUNetDDPM if "layout" in plan else TorchUNet)(plan, state), x0.shape[0]
+    net.eval()                                   # unet-ddpm: dropout off, as refdiff's sampling forward
     x = torch.from_numpy(x0)
     with torch.no_grad():
         k = len(y8)                              # min(8, batch) images, as the parent ran them
@@ -93,20 +110,20 @@ def _save_for_torch(path, model_name, x0, timed):
     """Weights, per-step time embeddings and step scalars (float32), and refdiff's output on
     8 images at the first timed step, for the torch worker; -> plan. Runs in the parent."""
     from refdiff.nn import functional as F
-    from refdiff.nn import make_model
     from refdiff.nn.steps import ddpm_coeffs
     from refdiff.sde import DDPMSchedule
-    from torch_unet import plan_of
-    sched, ref = DDPMSchedule(), make_model(model_name)
+    from torch_unet import plan_of, plan_of_ddpm
+    sched, ref = DDPMSchedule(), model_for(model_name)
+    ddpm = model_name == "unet-ddpm"
     steps = list(range(timed - 1, -1, -1))
     ts = np.array([(i + 1) / N for i in steps])
-    emb = F.time_embedding(ts * ref.config["time_scale"], ref.config["emb_dim"])
+    emb = F.time_embedding(ts * ref.config["time_scale"], ref.config["channels"][0] if ddpm else ref.config["emb_dim"])
     scal = np.array([[*ddpm_coeffs(sched.betas[i], sched.alpha_bars[i], np.float32),
                       np.float32(np.sqrt(sched.betas[i]))] for i in steps], dtype=np.float32)
     k = min(8, len(x0))
     y8 = ref.forward(x0[:k], np.full(k, ts[-1]))
     np.savez(path, _emb=emb, _y8=y8, _scalars=scal, **ref.state())
-    return plan_of(ref)
+    return (plan_of_ddpm if ddpm else plan_of)(ref)
 
 
 def _worker(conn, name, model_name, B, timed, threads, plan, weights):
@@ -135,7 +152,7 @@ def _worker(conn, name, model_name, B, timed, threads, plan, weights):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="unet-seed")
+    ap.add_argument("--model", default="unet-seed", choices=("unet-seed", "unet-ddpm"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timed-steps", type=int, default=20)
     ap.add_argument("--backends", default="numpy,numba", help="comma-separated refdiff backends, first = baseline")

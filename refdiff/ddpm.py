@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from ._checks import check_array_float, check_finite_state, check_int, check_real, check_rng
+from .nn.base import predictor
 from .sde import VP, DDPMSchedule
 
 DDPM_SAMPLERS = ("ddpm", "ddim", "em")
@@ -125,7 +126,7 @@ def _predict_eps(model, x, t, step):
     """eps_theta(x, t) for a float64 backend array x (B, ...) and one model time t -> float64.
     A NaN or Inf output (a diverged model) raises FloatingPointError naming `step` and t."""
     F, dtype = model.ops, model.dtype
-    e = model.forward(x.astype(dtype), F.asarray(np.full(x.shape[0], t, dtype=dtype)))
+    e = predictor(model)(x.astype(dtype), F.asarray(np.full(x.shape[0], t, dtype=dtype)))
     if e.shape != x.shape:
         raise ValueError(f"model returned shape {e.shape} for input {x.shape}")
     check_finite_state(bool(F.xp.all(F.xp.isfinite(e))), "the model's output", step, t)

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from ._checks import check_array_float, check_int, check_positive_finite, check_real, check_rng
+from .nn.base import predictor
 from .sde import bcast
 
 WEIGHTINGS = ("noise", "likelihood", "none")
@@ -85,7 +86,7 @@ def score_fn_from_model(model, sde):
     def score_fn(x, t):
         t = np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],))
         _, std = sde.marginal_coeffs(t)
-        e = F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
+        e = F.to_numpy(predictor(model)(F.asarray(x.astype(model.dtype)), F.asarray(t.astype(model.dtype))))
         return -e / bcast(std, e)
 
     return score_fn

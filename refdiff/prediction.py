@@ -70,6 +70,8 @@ import math
 
 import numpy as np
 
+from .nn.base import predictor
+
 PREDICTIONS = ("eps", "x0", "v")
 GUIDANCE_NEEDS_CLASS = "--guidance needs --class: guidance mixes the model for a class with the unconditional one"
 
@@ -226,7 +228,8 @@ class EpsModel:
             self.forward_jvp = self._forward_jvp
 
     def _net(self, x, t, y):
-        return self.net.forward(x, t) if y is None else self.net.forward(x, t, y=y)
+        f = predictor(self.net)               # the network's inference forward
+        return f(x, t) if y is None else f(x, t, y=y)
 
     def _check_null_label(self):
         """The null label is about to be used: refuse it where the run never trained it."""

@@ -43,6 +43,7 @@ from scipy.integrate import solve_ivp
 from scipy.optimize import brentq
 
 from ._checks import check_array_float, check_int, check_real, check_rng
+from .nn.base import predictor
 
 SPACINGS = ("uniform", "squared", "logsnr")      # the first two: refdiff.samplers.time_grid
 
@@ -169,7 +170,7 @@ def dpm_solver_pp_ddpm(model, schedule, shape, rng, steps=20, order=2, spacing="
 
     def data_fn(x, k):
         t = np.full(x.shape[0], model_time(tau[k], N), dtype=model.dtype)
-        e = np.asarray(F.to_numpy(model.forward(F.asarray(x.astype(model.dtype)), F.asarray(t))), np.float64)
+        e = np.asarray(F.to_numpy(predictor(model)(F.asarray(x.astype(model.dtype)), F.asarray(t))), np.float64)
         return (x - sigmas[k] * e) / alphas[k]
 
     x, hist = _start(_UnitPrior, shape, rng, x_T), []

@@ -14,6 +14,13 @@ import numpy as np
 from ..backend import get_ops
 
 
+def predictor(model):
+    """What a sampler evaluates `model` with: its inference forward `predict` (the same
+    output as forward, nothing kept for a backward: the UNets' fused path) where it has one,
+    else `forward`."""
+    return getattr(model, "predict", None) or model.forward
+
+
 class Model:
     """Subclasses call `super().__init__(...)`, then `self.add_param(...)` for each array."""
 

@@ -46,7 +46,8 @@ loaded by name): outputs and all gradients agree to float64 rounding.
 
 Every op goes through the backend `self.ops`; forward records a tape of (op, name, cache)
 that backward walks in reverse. In this block GroupNorm feeds a conv, not a SiLU, so the
-fused group_norm_silu pair is not used here.
+fused group_norm_silu pair is not used here. predict is the inference forward (the
+samplers'): the same network without a tape, each block as two fused ops (refdiff.nn.fused).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ import numpy as np
 
 from .._checks import check_finite_times, check_int, check_real
 from .base import Model
+from .fused import fused_ops
 from .unet_jvp import UNetJVP
 
 
@@ -153,16 +155,21 @@ class UNet(UNetJVP, Model):
         self.add_conv("out", c[0], self.config["in_channels"], 3)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x, t):
-        """x (B, C, H, W), t (B,) -> eps_theta (B, C, H, W)."""
+    def _inputs(self, x, t):
+        """Checked x (in the model's dtype), t on the host (float64), the time embedding (B, E)."""
         F, c = self.ops, self.config
         s = c["image_size"]
         x = F.xp.asarray(x)
         self.check_input(x, (c["in_channels"], s, s), t)
         t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
         check_finite_times(t_host, f"model {self.name!r}")
-        x = x.astype(self.dtype, copy=False)
         emb = F.time_embedding(t_host * c["time_scale"], c["emb_dim"], dtype=self.dtype)
+        return x.astype(self.dtype, copy=False), t_host, emb
+
+    def forward(self, x, t):
+        """x (B, C, H, W), t (B,) -> eps_theta (B, C, H, W)."""
+        F, c = self.ops, self.config
+        x, t_host, emb = self._inputs(x, t)
         tape, skips, h = [], [], x
         for k in range(len(c["channels"])):
             h = self._stage(f"enc.{k}", h, emb, tape)
@@ -182,6 +189,52 @@ class UNet(UNetJVP, Model):
             y = y + self._skip * x
         self._tape, self._out_shape = tape, tuple(y.shape)
         return y
+
+    def predict(self, x, t):
+        """The inference forward: forward's eps_theta (B, C, H, W), keeping nothing for a
+        backward (no tape: every activation is freed once the next op has read it). Each
+        block runs as two fused ops (refdiff.nn.fused): the time vector's add, GroupNorm,
+        conv1, its bias and SiLU as group_norm_conv2d; conv2, its bias and SiLU as
+        conv2d_silu. The samplers call this; it equals forward within float32 rounding
+        (tests/test_fused_ops.py)."""
+        F, c = self.ops, self.config
+        x, t_host, emb = self._inputs(x, t)
+        fused, skips, h = fused_ops(F), [], x
+        for k in range(len(c["channels"])):
+            h = self._stage_predict(f"enc.{k}", h, emb, fused)
+            skips.append(h)
+            h = self._resample(f"down.{k}", h, self.sizes[k] % 2 == 1, False, [])
+        h = self._stage_predict("mid", h, emb, fused)
+        for k in reversed(range(len(c["channels"]))):
+            h = self._resample(f"up.{k}", h, self.sizes[k] % 2 == 1, True, [])
+            h, _ = F.concat_forward([skips[k], h], axis=1)
+            skips[k] = None
+            h = self._stage_predict(f"dec.{k}", h, emb, fused)
+        y = self._conv("out", h, 1, 1, False, [])
+        if c["input_skip"]:
+            y = y + self.skip_coefficient(t_host) * x
+        return y
+
+    def _stage_predict(self, name, h, emb, fused):
+        """_stage without a tape, each block as two fused ops."""
+        F, p = self.ops, self.params
+        a, _ = F.linear_forward(emb, p[f"{name}.time.0.weight"], p[f"{name}.time.0.bias"])
+        a, _ = F.silu_forward(a)
+        v, _ = F.linear_forward(a, p[f"{name}.time.2.weight"], p[f"{name}.time.2.bias"])
+        for j, (c_in, _, use_norm) in enumerate(self.stages[name]):
+            prefix = f"{name}.blocks.{j}"
+            w1, b1 = p[prefix + ".conv1.weight"], p[prefix + ".conv1.bias"]
+            shift = v if j == 0 else None                              # the stage's time vector, once
+            if use_norm:
+                g = num_groups(c_in, self.config["max_groups"])
+                h, _ = fused.group_norm_conv2d_forward(h, g, p[prefix + ".norm.weight"], p[prefix + ".norm.bias"],
+                                                       w1, b1, shift, 1, 1, silu_out=True)
+            else:
+                if shift is not None:
+                    h, _ = F.add_channel_bias_forward(h, shift)
+                h, _ = fused.conv2d_silu_forward(h, w1, b1, 1, 1)
+            h, _ = fused.conv2d_silu_forward(h, p[prefix + ".conv2.weight"], p[prefix + ".conv2.bias"], 1, 1)
+        return h
 
     def skip_coefficient(self, t_host):
         """input_skip: c(t) = std_t of VP(0.1, 20) (the report's chain in the continuous limit),

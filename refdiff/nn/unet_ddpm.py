@@ -31,7 +31,9 @@ What the output means is the run's prediction target (eps, x0 or v: refdiff.pred
 
 forward(x, t, y=None, rng=None): y (B,) int labels in [0, K] for a class-conditional model
 (None: the null label K for all), rng a numpy Generator switches dropout on (training);
-rng=None (sampling, evaluation) is the deterministic network. forward_jvp / backward_jvp
+rng=None (sampling, evaluation) is the deterministic network; predict(x, t, y) computes it
+without keeping anything for a backward, each ResBlock as two fused ops (refdiff.nn.fused),
+and is what the samplers call. forward_jvp / backward_jvp
 (exact sliced score matching) come from running this same forward and backward on Duals
 (refdiff.nn.unet_jvp.UNetJVP); the time and label paths carry no tangent.
 
@@ -45,6 +47,7 @@ import numpy as np
 
 from .._checks import check_finite_times, check_int, check_real
 from .base import Model
+from .fused import fused_ops
 from .unet import num_groups
 from .unet_jvp import UNetJVP
 
@@ -186,15 +189,12 @@ class UNetDDPM(UNetJVP, Model):
         onehot[np.arange(B), y.astype(np.int64)] = 1
         return onehot
 
-    def forward(self, x, t, y=None, rng=None):
-        """x (B, C, H, W), t (B,), y (B,) labels or None, rng (dropout) or None -> (B, C, H, W)."""
+    def _inputs(self, x, t, y):
+        """Checked x (in the model's dtype) and SiLU(temb) (B, E) with the caches of its ops."""
         F, c, p = self.ops, self.config, self.params
         s = c["image_size"]
         x = F.xp.asarray(x)
         self.check_input(x, (c["in_channels"], s, s), t)
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"model {self.name!r}: rng (dropout) must be a numpy.random.Generator or None; "
-                            f"got {type(rng).__name__}")
         t_host = np.asarray(F.to_numpy(t), dtype=np.float64)
         check_finite_times(t_host, f"model {self.name!r}")
         onehot = self._labels(y, x.shape[0])
@@ -209,7 +209,15 @@ class UNetDDPM(UNetJVP, Model):
             ey, lab = F.linear_forward(F.asarray(onehot), p["label.weight"], None)
             temb = temb + ey
         temb_act, act1 = F.silu_forward(temb)
-        self._emb_caches = (lin0, act0, lin2, lab, act1)
+        return x, temb_act, (lin0, act0, lin2, lab, act1)
+
+    def forward(self, x, t, y=None, rng=None):
+        """x (B, C, H, W), t (B,), y (B,) labels or None, rng (dropout) or None -> (B, C, H, W)."""
+        F, c = self.ops, self.config
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"model {self.name!r}: rng (dropout) must be a numpy.random.Generator or None; "
+                            f"got {type(rng).__name__}")
+        x, temb_act, self._emb_caches = self._inputs(x, t, y)
         self._temb_act, self._d_temb_act = temb_act, None
         h, cache = self._conv("in", x, 1, 1)
         tape, skips = [("conv", "in", cache), ("push", 0, None)], [h]
@@ -241,6 +249,49 @@ class UNetDDPM(UNetJVP, Model):
         tape.append(("conv", "out.conv", conv))
         self._tape, self._out_shape = tape, tuple(h.shape)
         return h
+
+    def predict(self, x, t, y=None):
+        """The inference forward: forward(x, t, y) with dropout off (rng None), keeping nothing
+        for a backward (no tape, no caches on the model). Each ResBlock runs as two fused ops
+        (refdiff.nn.fused.group_norm_conv2d): GroupNorm, SiLU and conv1; the time vector's add,
+        GroupNorm, SiLU and conv2; so does the output's GroupNorm, SiLU and conv. The samplers
+        call this; it equals forward within float32 rounding (tests/test_fused_ops.py)."""
+        F, c = self.ops, self.config
+        x, temb_act, _ = self._inputs(x, t, y)
+        fused = fused_ops(F)
+        h, _ = self._conv("in", x, 1, 1)
+        skips = [h]
+        for kind, name, ci, co, _ in self.layout:
+            if kind == "res":
+                h = self._res_predict(name, h, ci, co, temb_act, fused)
+            elif kind == "attn":
+                h, _ = self._attn_forward(name, h, ci)
+            elif kind == "down":
+                h, _ = self._conv(name, h, 2, 1)
+            elif kind == "up":
+                h, _ = F.upsample_nearest2x_forward(h)
+                h, _ = self._conv(name, h, 1, 1)
+            elif kind == "push":
+                skips.append(h)
+            else:                                                   # concat with the last skip
+                h, _ = F.concat_forward([h, skips.pop()], axis=1)
+        h, _ = self._norm_conv(fused, "out.norm", "out.conv", h, c["channels"][0])
+        return h
+
+    def _norm_conv(self, fused, norm, conv, x, ch, shift=None):
+        """conv(SiLU(GroupNorm(x [+ shift]))) as one fused op (3x3, padding 1)."""
+        p = self.params
+        return fused.group_norm_conv2d_forward(x, num_groups(ch, self.config["max_groups"]), p[norm + ".weight"],
+                                               p[norm + ".bias"], p[conv + ".weight"], p[conv + ".bias"], shift,
+                                               1, 1, silu_in=True)
+
+    def _res_predict(self, name, x, ci, co, temb_act, fused):
+        """_res_forward without caches and dropout, as two fused ops."""
+        p = self.params
+        h, _ = self._norm_conv(fused, name + ".norm1", name + ".conv1", x, ci)
+        v, _ = self.ops.linear_forward(temb_act, p[name + ".temb.weight"], p[name + ".temb.bias"])
+        h, _ = self._norm_conv(fused, name + ".norm2", name + ".conv2", h, co, shift=v)
+        return h + (x if ci == co else self._conv(name + ".skip", x, 1, 0)[0])
 
     def _conv(self, name, h, stride, padding):
         return self.ops.conv2d_forward(h, self.params[name + ".weight"], self.params[name + ".bias"], stride, padding)

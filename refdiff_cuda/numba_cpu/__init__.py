@@ -12,8 +12,11 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
                    llvmlite; strided convs as polyphase stride-1 convs; tiny images: v4's dense path)
     conv_v6.py     conv2d 6 (version 5, with 1x1 convs as one GEMM on the channel-major buffer)
     convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
+    convt_v4.py    conv_transpose2d 4 (strided: one conv2d of the input with s^2 Cout channels, polyphase)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
     norm.py        group_norm 1,2  group_norm_silu 1,2
+    fused.py       conv2d_silu 1,2  group_norm_conv2d 1,2 (refdiff/nn/fused.py's pairs, for the
+                   models' inference forward: the norm, the conv, bias and SiLU in one kernel)
     attention.py   spatial_attention 1,2  upsample_nearest2x 1,2  dropout 1,2 (mask drawn on the host)
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
@@ -44,7 +47,8 @@ from .. import _ops
 from ._cache import caching_into
 
 with caching_into():      # every cached kernel of these modules goes to the user cache directory
-    from . import _blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, functional, norm, silu_v3
+    from . import (_blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, convt_v4, functional, fused, norm,
+                   silu_v3)
 
 
 def configure_threads():
@@ -72,12 +76,34 @@ KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, co
                      5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5),
                      6: (conv_v6.conv2d_forward_v6, conv_v6.conv2d_backward_v6)}
 KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
-                               3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3)}
+                               3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3),
+                               4: (convt_v4.conv_transpose2d_forward_v4, convt_v4.conv_transpose2d_backward_v4)}
 KERNELS["silu"] = {**functional.KERNELS["silu"], 3: (silu_v3.silu_forward_v3, silu_v3.silu_backward_v3)}
 
 
 def make_backend(versions=None):
     configure_threads()
-    return _ops.build("numba", KERNELS, versions, np,
-                      asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
-                      to_numpy=lambda a: np.asarray(a))
+    fused_versions = versions
+    if isinstance(versions, dict):     # the fused pairs are not in refdiff_cuda.PAIRS: chosen here
+        fused_versions = {k: v for k, v in versions.items() if k in fused.KERNELS}
+        versions = {k: v for k, v in versions.items() if k not in fused.KERNELS}
+    ns = _ops.build("numba", KERNELS, versions, np,
+                    asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
+                    to_numpy=lambda a: np.asarray(a))
+    _add_fused(ns, fused_versions)
+    return ns
+
+
+def _add_fused(ns, versions):
+    """The fused pairs of refdiff.nn.fused (FUSED_PAIRS) on the backend `ns`: versions None
+    (the newest), an int k (the newest <= k) or {op: version}, as for every other op."""
+    from refdiff.nn.fused import FUSED_PAIRS
+    if isinstance(versions, dict):
+        chosen = _ops.normalise_versions(versions, fused.KERNELS, "numba")
+    else:
+        chosen = {op: max(v for v in vs if versions is None or v <= versions) for op, vs in fused.KERNELS.items()}
+    for op, ver in chosen.items():
+        for name, f in zip(FUSED_PAIRS[op], fused.KERNELS[op][ver]):
+            setattr(ns, name, f)
+    ns.versions.update(chosen)
+    ns.available_versions.update({op: sorted(v) for op, v in fused.KERNELS.items()})

@@ -158,9 +158,10 @@ def _f32(c):
     return "0x" + struct.pack(">d", float(np.float32(c))).hex().upper()   # inf: 0x7FF0000000000000
 
 
-def _ir_silu():
+def _ir_silu(in_place=False):
     """IR text of silu32(x, y, s, n): s = sigmoid(x) = 1 / (1 + exp(-x)), y = x s, float32,
-    n a multiple of 16."""
+    n a multiple of 16. in_place: bsilu32(x, n, b) instead, x <- silu(x + b) (b a float32
+    scalar), the same arithmetic on x + b, s not stored (the fused convolution's epilogue)."""
     v = "<16 x float>"
 
     def splat(c):
@@ -169,13 +170,17 @@ def _ir_silu():
              f"declare {v} @llvm.maxnum.v16f32({v}, {v})",
              f"declare {v} @llvm.rint.v16f32({v})",
              f"declare {v} @llvm.fma.v16f32({v}, {v}, {v})",
-             "define void @silu32(float* noalias %x, float* noalias %y, float* noalias %s, i64 %n) #0 {",
+             ("define void @bsilu32(float* noalias %x, i64 %n, float %b) #0 {" if in_place else
+              "define void @silu32(float* noalias %x, float* noalias %y, float* noalias %s, i64 %n) #0 {"),
              "entry:",
+             *([f"  %bv0 = insertelement {v} undef, float %b, i32 0",
+                f"  %bv = shufflevector {v} %bv0, {v} undef, <16 x i32> zeroinitializer"] if in_place else []),
              "  %empty = icmp sle i64 %n, 0",
              "  br i1 %empty, label %exit, label %loop",
              "loop:",
              "  %i = phi i64 [0, %entry], [%inext, %loop]",
-             *_vec("load", "xv", "float", v, "x", "%i"),
+             *_vec("load", "xv0" if in_place else "xv", "float", v, "x", "%i"),
+             *([f"  %xv = fadd {v} %xv0, %bv"] if in_place else []),
              f"  %na = fneg {v} %xv",
              f"  %a0 = call {v} @llvm.minnum.v16f32({v} %na, {v} {splat(88.0)})",
              f"  %a = call {v} @llvm.maxnum.v16f32({v} %a0, {v} {splat(-87.0)})",
@@ -202,8 +207,8 @@ def _ir_silu():
               f"  %nan = fcmp uno {v} %xv, %xv",                         # NaN in, NaN out (as tanh)
               f"  %sv = select <16 x i1> %nan, {v} %xv, {v} %s0",
               f"  %yv = fmul {v} %xv, %sv",
-              *_vec("store", "yst", "float", v, "y", "%i", "%yv"),
-              *_vec("store", "sst", "float", v, "s", "%i", "%sv"),
+              *_vec("store", "yst", "float", v, "x" if in_place else "y", "%i", "%yv"),
+              *([] if in_place else _vec("store", "sst", "float", v, "s", "%i", "%sv")),
               "  %inext = add i64 %i, 16",
               "  %done = icmp sge i64 %inext, %n",
               "  br i1 %done, label %exit, label %loop",
@@ -246,7 +251,8 @@ def _compile(ir, name):
 _P, _I = types.voidptr, types.int64
 _SIGNATURES = {"uk": types.void(_P, _P, _I, _P, _I, _P, _I, _I),
                "ukdw": types.void(_P, _I, _P, _P, _P, _I, _I, _I, _I, _I),
-               "silu32": types.void(_P, _P, _P, _I)}
+               "silu32": types.void(_P, _P, _P, _I),
+               "bsilu32": types.void(_P, _I, types.float32)}
 
 
 class _Kernel(types.ExternalFunction):
@@ -281,6 +287,12 @@ def silu_function():
     """silu_kernel(), callable from numba code."""
     silu_kernel()
     return _function("refdiff_silu32")
+
+
+def bias_silu_function():
+    """bias_silu_kernel(), callable from numba code: bsilu32(x, n, b), x <- silu(x + b)."""
+    bias_silu_kernel()
+    return _function("refdiff_bsilu32")
 
 
 def _kernel_name(MR, NV, dtype):
@@ -318,6 +330,12 @@ def dw_kernel(MR, KR, dtype):
 def silu_kernel():
     """Address of silu32(x, y, s, n) (float32; n a multiple of 16; see _ir_silu)."""
     return _compile(_ir_silu().replace("@silu32(", "@refdiff_silu32("), "refdiff_silu32")
+
+
+@functools.lru_cache(maxsize=None)
+def bias_silu_kernel():
+    """Address of bsilu32(x, n, b): x[i] <- silu(x[i] + b) for i < n (float32; n a multiple of 16)."""
+    return _compile(_ir_silu(in_place=True).replace("@bsilu32(", "@refdiff_bsilu32("), "refdiff_bsilu32")
 
 
 DW_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
