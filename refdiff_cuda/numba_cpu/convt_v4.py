@@ -17,9 +17,10 @@ but the A - 1 border of Z.
 
 Backward: dZ is dy gathered back (0 at Z's unused border), conv2d's backward (version 6) gives
 dx, dWc and dbc, and dw, db fold back (the adjoint of Wc's construction; db sums the phases).
-Other transposed convs (stride 1, s not dividing k) are version 3's. As version 3, a result
-holding NaN (an inf among the inputs times a padding zero the reference never multiplies) is
-recomputed by version 1.
+Other transposed convs (stride 1, s not dividing k) are version 3's. Non-finite inputs (x, w,
+or dy) go to version 1: this frame multiplies other zeros than the reference's (it skips some
+the reference multiplies, and multiplies Z's padding), so 0 x inf would put NaN elsewhere; a
+result holding NaN is recomputed by version 1 too.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def conv_transpose2d_forward_v4(x, w, b, stride=1, padding=0):
         y, cache = conv_transpose2d_forward_v3(x, w, b, stride, padding)
         return y, ("v3", cache)
     x = native(x)
+    if not (np.isfinite(x).all() and np.isfinite(w).all()):   # the reference's own frame multiplies zeros
+        return _redo(x, w, b, stride, padding)                 # this one does not: NaN would land elsewhere
     dt, s = x.dtype, stride
     B, _, H, W = x.shape
     Cout, kH, kW = w.shape[1:]
@@ -95,6 +98,8 @@ def conv_transpose2d_backward_v4(dy, cache):
     if kind == "v3":
         return conv_transpose2d_backward_v3(dy, cache)
     conv_cache, zshape, wshape, s, p, (x, w, b) = cache
+    if not np.isfinite(dy).all():
+        return _redo(x, w, b, s, p, dy)
     dyc = cm(dy, x.dtype)
     Cout, B, Ho, Wo = dyc.shape
     dZ = np.zeros((s, s, Cout, B, zshape[2], zshape[3]), x.dtype)
