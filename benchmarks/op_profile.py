@@ -10,18 +10,24 @@ step time, then each op's share, grouped by kind; a conv is keyed by its kernel,
 channels and input size, and its backward by its forward's key. `--clock cpu`
 (time.process_time, the default) is this process's CPU time, which on a machine shared with
 other jobs moves far less than wall time; it adds up all threads, so run with
-NUMBA_NUM_THREADS=1 for shares that mean time on one core. Ratios only: this is a profile,
-not a benchmark (train_step.py is that).
+NUMBA_NUM_THREADS=1 (OPENBLAS_NUM_THREADS=1 for `--backend numpy`, the reference) for shares
+that mean time on one core. Ratios only: this is a profile, not a benchmark (train_step.py
+is that).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import collections
+import os
+import sys
 import time
 import types
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # train_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # refdiff, uninstalled
 
 
 def profiled(backend, clock):
@@ -69,10 +75,13 @@ def main(argv=None):
     if a.batch < 1 or a.steps < 1:
         ap.error("--batch and --steps must be >= 1")
     from refdiff.backend import get_ops
-    import refdiff_cuda
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     versions = None if a.versions is None else ast.literal_eval(a.versions)
-    backend = get_ops(None) if a.backend == "numpy" else refdiff_cuda.get_backend(a.backend, versions=versions)
+    if a.backend == "numpy":                   # the reference: no numba in this process
+        backend = get_ops(None)
+    else:
+        import refdiff_cuda
+        backend = refdiff_cuda.get_backend(a.backend, versions=versions)
     ops, totals, counts = profiled(backend, clock)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (a.batch, 1, 28, 28)).astype(np.float32)

@@ -129,10 +129,10 @@ def _narrow(yw, Wp, Wo):
     return array_module(yw).ascontiguousarray(yw.reshape(C, B, n // Wp, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3))
 
 
-def _batch_chunks(xp, B, bytes_per_image):
-    """Slices of the batch whose columns take about CHUNK_BYTES each (one slice on a GPU,
-    where one large launch beats many small ones)."""
-    step = B if xp is not np else max(1, CHUNK_BYTES // bytes_per_image)
+def _batch_chunks(xp, B, bytes_per_image, whole=False):
+    """Slices of the batch whose columns take about CHUNK_BYTES each; one slice if `whole`,
+    and on a GPU, where one large launch beats many small ones."""
+    step = B if whole or xp is not np else max(1, CHUNK_BYTES // bytes_per_image)
     return [slice(b, min(b + step, B)) for b in range(0, B, step)]
 
 
@@ -141,18 +141,19 @@ def _rows(a, sl):
     return a[:, sl].reshape(a.shape[0], -1)
 
 
-def _im2col_chunks(xf, Wp, kH, kW, stride, n):
+def _im2col_chunks(xf, Wp, kH, kW, stride, n, whole=False):
     """xf (C, B, L) -> (batch slice, cols of those images (C kH kW, b n)), chunk by chunk:
 
         cols[(c,i,j), (b,m)] = xf[c, b, i Wp + j + stride m],
 
     rows ordered (c, i, j) like w.reshape(Cout, -1). Each chunk is copied from one strided
-    view into one buffer, reused: a chunk is valid until the next one is produced."""
+    view into one buffer, reused: a chunk is valid until the next one is produced. `whole`:
+    one chunk, the whole batch."""
     C, B = xf.shape[:2]
     xp, K = array_module(xf), C * kH * kW
     sC, sB, sL = xf.strides
     win = strided_view(xp, xf, (C, kH, kW, B, n), (sC, Wp * sL, sL, sB, stride * sL))
-    chunks = _batch_chunks(xp, B, K * n * xf.itemsize)
+    chunks = _batch_chunks(xp, B, K * n * xf.itemsize, whole)
     buf = xp.empty(K * (chunks[0].stop - chunks[0].start) * n, dtype=xf.dtype)
     for sl in chunks:
         cols = buf[:K * (sl.stop - sl.start) * n].reshape(C, kH, kW, sl.stop - sl.start, n)
@@ -222,9 +223,12 @@ def conv2d_backward(dy, cache):
     dy = xp.asarray(dy, dtype=w.dtype)
     Wp, L = _frame(H, W, kH, kW, stride, padding, Ho)
     dyw = _widen(dy, Wp)                                                     # (Cout, B, Ho Wp)
-    dw = xp.zeros((Cout, Cin * kH * kW), dtype=w.dtype)
-    for sl, cols in _im2col_chunks(xf, Wp, kH, kW, stride, Ho * Wp):
-        dw += _rows(dyw, sl) @ cols.T
+    # dw = dy cols^T as one product over the whole batch, cols (not dy) on the left: with
+    # 2 threads on a busy machine OpenBLAS takes 10-60x longer on the other operand order,
+    # or on one small product per chunk (each waits for the second thread).
+    _, cols = next(_im2col_chunks(xf, Wp, kH, kW, stride, Ho * Wp, whole=True))
+    dw = (cols @ dyw.reshape(Cout, -1).T).T                                  # (Cout, Cin kH kW)
+    del cols
     if stride == 1 and kH == kW and padding <= kH - 1:
         # Stride 1: the input gradient is itself a convolution, dx = conv2d(dy, w flipped in
         # space with Cin, Cout swapped, padding k-1-p). One im2col of dy moves far less memory
@@ -310,11 +314,10 @@ def conv_transpose2d_backward(dy, cache):
     B, _, Ho, Wo = dy.shape
     Wf, L = _frame(Ho, Wo, kH, kW, stride, padding, H)
     wm = w.reshape(Cin, -1)                                                  # (Cin, Cout kH kW)
-    dxw = xp.empty((Cin, B, H * Wf), dtype=w.dtype)
-    dw = xp.zeros_like(wm)
-    for sl, dcols in _im2col_chunks(_flat_pad(dy, padding, L), Wf, kH, kW, stride, H * Wf):
-        xp.matmul(wm, dcols, out=_rows(dxw, sl))                             # (Cout kH kW, b H Wf)
-        dw += _rows(xw, sl) @ dcols.T
+    # one chunk: dw in one product, dcols on the left (see conv2d_backward)
+    _, dcols = next(_im2col_chunks(_flat_pad(dy, padding, L), Wf, kH, kW, stride, H * Wf, whole=True))
+    dxw = (wm @ dcols).reshape(Cin, B, H * Wf)                               # dcols (Cout kH kW, B H Wf)
+    dw = (dcols @ xw.reshape(Cin, -1).T).T
     db = dy.sum(axis=(0, 2, 3)) if has_b else None
     return _narrow(dxw, Wf, W), dw.reshape(w.shape), db
 
