@@ -1,4 +1,4 @@
-"""conv2d and conv_transpose2d computed in cache-sized batch chunks (refdiff.nn.conv.CHUNK_BYTES)
+"""conv2d and conv_transpose2d computed in batch chunks (refdiff.nn.conv.CHUNK_BYTES)
 give what the same ops give in one chunk, and what the naive loops give; the chunks cover the
 batch once, in order.
 

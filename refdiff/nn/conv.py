@@ -9,7 +9,7 @@ PyTorch layouts and semantics (cross-correlation, no kernel flip):
     max_pool2d        x (B, C, H, W) -> (B, C, Ho, Wo), Ho = (H - k) // stride + 1
 
 The fast path is im2col + GEMM (no Python loop over pixels; a loop over batch chunks of
-a few images, sized for the cache):
+a few images, of at most CHUNK_BYTES of columns):
 
     _im2col_chunks  padded, flattened x -> cols (C kH kW, b n) of a chunk of b images: one
                     strided view, each chunk copied once into a reused buffer
@@ -82,14 +82,17 @@ def _conv_out(op, n, k, stride, padding):
 #    instead of two over (r, c) makes each im2col row one long strided run (Ho Wp entries)
 #    rather than Ho runs of Wo, which is what makes the copy fast. The Wp - Wo extra
 #    columns per row are garbage: cropped from y, and zero in the gradients fed back.
-# 3. Cache-sized batch chunks: cols of the whole batch is large (unet-seed's 10-channel
-#    28 x 28 layers: 90 x 107,520 floats, 39 MB), and building it, then multiplying it,
-#    streams it through memory twice, with a page fault per fresh 4 KiB on top. The kernels
-#    build the columns of a few images at a time instead (_im2col_chunks: about CHUNK_BYTES,
-#    which stays in the L2 cache) and multiply them while they are hot; 5x faster on that
-#    layer. Backward rebuilds the chunks from the cached padded input (39 MB less to keep).
-#    The products are the same; only the order of the sums over the batch (dw) changes.
-CHUNK_BYTES = 1 << 19
+# 3. Batch chunks: cols of the whole batch is large (unet-seed's 10-channel 28 x 28 layers:
+#    90 x 107,520 floats, 39 MB), and a fresh array of that size costs a page fault per
+#    4 KiB on top of streaming it through memory twice. The kernels build the columns of a
+#    few images at a time into one reused buffer of at most CHUNK_BYTES (_im2col_chunks) and
+#    multiply each chunk at once. The chunk size trades cache against threads: chunks of
+#    512 KiB stay in the L2 cache and make the largest layer's forward 5x faster on one
+#    thread, but every product then waits for OpenBLAS's second thread, which on a busy
+#    2-core machine costs more than the cache saves (a whole unet-seed step: 32 MiB chunks
+#    1.25x faster than 512 KiB ones there). Backward rebuilds the columns from the cached
+#    padded input. The products are the same in any chunking.
+CHUNK_BYTES = 1 << 25
 
 
 def _frame(H, W, kH, kW, stride, padding, Ho):
