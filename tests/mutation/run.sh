@@ -54,6 +54,8 @@ run_mutmut() {    # run_mutmut DIR [GLOB...]
 
 export CI=true NUMBA_NUM_THREADS=1
 mkdir -p "$work"
+exec 9> "$work/.lock"                  # one run per workdir: a second would rewrite the first's tree
+flock -n 9 || { echo "$work is in use by another run.sh; set MUTATION_WORKDIR for a second one" >&2; exit 2; }
 pids=()
 if [ $# -eq 0 ] || [ ${#core_globs[@]} -gt 0 ]; then
     copy_tree "$work/core"
