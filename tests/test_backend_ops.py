@@ -36,7 +36,9 @@ def _profile(name):
     sim = bool(getattr(be, "simulator", False))
     golden = [(1, np.float64, True)] if sim else [(v, d, False) for v in (None, 1) for d in (np.float32, np.float64)]
     return SimpleNamespace(sim=sim, tiny=sim, golden=golden, models=not sim,
-                           settings=settings(max_examples=3 if sim else 25, deadline=None, derandomize=sim,
+                           # derandomized under the simulator; elsewhere as the loaded profile says (CI: derandomized)
+                           settings=settings(max_examples=3 if sim else 25, deadline=None,
+                                             derandomize=sim or settings.default.derandomize,
                                              suppress_health_check=[HealthCheck.too_slow]),
                            marks=[pytest.mark.gpu] if name == "cupy" or (name == "numba-cuda" and not sim) else [])
 
