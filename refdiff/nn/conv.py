@@ -74,7 +74,7 @@ def _conv_out(op, n, k, stride, padding):
 # --- shared kernels -----------------------------------------------------------------------------
 # Three layout choices make these fast; all are internal, the ops take and return NCHW.
 # 1. Channel-major: inside the kernels an image batch is (C, B, ...), so cols is one 2-D
-#    (C kH kW, B n) matrix and each product is a single large GEMM (a good BLAS shape even
+#    (C kH kW, B n) matrix and each product is one large GEMM per chunk (a good BLAS shape even
 #    at 3 x 3 or 1 x 1 pixels, where per-sample GEMMs would be tiny), and dw = dy cols^T too.
 # 2. Wide rows: the padded input (C, B, Hp, Wp) is flattened to (C, B, L) and the output
 #    is computed on a grid of Ho rows of Wp entries (not Wo): output (r, c), at flat index
