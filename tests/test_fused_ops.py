@@ -26,7 +26,7 @@ from refdiff.nn.base import predictor
 from refdiff_cuda.testing import TOL, assert_agree, check_op, op_case
 
 pytestmark = pytest.mark.skipif(rc.backend_status()["numba"] != "ok", reason="numba backend unavailable")
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture
