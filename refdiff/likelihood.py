@@ -141,8 +141,9 @@ def _eps_vjp_of(model):
     that backward accumulates are not this function's business: they are zeroed afterwards
     (zero_grad), so a likelihood leaves the model as it found it. An EpsModel (an x0- or
     v-network, or a conditional one through its null label) is differentiated through its
-    affine conversion, as EpsModel._forward_jvp does in forward mode."""
-    from .prediction import NULL_LABEL_UNTRAINED, EpsModel, abar_at
+    affine conversion (EpsModel._vjp, which shares the conversion with its forward-mode
+    twin _forward_jvp)."""
+    from .prediction import EpsModel
 
     if not isinstance(model, EpsModel):
         if not callable(getattr(model, "backward", None)):
@@ -154,26 +155,9 @@ def _eps_vjp_of(model):
             model.zero_grad()
             return e.astype(np.float64), g.astype(np.float64)
         return plain
-    net = model.net
-    if model.labels is not None or not callable(getattr(net, "backward", None)):
+    if model.labels is not None or not callable(getattr(model.net, "backward", None)):
         return None
-
-    def converted(x, t, v):
-        if not model.null_label_trained:
-            raise ValueError(NULL_LABEL_UNTRAINED)
-        p = net.forward(x, t).astype(np.float64)                # the null label for a conditional network
-        gp = net.backward(v).astype(np.float64)                 # (dp/dx)^T v
-        net.zero_grad()
-        if model.pred == "eps":
-            return p, gp
-        abar = abar_at(model.schedule, model.ops.to_numpy(t))
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        a, s = (model.ops.asarray(np.sqrt(c).reshape(shape)) for c in (abar, 1.0 - abar))
-        x64, v64 = x.astype(np.float64), v.astype(np.float64)
-        if model.pred == "x0":                                  # eps = (x - a p) / s
-            return (x64 - a * p) / s, (v64 - a * gp) / s
-        return s * x64 + a * p, s * v64 + a * gp                # v: eps = s x + a p
-    return converted
+    return model._vjp
 
 
 def _mixture_jvp(gmm, sde, x, t, v):

@@ -268,15 +268,30 @@ class EpsModel:
 
     def _forward_jvp(self, x, t, v):
         self._check_null_label()
-        p, dp = self.net.forward_jvp(x, t, v)
+        return self._eps_product(x, t, v, *self.net.forward_jvp(x, t, v))
+
+    def _vjp(self, x, t, v):
+        """(eps, (d eps/dx)^T v) by one forward and one backward pass of the network (the null
+        label for a conditional one); the parameter gradients that backward accumulates are
+        zeroed afterwards."""
+        self._check_null_label()
+        p = self.net.forward(x, t)
+        dp = self.net.backward(v)                                              # (dp/dx)^T v
+        self.net.zero_grad()
+        return self._eps_product(x, t, v, p, dp)
+
+    def _eps_product(self, x, t, v, p, dp):
+        """eps and its derivative product from the network's p and dp, dp being (dp/dx) v or
+        (dp/dx)^T v: the conversion is per sample x times a scalar plus p times a scalar, so
+        the same formula carries v to either product."""
         p, dp = p.astype(np.float64), dp.astype(np.float64)
         if self.pred == "eps":
             return p, dp
         a, s = self._coeffs(t, x)
         x64, v64 = x.astype(np.float64), v.astype(np.float64)
-        if self.pred == "x0":
+        if self.pred == "x0":                                                  # eps = (x - a p) / s
             return (x64 - a * p) / s, (v64 - a * dp) / s
-        return s * x64 + a * p, s * v64 + a * dp
+        return s * x64 + a * p, s * v64 + a * dp                               # v: eps = s x + a p
 
     def __repr__(self):
         w = self.guidance if self.labels is not None else None
