@@ -30,7 +30,7 @@ import re
 import sys
 from pathlib import Path
 
-KERNEL_MODULES = ("functional", "conv", "norm", "attention")   # where the version-1 ports live
+KERNEL_MODULES = ("functional", "conv", "norm", "attention", "fused")   # where the version-1 ports live
 HERE = Path(__file__).resolve().parent
 SKIP = "@(lambda f: f)  # not version 1 of an op: mutmut leaves decorated functions alone\n"
 

@@ -1,0 +1,78 @@
+"""The reference fused pairs (refdiff/nn/fused.py) by value, float64, without the numba backend:
+the forward against the definition written here with other NumPy code (GroupNorm from its
+formula, the convolution one output pixel at a time by conv2d_naive_forward, SiLU as
+x sigmoid(x)), and every gradient of the backward against central differences. (The backends'
+versions are held to these pairs by tests/test_fused_ops.py; a backend's version 1 runs this
+very composition, so those comparisons cannot see a mistake in it.)"""
+import numpy as np
+import pytest
+
+from refdiff.nn import fused
+from refdiff.nn.conv import conv2d_naive_forward
+from tests.helpers import assert_close, assert_fd, fd_vjp
+
+
+def silu(a):
+    return a / (1.0 + np.exp(-a))
+
+
+def group_norm(x, G, gamma, beta, eps):
+    B, C = x.shape[:2]
+    g = x.reshape(B, G, -1)
+    y = (g - g.mean(axis=2, keepdims=True)) / np.sqrt(g.var(axis=2, keepdims=True) + eps)
+    return y.reshape(x.shape) * gamma[None, :, None, None] + beta[None, :, None, None]
+
+
+def _case(seed, B=2, cin=4, cout=3, size=5):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, cin, size, size)) + 0.5
+    w = rng.standard_normal((cout, cin, 3, 3)) / 3.0
+    b = rng.standard_normal(cout)
+    gamma, beta = 1 + 0.5 * rng.standard_normal(cin), rng.standard_normal(cin)
+    shift = rng.standard_normal((B, cin))
+    return rng, x, w, b, gamma, beta, shift
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0)])
+def test_conv2d_silu_values(stride, padding):
+    rng, x, w, b, *_ = _case(1)
+    y, cache = fused.conv2d_silu_forward(x, w, b, stride, padding)
+    assert_close(y, silu(conv2d_naive_forward(x, w, b, stride, padding)[0]), rtol=1e-12, atol=1e-12, name="y")
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = fused.conv2d_silu_backward(dy, cache)
+    f = lambda: fused.conv2d_silu_forward(x, w, b, stride, padding)[0]
+    for name, a, g in (("dx", x, dx), ("dw", w, dw), ("db", b, db)):
+        assert_fd(g, fd_vjp(f, dy, a), name=name)
+
+
+@pytest.mark.parametrize("silu_in, silu_out, with_shift", [(False, False, False), (True, False, True),
+                                                           (False, True, True), (True, True, False)])
+def test_group_norm_conv2d_values(silu_in, silu_out, with_shift):
+    rng, x, w, b, gamma, beta, shift = _case(2)
+    shift = shift if with_shift else None
+    G, eps = 2, 1e-5
+    kw = dict(stride=1, padding=1, silu_in=silu_in, silu_out=silu_out, eps=eps)
+    y, cache = fused.group_norm_conv2d_forward(x, G, gamma, beta, w, b, shift, **kw)
+    h = group_norm(x + (0 if shift is None else shift[:, :, None, None]), G, gamma, beta, eps)
+    h = conv2d_naive_forward(silu(h) if silu_in else h, w, b, 1, 1)[0]
+    assert_close(y, silu(h) if silu_out else h, rtol=1e-12, atol=1e-12, name="y")
+
+    dy = rng.standard_normal(y.shape)
+    grads = fused.group_norm_conv2d_backward(dy, cache)
+    assert len(grads) == 6
+    f = lambda: fused.group_norm_conv2d_forward(x, G, gamma, beta, w, b, shift, **kw)[0]
+    for name, a, g in zip(("dx", "dgamma", "dbeta", "dw", "db", "dshift"), (x, gamma, beta, w, b, shift), grads):
+        if a is None:
+            assert g is None, f"{name}: no shift, so no gradient"
+            continue
+        assert_fd(g, fd_vjp(f, dy, a), name=name)
+
+
+def test_fused_ops_of_a_backend_without_them():
+    # fused_ops of the reference namespace: the compositions bound to its ops, same values
+    from refdiff.backend import REFERENCE
+    ns = fused.fused_ops(REFERENCE)
+    _, x, w, b, gamma, beta, shift = _case(3)
+    np.testing.assert_array_equal(ns.conv2d_silu_forward(x, w, b, 1, 1)[0], fused.conv2d_silu_forward(x, w, b, 1, 1)[0])
+    np.testing.assert_array_equal(ns.group_norm_conv2d_forward(x, 2, gamma, beta, w, b, shift, 1, 1, True, True)[0],
+                                  fused.group_norm_conv2d_forward(x, 2, gamma, beta, w, b, shift, 1, 1, True, True)[0])
