@@ -76,3 +76,31 @@ def test_fused_ops_of_a_backend_without_them():
     np.testing.assert_array_equal(ns.conv2d_silu_forward(x, w, b, 1, 1)[0], fused.conv2d_silu_forward(x, w, b, 1, 1)[0])
     np.testing.assert_array_equal(ns.group_norm_conv2d_forward(x, 2, gamma, beta, w, b, shift, 1, 1, True, True)[0],
                                   fused.group_norm_conv2d_forward(x, 2, gamma, beta, w, b, shift, 1, 1, True, True)[0])
+
+
+def test_compositions_call_the_ops_in_the_documented_order():
+    # *_with(ops, ...) on a namespace that records each op called and runs the reference's:
+    # the order of the module docstring, forward and reverse, and the reference's values
+    from refdiff.backend import REFERENCE
+
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            f = getattr(REFERENCE, name)
+            return lambda *a, **k: calls.append(name) or f(*a, **k)
+
+    ops = Recording()
+    _, x, w, b, gamma, beta, shift = _case(4)
+    y, cache = fused.group_norm_conv2d_forward_with(ops, x, 2, gamma, beta, w, b, shift, 1, 1, True, True)
+    assert calls == ["add_channel_bias_forward", "group_norm_forward", "silu_forward", "conv2d_forward",
+                     "silu_forward"]
+    np.testing.assert_array_equal(y, fused.group_norm_conv2d_forward(x, 2, gamma, beta, w, b, shift, 1, 1, True, True)[0])
+    calls.clear()
+    fused.group_norm_conv2d_backward_with(ops, np.ones_like(y), cache)
+    assert calls == ["silu_backward", "conv2d_backward", "silu_backward", "group_norm_backward",
+                     "add_channel_bias_backward"]
+    calls.clear()
+    y, cache = fused.conv2d_silu_forward_with(ops, x, w, b, 1, 1)
+    fused.conv2d_silu_backward_with(ops, np.ones_like(y), cache)
+    assert calls == ["conv2d_forward", "silu_forward", "silu_backward", "conv2d_backward"]

@@ -153,3 +153,13 @@ def test_sample_command_resampling(tmp_path):
         assert code == 2 and bad[0] in err.strip().splitlines()[-1], err
     code, err = cli(*base, "--resample", "2", "--out", str(tmp_path / "nomask"))
     assert code == 2 and "--resample" in err and err.strip().count("\n") == 0, err
+
+
+@pytest.mark.parametrize("resample, jump, bad, error", [(0, 1, "resample", ValueError), (1, 0, "jump", ValueError),
+                                                        (2.5, 1, "resample", TypeError), (1, "3", "jump", TypeError)])
+def test_check_resampling_names_the_bad_value(resample, jump, bad, error):
+    # out of range: ValueError; not an integer: TypeError (refdiff.validate.check_int); each names the value
+    from refdiff.inpaint import check_resampling
+    with pytest.raises(error, match=bad):
+        check_resampling(resample, jump)
+    assert check_resampling(1, 1) is None and check_resampling(10, 10) is None

@@ -68,3 +68,11 @@ def test_bits_per_dim_convention():
     np.testing.assert_allclose(res["iwae_bpd"], 8.0, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="pixels"):
         V.vae_bits_per_dim(model, pixels[:, :, :10], np.random.default_rng(1))
+
+
+def test_softplus_is_log_one_plus_exp_without_overflow():
+    # against numpy's logaddexp(0, l) over the float64 range, and the asymptotes by hand
+    l = np.concatenate([np.linspace(-50, 50, 201), [-800.0, -1e300, 800.0, 1e300, 0.0]])
+    np.testing.assert_allclose(V.softplus(l), np.logaddexp(0.0, l), rtol=1e-15, atol=0)
+    assert V.softplus(0.0) == math.log(2.0)
+    assert V.softplus(800.0) == 800.0 and V.softplus(-800.0) == 0.0
