@@ -179,6 +179,19 @@ def fd_direction(f, x, v, h=FD_STEP, scale=None):
     return (vp - vm) / (2 * h), FD_ROUND * EPS64 * max(sp, sm) / h
 
 
+def fd_joint_direction(f, arrays, deltas, h=FD_STEP, scale=None):
+    """fd_direction with several arrays moved at once: (f(a + h d) - f(a - h d)) / 2h, every
+    arrays[k] perturbed in place by deltas[k] (then restored): the derivative along one joint
+    direction, two evaluations for all the arrays. Returns (derivative, rounding bound)."""
+    def at(step):
+        for k, d in deltas.items():
+            arrays[k] += step * d
+        return _value_and_scale(f(), scale)
+    (vp, sp), (vm, sm) = at(h), at(-2 * h)
+    at(h)
+    return (vp - vm) / (2 * h), FD_ROUND * EPS64 * max(sp, sm) / h
+
+
 def assert_fd(analytic, fd, name="gradient"):
     """analytic vs a finite-difference result (value, rounding bound) from fd_grad / fd_vjp /
     fd_tangent: |analytic - num| <= FD_RTOL |num| + bound, entrywise."""

@@ -54,6 +54,11 @@ class GaussianEpsModel:
         pass
 
 
+def noise(seed, k):
+    """Image k's dequantisation noise: the first draw of its stream default_rng([seed, k])."""
+    return np.random.default_rng([seed, k]).uniform(0.0, 1.0, SHAPE)
+
+
 def expected_bpd(sde, u, probes, pixels, t_min):
     """Bits/dim of one image by eq. (1)-(2) with the flow and the integrand in closed form.
     In COV's eigenbasis (eigenvalues lam) the probability-flow ODE keeps each coordinate's
@@ -97,9 +102,9 @@ def test_split_bits_per_dim_per_image_streams_in_closed_form(route):
     assert len(res["nfe"]) == 3 and all(isinstance(n, int) and n > 0 for n in res["nfe"])
     # The probes enter: with the exact trace instead (probes sqrt(D) e_i, whose mean is tr), the
     # expected bits/dim move by far more than the tolerance, so a wrong probe would be seen.
-    exact = [expected_bpd(sde, np.random.default_rng([seed, k]).uniform(0.0, 1.0, SHAPE), EXACT, pixels[k], t_min)
-             for k in range(5)]
+    exact = [expected_bpd(sde, noise(seed, k), EXACT, pixels[k], t_min) for k in range(5)]
     assert np.max(np.abs(np.subtract(exact, expect))) > 1e-3
+
 
 def test_split_bits_per_dim_exact_divergence_and_batches():
     # divergence="exact" draws no probes: the bits/dim are the exact-trace ones, the same for
@@ -108,8 +113,7 @@ def test_split_bits_per_dim_exact_divergence_and_batches():
     sde = continuous_sde(meta, "the test")
     model = GaussianEpsModel(sde)
     pixels = np.random.default_rng(8).integers(0, 256, size=(4,) + SHAPE)
-    expect = [expected_bpd(sde, np.random.default_rng([seed, k]).uniform(0.0, 1.0, SHAPE), EXACT, pixels[k], t_min)
-              for k in range(4)]
+    expect = [expected_bpd(sde, noise(seed, k), EXACT, pixels[k], t_min) for k in range(4)]
     for batch, solves in ((4, 1), (3, 2), (1, 4)):
         res = L.split_image_bits_per_dim(SingleProcess(), model, meta, pixels, seed, batch=batch,
                                          divergence="exact", rtol=1e-9, atol=1e-9, t_min=t_min)

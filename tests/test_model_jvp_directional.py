@@ -12,35 +12,15 @@ tests/test_unet_ddpm.py's whole-network finite-difference tests (slower; deselec
 import numpy as np
 import pytest
 
-from refdiff.nn.unet import UNet
-from refdiff.nn.unet_ddpm import UNetDDPM
-from tests.helpers import FD_ROUND, FD_STEP, EPS64, TINY_UNETS, assert_close, assert_fd, fd_direction, fd_tangent, inner
-
-DDPM = dict(in_channels=1, image_size=8, channels=(4, 8), blocks=1, attention=(1,), heads=2, num_classes=3,
-            dropout=0.1, max_groups=2, time_scale=10.0, zero_init=False)
+from tests.helpers import assert_close, assert_fd, fd_direction, fd_joint_direction, fd_tangent, inner
+from tests.test_tangent import _model as seed_unet
+from tests.test_unet_ddpm import _model as ddpm_unet
 
 
-def _model(kind, seed=3):
-    m = UNetDDPM(dtype=np.float64, seed=seed, **DDPM) if kind == "ddpm" else \
-        UNet(dtype=np.float64, seed=seed, **TINY_UNETS[kind])
-    rng = np.random.default_rng(seed)
-    for k in m.params:          # norms away from (1, 0), so every term of their tangent counts
-        if ".norm" in k:
-            m.params[k][...] = k.endswith(".weight") + 0.5 * rng.standard_normal(m.params[k].shape)
-    return m
-
-
-def _joint_direction(S, params, deltas, h=FD_STEP):
-    """(S(p + h d) - S(p - h d)) / 2h with every parameter array moved at once, and its rounding
-    bound (as helpers.fd_direction)."""
-    def at(step):
-        for k, d in deltas.items():
-            params[k] += step * d
-        out = S()
-        return out if isinstance(out, tuple) else (out, abs(out))
-    (vp, sp), (vm, sm) = at(h), at(-2 * h)
-    at(h)
-    return (vp - vm) / (2 * h), FD_ROUND * EPS64 * max(sp, sm) / h
+def _model(kind):
+    """The tiny float64 networks of test_tangent.py (seed UNet) and test_unet_ddpm.py (labels,
+    dropout, attention), norms away from (1, 0) so every term of their tangent counts."""
+    return ddpm_unet() if kind == "ddpm" else seed_unet(kind)
 
 
 @pytest.mark.parametrize("kind", ["odd", "even", "skip", "ddpm"])
@@ -70,4 +50,4 @@ def test_forward_jvp_and_its_adjoint_along_random_directions(kind):
     assert_fd(np.sum(dx * u), fd_direction(S, x, u), name="dx along a random direction")
     deltas = {k: rng.standard_normal(p.shape) for k, p in model.params.items()}
     analytic = sum(float(np.sum(model.grads[k] * d)) for k, d in deltas.items())
-    assert_fd(analytic, _joint_direction(S, model.params, deltas), name="all parameters along one direction")
+    assert_fd(analytic, fd_joint_direction(S, model.params, deltas), name="all parameters along one direction")
