@@ -24,6 +24,8 @@ c(t) (x, v) (Dual.__add__ / __mul__).
 """
 from __future__ import annotations
 
+from functools import partialmethod
+
 from .tangent import tangent_ops
 
 
@@ -76,22 +78,6 @@ class _DualArrayModule:
         return self._xp.isfinite(a.x if isinstance(a, Dual) else a)
 
 
-def _pair(op):
-    """(forward, backward) of `op` on Duals: its tangent pair; on plain arrays: the primal pair."""
-    def forward(self, x, *args, **kwargs):
-        if not isinstance(x, Dual):
-            return getattr(self._ops, op + "_forward")(x, *args, **kwargs)
-        y, ydot, cache = getattr(self._tangent, op + "_jvp_forward")(x.x, x.dot, *args, **kwargs)
-        return Dual(y, ydot), cache
-
-    def backward(self, dy, cache):
-        if not isinstance(dy, Dual):
-            return getattr(self._ops, op + "_backward")(dy, cache)
-        dx, dxdot, *grads = getattr(self._tangent, op + "_jvp_backward")(dy.x, dy.dot, cache)
-        return (Dual(dx, dxdot), *grads) if grads else Dual(dx, dxdot)
-    return forward, backward
-
-
 class TangentOps:
     """A backend's ops for a forward pass on Duals (see the module docstring); every other
     name (time_embedding, asarray, to_numpy, name, ...) is the backend's own."""
@@ -103,16 +89,36 @@ class TangentOps:
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
-    linear_forward, linear_backward = _pair("linear")
-    silu_forward, silu_backward = _pair("silu")
-    add_channel_bias_forward, add_channel_bias_backward = _pair("add_channel_bias")
-    group_norm_forward, group_norm_backward = _pair("group_norm")
-    group_norm_silu_forward, group_norm_silu_backward = _pair("group_norm_silu")
-    conv2d_forward, conv2d_backward = _pair("conv2d")
-    conv_transpose2d_forward, conv_transpose2d_backward = _pair("conv_transpose2d")
-    upsample_nearest2x_forward, upsample_nearest2x_backward = _pair("upsample_nearest2x")
-    dropout_forward, dropout_backward = _pair("dropout")               # p and rng pass through
-    spatial_attention_forward, spatial_attention_backward = _pair("spatial_attention")
+    def _forward(self, op, x, *args, **kwargs):
+        """`op`'s forward: on a Dual its tangent pair, on a plain array the primal pair."""
+        if not isinstance(x, Dual):
+            return getattr(self._ops, op + "_forward")(x, *args, **kwargs)
+        y, ydot, cache = getattr(self._tangent, op + "_jvp_forward")(x.x, x.dot, *args, **kwargs)
+        return Dual(y, ydot), cache
+
+    def _backward(self, op, dy, cache):
+        """`op`'s backward: on a Dual cotangent the tangent pair's, on a plain array the primal's."""
+        if not isinstance(dy, Dual):
+            return getattr(self._ops, op + "_backward")(dy, cache)
+        dx, dxdot, *grads = getattr(self._tangent, op + "_jvp_backward")(dy.x, dy.dot, cache)
+        return (Dual(dx, dxdot), *grads) if grads else Dual(dx, dxdot)
+
+    # each op's pair is _forward / _backward with the op's name bound (looked up at call time)
+    linear_forward, linear_backward = partialmethod(_forward, "linear"), partialmethod(_backward, "linear")
+    silu_forward, silu_backward = partialmethod(_forward, "silu"), partialmethod(_backward, "silu")
+    add_channel_bias_forward = partialmethod(_forward, "add_channel_bias")
+    add_channel_bias_backward = partialmethod(_backward, "add_channel_bias")
+    group_norm_forward, group_norm_backward = partialmethod(_forward, "group_norm"), partialmethod(_backward, "group_norm")
+    group_norm_silu_forward = partialmethod(_forward, "group_norm_silu")
+    group_norm_silu_backward = partialmethod(_backward, "group_norm_silu")
+    conv2d_forward, conv2d_backward = partialmethod(_forward, "conv2d"), partialmethod(_backward, "conv2d")
+    conv_transpose2d_forward = partialmethod(_forward, "conv_transpose2d")
+    conv_transpose2d_backward = partialmethod(_backward, "conv_transpose2d")
+    upsample_nearest2x_forward = partialmethod(_forward, "upsample_nearest2x")
+    upsample_nearest2x_backward = partialmethod(_backward, "upsample_nearest2x")
+    dropout_forward, dropout_backward = partialmethod(_forward, "dropout"), partialmethod(_backward, "dropout")  # p, rng pass
+    spatial_attention_forward = partialmethod(_forward, "spatial_attention")
+    spatial_attention_backward = partialmethod(_backward, "spatial_attention")
 
     def concat_forward(self, xs, axis=1):
         if not any(isinstance(a, Dual) for a in xs):
