@@ -117,11 +117,14 @@ def main():
     clf = load_model(a.classifier, expect="classifier", use_ema=True)[0]
     x_tr, y_tr, x_te, y_te = load_real("mnist5k")
     ev = Evaluator(clf, x_tr, x_te, y_te)
-    result = dict(benchmark="MNIST: feature FD vs NFE of the ODE samplers; inpainting accuracy",
+    what = "inpainting accuracy" if a.skip_fd else "feature FD vs NFE of the ODE samplers; inpainting accuracy"
+    result = dict(benchmark="MNIST: " + what,
                   command=" ".join(["python benchmarks/mnist_fast_samplers.py"] + sys.argv[1:]),
                   checkpoint=dict(path=os.path.abspath(a.checkpoint), epoch=meta.get("epoch"),
                                   model=model.name),
-                  n=a.n, fd_floor_heldout_vs_train_1000=ev.fd_floor, classifier_accuracy=ev.accuracy)
+                  fd_floor_heldout_vs_train_1000=ev.fd_floor, classifier_accuracy=ev.accuracy)
+    if not a.skip_fd:
+        result["n"] = a.n                   # images per sampler row of the FD curve
     from _common import environment, write_json
     result["inpainting"], done, empty = inpainting(model, meta, ev, a, x_te, y_te)
     from refdiff.figures import save_grid
