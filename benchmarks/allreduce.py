@@ -34,8 +34,9 @@ SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20, 4 <<
 
 # ASSUMED networks for the speed-up model (not measured here): latency alpha, bandwidth beta.
 NETWORKS = {"10GbE": dict(alpha_s=30e-6, beta_gb_per_s=1.25), "IB-100G": dict(alpha_s=2e-6, beta_gb_per_s=12.5)}
-# The step it divides: unet-seed, batch 128, float32, numba on 2 threads of this machine
-# (benchmarks/results/train_step_unet-seed_b128.json, seconds_median.numba, quiet machine).
+# The step it divides: unet-seed, batch 128, float32, on one rank. ASSUMED, like the networks: a
+# 2-core machine whose numba step takes 0.261 s (the step measured on the machine that ran
+# benchmarks/train_step.py is in results/train_step_unet-seed_b128.json, seconds_median.numba).
 STEP_S, STEP_BATCH = 0.261, 128
 
 
@@ -117,7 +118,7 @@ def main(argv=None):
                  beta_gb_per_s=float(1 / inv_beta / 1e9) if inv_beta > 0 else None),
         speedup_model=dict(
             what="unet-seed (the largest model, 1,335,486 parameters: unet-seed and unet share it), global batch "
-                 f"{STEP_BATCH}, one step {STEP_S} s on one rank (numba, 2 threads), ASSUMED networks {NETWORKS}; "
+                 f"{STEP_BATCH}, ASSUMED step {STEP_S} s on one rank (numba, 2 threads), ASSUMED networks {NETWORKS}; "
                  "see speedup_model() for the formula",
             ideal_copy={n: speedup_model(n) for n in (8, 64)},
             with_measured_copy={n: speedup_model(n, copy_s=max(grad_s - rows[-1]["median_s"], 0.0))
