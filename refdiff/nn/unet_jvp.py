@@ -89,11 +89,12 @@ class TangentOps:
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
-    def _forward(self, op, x, *args, **kwargs):
-        """`op`'s forward: on a Dual its tangent pair, on a plain array the primal pair."""
+    def _forward(self, op, x, *args):
+        """`op`'s forward: on a Dual its tangent pair, on a plain array the primal pair (the
+        models call their ops with positional arguments only)."""
         if not isinstance(x, Dual):
-            return getattr(self._ops, op + "_forward")(x, *args, **kwargs)
-        y, ydot, cache = getattr(self._tangent, op + "_jvp_forward")(x.x, x.dot, *args, **kwargs)
+            return getattr(self._ops, op + "_forward")(x, *args)
+        y, ydot, cache = getattr(self._tangent, op + "_jvp_forward")(x.x, x.dot, *args)
         return Dual(y, ydot), cache
 
     def _backward(self, op, dy, cache):
