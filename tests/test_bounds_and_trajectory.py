@@ -1,0 +1,46 @@
+"""Values the other tests leave unchecked: Euler-Maruyama's trajectory, where its final-state
+check says the divergence happened, and Adam's open upper bounds (an infinite lr, eps or weight
+decay, beta = 1)."""
+import math
+
+import numpy as np
+import pytest
+
+from refdiff import samplers
+from refdiff.optim import Adam
+from refdiff.sde import VP
+
+
+def test_euler_maruyama_trajectory_is_every_state():
+    sde, steps = VP(0.1, 20.0), 6
+    score = lambda x, t: -x                       # noqa: E731  (the score of N(0, I))
+    x, traj = samplers.euler_maruyama(sde, score, (5, 2), steps, np.random.default_rng(3),
+                                      return_trajectory=True)
+    assert traj.shape == (steps + 1, 5, 2) and traj.dtype == np.float64
+    # the start is the prior sample (the same draws), the end the result
+    np.testing.assert_array_equal(traj[0], sde.prior_sample((5, 2), np.random.default_rng(3)))
+    np.testing.assert_array_equal(traj[-1], x)
+    assert np.all(np.diff(traj, axis=0) != 0)    # every step moved every entry
+    x_only = samplers.euler_maruyama(sde, score, (5, 2), steps, np.random.default_rng(3))
+    np.testing.assert_array_equal(x_only, x)
+
+
+def test_euler_maruyama_names_where_the_state_diverged():
+    # the score is 0 on the first step and 1.7e308 (finite) on the second, the last: there
+    # g(t)^2 h > 1, so the update overflows and only the final check sees it
+    sde, steps = VP(0.1, 20.0), 2
+    ts = samplers.time_grid(sde, steps, 1e-3, "squared")
+    assert sde.diffusion(ts[1]) ** 2 * (ts[1] - ts[2]) > 1.1
+    score = lambda x, t: np.full_like(x, 1.7e308 if t[0] < ts[0] else 0.0)  # noqa: E731
+    with pytest.raises(FloatingPointError) as e, np.errstate(over="ignore", invalid="ignore"):
+        samplers.euler_maruyama(sde, score, (3, 2), steps, np.random.default_rng(0), t_min=1e-3)
+    assert str(e.value).startswith(f"the state contains NaN or Inf at step {steps} (t = 0.001)")
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=math.inf), "lr"), (dict(eps=math.inf), "eps"), (dict(weight_decay=math.inf), "weight_decay"),
+    (dict(betas=(0.9, 1.0)), "beta2"), (dict(betas=(1.0, 0.999)), "beta1"), (dict(betas=(0.9, 2.0)), "beta2"),
+])
+def test_adam_upper_bounds_are_open(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Adam(None, **kwargs)
