@@ -1,4 +1,4 @@
-"""The horizon T of the SDEs, checked against the definitions at T != 1 (the other tests use
+"""The SDEs by value where the other tests do not look: the horizon T at T != 1 (they use
 T = 1, where t / T and t * T agree).
 
 VE: sigma(t) = sigma_min (sigma_max / sigma_min)^(t / T), so VE on [0, T] is VE on [0, 1] run on
@@ -8,10 +8,12 @@ VP and sub-VP: beta(t) = beta_min + (t / T)(beta_max - beta_min), the same beta 
 [0, T] (not a clock change: int_0^T beta = T (beta_min + beta_max) / 2 grows with T), so
     a_T(t) = a_1(t / T),  g_T(t)^2 from beta_T(t) = beta_1(t / T),  log gamma_T(t) = T log gamma_1(t / T).
 """
+import math
+
 import numpy as np
 import pytest
 
-from refdiff.sde import VE, VP, SubVP
+from refdiff.sde import OU, VE, VP, SubVP
 
 S = np.linspace(0.0, 1.0, 11)
 
@@ -59,3 +61,32 @@ def test_ve_has_no_drift():
     assert a.shape == t.shape and a.dtype == np.float64 and not np.any(a)
     x = np.ones((3, 2))
     np.testing.assert_array_equal(VE(0.01, 5.0).drift(x, t), np.zeros_like(x))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_ve_marginal_std_closed_form(T):
+    """p_{t|0} = N(x0, (sigma(t)^2 - sigma_min^2) I): 0 at t = 0, and d std^2 / dt = g(t)^2
+    (VE has no drift), checked by central differences."""
+    ve = VE(0.01, 5.0, T=T)
+    gamma, std = ve.marginal_coeffs(np.array([0.0, T]))
+    np.testing.assert_array_equal(gamma, [1.0, 1.0])
+    np.testing.assert_allclose(std, [0.0, math.sqrt(5.0 ** 2 - 0.01 ** 2)], rtol=1e-12, atol=0)
+    t, h = np.linspace(0.1, 0.9, 5) * T, 1e-5 * T
+    d_var = (ve.marginal_coeffs(t + h)[1] ** 2 - ve.marginal_coeffs(t - h)[1] ** 2) / (2 * h)
+    np.testing.assert_allclose(d_var, ve.diffusion(t) ** 2, rtol=1e-7)
+
+
+def test_ou_drift_rate_has_the_shape_of_t():
+    t = np.array([0.0, 0.5, 1.0])
+    a = OU(5.0).a(t)
+    assert a.shape == t.shape and a.dtype == np.float64
+    np.testing.assert_array_equal(a, [5.0, 5.0, 5.0])
+
+
+@pytest.mark.parametrize("sde", [VP(0.1, 20.0), VE(0.01, 5.0), OU(5.0)])
+def test_drift_keeps_float32(sde):
+    """bcast casts t to a floating x's dtype: a float32 state keeps float32 through the drift."""
+    x = np.ones((4, 3), dtype=np.float32)
+    t = np.full(4, 0.5)
+    assert sde.drift(x, t).dtype == np.float32
+    assert sde.drift(x.astype(np.float64), t).dtype == np.float64
