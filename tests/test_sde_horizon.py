@@ -7,6 +7,7 @@ the clock s = t / T: if Y solves the T = 1 equation, X(t) = Y(t / T) has
 VP and sub-VP: beta(t) = beta_min + (t / T)(beta_max - beta_min), the same beta values spread over
 [0, T] (not a clock change: int_0^T beta = T (beta_min + beta_max) / 2 grows with T), so
     a_T(t) = a_1(t / T),  g_T(t)^2 from beta_T(t) = beta_1(t / T),  log gamma_T(t) = T log gamma_1(t / T).
+Then VE's marginal std in closed form, OU's drift rate, and the drift's dtype.
 """
 import math
 
