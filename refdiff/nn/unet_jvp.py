@@ -104,23 +104,6 @@ class TangentOps:
         dx, dxdot, *grads = getattr(self._tangent, op + "_jvp_backward")(dy.x, dy.dot, cache)
         return (Dual(dx, dxdot), *grads) if grads else Dual(dx, dxdot)
 
-    # each op's pair is _forward / _backward with the op's name bound (looked up at call time)
-    linear_forward, linear_backward = partialmethod(_forward, "linear"), partialmethod(_backward, "linear")
-    silu_forward, silu_backward = partialmethod(_forward, "silu"), partialmethod(_backward, "silu")
-    add_channel_bias_forward = partialmethod(_forward, "add_channel_bias")
-    add_channel_bias_backward = partialmethod(_backward, "add_channel_bias")
-    group_norm_forward, group_norm_backward = partialmethod(_forward, "group_norm"), partialmethod(_backward, "group_norm")
-    group_norm_silu_forward = partialmethod(_forward, "group_norm_silu")
-    group_norm_silu_backward = partialmethod(_backward, "group_norm_silu")
-    conv2d_forward, conv2d_backward = partialmethod(_forward, "conv2d"), partialmethod(_backward, "conv2d")
-    conv_transpose2d_forward = partialmethod(_forward, "conv_transpose2d")
-    conv_transpose2d_backward = partialmethod(_backward, "conv_transpose2d")
-    upsample_nearest2x_forward = partialmethod(_forward, "upsample_nearest2x")
-    upsample_nearest2x_backward = partialmethod(_backward, "upsample_nearest2x")
-    dropout_forward, dropout_backward = partialmethod(_forward, "dropout"), partialmethod(_backward, "dropout")  # p, rng pass
-    spatial_attention_forward = partialmethod(_forward, "spatial_attention")
-    spatial_attention_backward = partialmethod(_backward, "spatial_attention")
-
     def concat_forward(self, xs, axis=1):
         if not any(isinstance(a, Dual) for a in xs):
             return self._ops.concat_forward(xs, axis)
@@ -132,6 +115,17 @@ class TangentOps:
             return self._ops.concat_backward(dy, cache)
         dxs, dxdots = self._tangent.concat_jvp_backward(dy.x, dy.dot, cache)
         return [Dual(a, b) for a, b in zip(dxs, dxdots)]
+
+
+# each op's pair: _forward / _backward with the op's name bound (dropout's p and rng pass
+# through). The partials wrap the methods themselves, so every call runs them (a mutation
+# tool's switch of them included); closures built here would be frozen at import.
+_PAIRED_OPS = ("linear", "silu", "add_channel_bias", "group_norm", "group_norm_silu", "conv2d",
+               "conv_transpose2d", "upsample_nearest2x", "dropout", "spatial_attention")
+for _op in _PAIRED_OPS:
+    setattr(TangentOps, _op + "_forward", partialmethod(TangentOps._forward, _op))
+    setattr(TangentOps, _op + "_backward", partialmethod(TangentOps._backward, _op))
+del _op
 
 
 class UNetJVP:
