@@ -89,8 +89,12 @@ def test_model_bad_inputs():
     (dict(lr=float("inf")), "lr must lie in"),
     (dict(betas=(1.0, 0.999)), r"beta1 must lie in \[0, 1\)"),
     (dict(betas=(0.9, -0.1)), "beta2 must lie in"),
+    (dict(betas=(0.9, 1.0)), r"beta2 must lie in \[0, 1\)"),
+    (dict(betas=(0.9, 2.0)), r"beta2 must lie in \[0, 1\)"),
     (dict(eps=0.0), "eps must lie in"),
+    (dict(eps=float("inf")), "eps must lie in"),
     (dict(weight_decay=-1.0), "weight_decay must lie in"),
+    (dict(weight_decay=float("inf")), "weight_decay must lie in"),
 ])
 def test_bad_optimizer_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
