@@ -1,6 +1,6 @@
 """Mutation score of a mutmut run, with the survivors explained in docs/mutation-survivors.json.
 
-    python -m tests.mutation.report [--workdir DIR ...] [--json OUT] [--list STATUS]
+    python -m tests.mutation.report [--workdir DIR ...] [--json OUT] [--list STATUS] [--forget STATUS]
 
 Reads mutmut's results (DIR/mutants/**/*.py.meta, for each --workdir; default: the two runs of
 tests/mutation/run.sh, $MUTATION_WORKDIR/core and $MUTATION_WORKDIR/kernels, MUTATION_WORKDIR
@@ -13,7 +13,10 @@ where "equivalent" are the survivors docs/mutation-survivors.json marks as such 
 computes the same thing). Survivors that the file does not explain are listed: each needs a
 test, or an entry with its one-line reason. --json writes the counts (for docs/testing.md);
 --list STATUS prints only the names of the mutants with that status (run.sh re-runs the
-timeouts with it). "no tests" (no test of the selection calls the function) counts as
+timeouts with it); --forget STATUS erases the results of the mutants with that status, so the
+next tests/mutation/run.sh on that workdir runs them again against the current tests (mutmut
+keeps a mutant's result until its function changes, and collects the coverage of new tests
+only). "no tests" (no test of the selection calls the function) counts as
 not caught, like a survivor.
 """
 from __future__ import annotations
@@ -39,6 +42,23 @@ def results(workdir):
     return out
 
 
+def forget(workdir, status):
+    """Erase, in each .meta file, the result of every mutant whose status is `status`."""
+    n = 0
+    for meta in sorted(Path(workdir, "mutants").rglob("*.py.meta")):
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        names = [k for k, code in codes.items() if STATUS.get(code, "suspicious") == status]
+        for k in names:
+            codes[k] = None
+        if names:
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(meta)
+            n += len(names)
+    return n
+
+
 def survivors_file():
     path = ROOT / "docs" / "mutation-survivors.json"
     return {e["mutant"]: e for e in json.loads(path.read_text())["survivors"]} if path.exists() else {}
@@ -54,7 +74,13 @@ def main(argv=None):
     ap.add_argument("--workdir", action="append", help="a mutmut run's directory (repeatable)")
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--list", metavar="STATUS", help="only print the names of the mutants with this status")
+    ap.add_argument("--forget", metavar="STATUS",
+                    help="erase the results of the mutants with this status (the next run redoes them)")
     args = ap.parse_args(argv)
+    if args.forget:
+        for w in args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]:
+            print(w, forget(w, args.forget), "results erased")
+        return 0
     res = {}
     for w in args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]:
         if os.path.isdir(os.path.join(w, "mutants")):

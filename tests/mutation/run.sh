@@ -8,6 +8,8 @@
 #   tests/mutation/run.sh "refdiff.optim.*"        # a subset, by mutmut's mutant-name glob
 #   tests/mutation/run.sh "refdiff_cuda.numba_cpu.conv.*"      # globs of kernels go to their run
 #   python -m tests.mutation.report                # score and unexplained survivors
+#   python -m tests.mutation.report --forget survived && tests/mutation/run.sh
+#                                                  # the survivors again, against new tests
 #
 # Two mutmut runs, each in a scratch copy of the committed tree (uncommitted edits neither
 # leak into it nor get mutated), under MUTATION_WORKDIR (default /tmp/refdiff-mutation):
