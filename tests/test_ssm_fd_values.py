@@ -1,0 +1,87 @@
+"""refdiff.losses.ssm_fd by value against a hand computation, with a network linear in x
+(eps(x, t) = A x + t b, so the central differences are exact): the 2R rows it evaluates are
+x_t +- h nu with h = fd_step std_t / sqrt(D) for (B, D) and (B, C, H, W) data and both kinds of
+probe, the loss is T sum_r w_r / R (first_r - 2 std_r nu_r^T A nu_r) with first = (nu^T eps)^2
+or |eps|^2 (variance-reduced), the gradient handed back is that loss's, and ssm_vr / ssm_vr_fd
+are ssm / ssm_fd with variance_reduced=True and the caller's other options."""
+import math
+
+import numpy as np
+import pytest
+
+from refdiff import losses
+from refdiff.backend import REFERENCE
+from refdiff.nn.mlp import ScoreMLP
+from refdiff.sde import VP
+
+
+class Linear:
+    """eps(x, t) = A vec(x) + t b, recording its input and the gradient it is given."""
+
+    kind, name, ops, dtype = "eps", "linear", REFERENCE, np.dtype(np.float64)
+
+    def __init__(self, D, seed=0):
+        r = np.random.default_rng(seed)
+        self.A, self.b = r.standard_normal((D, D)) / math.sqrt(D), r.standard_normal(D)
+
+    def forward(self, x, t):
+        self.x = x.copy()
+        flat = x.reshape(x.shape[0], -1)
+        return (flat @ self.A.T + t[:, None] * self.b).reshape(x.shape)
+
+    def backward(self, dy):
+        self.dy = dy.copy()
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 1, 2, 3)])
+@pytest.mark.parametrize("projection", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("variance_reduced, weighting", [(False, "noise"), (True, "likelihood"), (False, "none")])
+def test_ssm_fd_against_the_hand_computation(shape, projection, variance_reduced, weighting):
+    sde = VP(0.1, 20.0, T=2.0)
+    D = int(np.prod(shape[1:]))
+    x0 = np.random.default_rng(1).uniform(-1, 1, shape)
+    net, fd_step, P = Linear(D), 0.05, 2
+    kw = dict(projection=projection, n_projections=P, t_min=1e-3, weighting=weighting)
+    loss = losses.ssm_fd(net, sde, x0, np.random.default_rng(7), variance_reduced=variance_reduced,
+                         fd_step=fd_step, **kw)
+    xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(7), projection, P, 1e-3, weighting)
+    R = xt.shape[0]
+    h = fd_step * std / math.sqrt(D)
+    step = h.reshape((-1,) + (1,) * (xt.ndim - 1)) * nu
+    np.testing.assert_allclose(net.x, np.concatenate([xt + step, xt - step]), rtol=1e-13, atol=1e-15)
+    f = lambda x: x.reshape(R, -1)               # noqa: E731
+    eps = f(xt) @ net.A.T + t[:, None] * net.b
+    n = f(nu)
+    proj = np.sum(n * eps, axis=1)
+    first = np.sum(eps * eps, axis=1) if variance_reduced else proj ** 2
+    trace = std * np.einsum("rd,de,re->r", n, net.A, n)
+    c = sde.T * w / R
+    assert loss == pytest.approx(float(np.sum(c * (first - 2 * trace))), rel=1e-10)
+    # d loss / d eps(x +- h nu): each of the two rows carries half of d first / d eps, -+ the trace's
+    g_first = c[:, None] * (eps if variance_reduced else proj[:, None] * n)
+    g_trace = c[:, None] * (std / h)[:, None] * n
+    want = np.concatenate([g_first - g_trace, g_first + g_trace]).reshape(net.dy.shape)
+    np.testing.assert_allclose(net.dy, want, rtol=1e-10, atol=1e-14)
+
+
+def test_fd_step_default_is_one_hundredth_of_the_noise_scale():
+    sde, x0 = VP(), np.random.default_rng(2).uniform(-1, 1, (2, 4))
+    net = Linear(4)
+    losses.ssm_fd(net, sde, x0, np.random.default_rng(3))
+    xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(3), "rademacher", 1, 1e-5, "noise")
+    half = (net.x[:2] - net.x[2:]) / 2
+    np.testing.assert_allclose(half, (1e-2 * std / 2)[:, None] * nu, rtol=1e-12)
+
+
+@pytest.mark.parametrize("vr, plain", [(losses.ssm_vr, losses.ssm), (losses.ssm_vr_fd, losses.ssm_fd)])
+def test_vr_variants_are_the_variance_reduced_losses(vr, plain):
+    sde, x0 = VP(), np.random.default_rng(4).uniform(-1, 1, (3, 2))
+    kw = dict(n_projections=2, projection="gaussian", t_min=1e-2)
+    model = ScoreMLP(dim=2, widths=(8,), dtype=np.float64, seed=1)
+    got = vr(model, sde, x0, np.random.default_rng(5), **kw)
+    model2 = ScoreMLP(dim=2, widths=(8,), dtype=np.float64, seed=1)
+    assert got == plain(model2, sde, x0, np.random.default_rng(5), variance_reduced=True, **kw)
+    model3 = ScoreMLP(dim=2, widths=(8,), dtype=np.float64, seed=1)
+    assert got != plain(model3, sde, x0, np.random.default_rng(5), variance_reduced=True)   # options matter
+    model4 = ScoreMLP(dim=2, widths=(8,), dtype=np.float64, seed=1)
+    assert got != plain(model4, sde, x0, np.random.default_rng(5), **kw)                    # VR matters
