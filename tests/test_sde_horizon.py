@@ -92,3 +92,12 @@ def test_drift_keeps_float32(sde):
     t = np.full(4, 0.5)
     assert sde.drift(x, t).dtype == np.float32
     assert sde.drift(x.astype(np.float64), t).dtype == np.float64
+
+
+@pytest.mark.parametrize("sde, want", [(OU(0.5), 0.5), (VE(0.01, 5.0), 0.0), (VP(0.1, 20.0), 0.5 * 20.0)])
+def test_drift_rate_at_integer_times_is_float(sde, want):
+    """Integer times (t = 1, or an int array) give the float rate: OU's 0.5 is not truncated to 0."""
+    for t in (1, np.array([1, 1])):
+        a = sde.a(t)
+        assert a.dtype == np.float64
+        np.testing.assert_array_equal(a, np.full(np.shape(t), want))
