@@ -468,28 +468,40 @@ def _step(kernel, x, a, z, c1, c2, c3):
     return back(out)
 
 
-def _ddpm(kernel):
+def _ddpm_step(kernel, x, eps, z, beta, alpha_bar, sigma):
     from refdiff.nn.steps import ddpm_coeffs
 
-    def ddpm_step(x, eps, z, beta, alpha_bar, sigma):
-        coef, inv = ddpm_coeffs(beta, alpha_bar, np.asarray(x).dtype)
-        return _step(kernel, x, eps, z, coef, inv, np.asarray(x).dtype.type(sigma))
-    ddpm_step.__doc__ = "Fused ddpm_step (refdiff.nn.steps.ddpm_step): one pass over x, eps, z."
-    return ddpm_step
+    coef, inv = ddpm_coeffs(beta, alpha_bar, np.asarray(x).dtype)
+    return _step(kernel, x, eps, z, coef, inv, np.asarray(x).dtype.type(sigma))
 
 
-def _em(kernel):
+def _em_step(kernel, x, score, z, a, g, dt):
     from refdiff.nn.steps import em_coeffs
 
-    def em_step(x, score, z, a, g, dt):
-        adt, g2dt, noise = em_coeffs(a, g, dt, np.asarray(x).dtype)
-        return _step(kernel, x, score, z, adt, g2dt, noise)
-    em_step.__doc__ = "Fused em_step (refdiff.nn.steps.em_step): one pass over x, score, z."
-    return em_step
+    adt, g2dt, noise = em_coeffs(a, g, dt, np.asarray(x).dtype)
+    return _step(kernel, x, score, z, adt, g2dt, noise)
 
 
-ddpm_step_v1, ddpm_step_v2 = _ddpm(_axpby_v1), _ddpm(_axpby_v2)
-em_step_v1, em_step_v2 = _em(_em_v1), _em(_em_v2)
+# Plain functions (not closures made at import) so that the kernels' mutation run can switch them.
+def ddpm_step_v1(x, eps, z, beta, alpha_bar, sigma):
+    """Fused ddpm_step (refdiff.nn.steps.ddpm_step): one pass over x, eps, z."""
+    return _ddpm_step(_axpby_v1, x, eps, z, beta, alpha_bar, sigma)
+
+
+def ddpm_step_v2(x, eps, z, beta, alpha_bar, sigma):
+    """Fused ddpm_step (refdiff.nn.steps.ddpm_step): one parallel pass over x, eps, z."""
+    return _ddpm_step(_axpby_v2, x, eps, z, beta, alpha_bar, sigma)
+
+
+def em_step_v1(x, score, z, a, g, dt):
+    """Fused em_step (refdiff.nn.steps.em_step): one pass over x, score, z."""
+    return _em_step(_em_v1, x, score, z, a, g, dt)
+
+
+def em_step_v2(x, score, z, a, g, dt):
+    """Fused em_step (refdiff.nn.steps.em_step): one parallel pass over x, score, z."""
+    return _em_step(_em_v2, x, score, z, a, g, dt)
+
 
 KERNELS = {
     "linear": {1: (linear_forward_v1, linear_backward_v1), 2: (linear_forward_v2, linear_backward_v2)},
