@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -37,9 +38,21 @@ def results(workdir):
     """{mutant name: status} over every .meta file mutmut wrote."""
     out = {}
     for meta in sorted(Path(workdir, "mutants").rglob("*.py.meta")):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        for name, code in _read_meta(meta)["exit_code_by_key"].items():
             out[name] = STATUS.get(code, "suspicious")
     return out
+
+
+def _read_meta(meta, tries=20):
+    """A .meta file's JSON; mutmut rewrites them in place during a run, so a half-written one
+    is read again a moment later."""
+    for k in range(tries):
+        try:
+            return json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            if k == tries - 1:
+                raise
+            time.sleep(0.1)
 
 
 def forget(workdir, status):
