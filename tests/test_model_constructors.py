@@ -63,3 +63,15 @@ def test_discriminator_uses_its_slope(slope):
         if i < len(gan.d_names) - 1:
             h = np.where(h > 0, h, slope * h)
     np.testing.assert_allclose(gan.discriminate_forward(x)[0], h, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["unet_seed", "unet_seed_fixed", "unet_seed_skip"])
+def test_seed_unet_factories_pass_dtype_seed_and_backend(name):
+    from refdiff.nn import unet
+    factory = getattr(unet, name)
+    m = factory()
+    assert m.dtype == np.float32 and m.ops.name == "numpy"
+    assert _same_params(m, factory(seed=0)) and not _same_params(m, factory(seed=1))
+    assert factory(dtype=np.float64).dtype == np.float64
+    pytest.importorskip("numba")
+    assert factory(backend="numba").ops.name == "numba"

@@ -132,3 +132,11 @@ def test_mlp_grads_accumulate_and_zero():
     assert all(np.allclose(m.grads[k], 2 * g1[k]) for k in g1)
     m.zero_grad()
     assert all(not np.any(v) for v in m.grads.values())
+
+
+def test_leaky_relu_at_zero_takes_the_negative_slope():
+    """x > 0 is the positive side (PyTorch's convention): at exactly 0 the gradient is the slope."""
+    x = np.array([-1.0, 0.0, 2.0])
+    y, cache = F.leaky_relu_forward(x, 0.1)
+    np.testing.assert_array_equal(y, [-0.1, 0.0, 2.0])
+    np.testing.assert_array_equal(F.leaky_relu_backward(np.ones(3), cache), [0.1, 0.1, 1.0])
