@@ -65,10 +65,11 @@ def test_discriminator_uses_its_slope(slope):
     np.testing.assert_allclose(gan.discriminate_forward(x)[0], h, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["unet_seed", "unet_seed_fixed", "unet_seed_skip"])
-def test_seed_unet_factories_pass_dtype_seed_and_backend(name):
-    from refdiff.nn import unet
-    factory = getattr(unet, name)
+@pytest.mark.parametrize("name", ["unet_seed", "unet_seed_fixed", "unet_seed_skip", "unet_ddpm"])
+def test_unet_factories_pass_dtype_seed_and_backend(name):
+    from refdiff.nn import unet, unet_ddpm
+    small = dict(channels=[4], attention=[], image_size=4, max_groups=2) if name == "unet_ddpm" else {}
+    factory = lambda **kw: getattr(unet_ddpm if name == "unet_ddpm" else unet, name)(**small, **kw)  # noqa: E731
     m = factory()
     assert m.dtype == np.float32 and m.ops.name == "numpy"
     assert _same_params(m, factory(seed=0)) and not _same_params(m, factory(seed=1))
