@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from refdiff.ddpm import model_input_shape
-from refdiff.metrics import frechet_distance
+from refdiff.metrics import energy_distance, frechet_distance
 from refdiff.nn import make_model
 from refdiff.nn.classifier import random_shift
 from refdiff.nn.unet_jvp import Dual
@@ -77,4 +77,15 @@ def test_frechet_distance_of_data_out_of_float64_squaring_range(k):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((50, 3)), rng.standard_normal((60, 3)) + 0.5
     lam = math.ldexp(1.0, k)
-    assert frechet_distance(a * lam, b * lam) == pytest.approx(frechet_distance(a, b) * lam * lam, rel=1e-9)
+    assert frechet_distance(a * lam, b * lam) == pytest.approx(frechet_distance(a, b) * lam * lam, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("k", [-540, 540])
+def test_energy_distance_of_data_whose_squares_leave_float64(k):
+    # at 2^+-540 the squared coordinates under- or overflow float64 (2^-1080 is below the
+    # smallest subnormal, 2^1080 above the largest float): only the power-of-two rescaling
+    # keeps the distance, which scales by 2^k (it is a mean of norms)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((40, 3)), rng.standard_normal((30, 3)) + 0.5
+    lam = math.ldexp(1.0, k)
+    assert energy_distance(a * lam, b * lam) == pytest.approx(energy_distance(a, b) * lam, rel=1e-9, abs=0)
