@@ -2,6 +2,8 @@
 0 is refused naming the argument; the config records what was built (checkpoints rebuild from
 it); seed and backend reach the parameters and the ops; the defaults are the documented ones;
 the discriminator's leaky slope is the configured one (against a hand-written forward)."""
+import types
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,58 @@ def test_unet_factories_pass_dtype_seed_and_backend(name):
     assert factory(dtype=np.float64).dtype == np.float64
     pytest.importorskip("numba")
     assert factory(backend="numba").ops.name == "numba"
+
+
+def test_unet_ddpm_defaults_and_config():
+    from refdiff.nn.unet_ddpm import UNetDDPM
+    m = UNetDDPM(image_size=8, channels=[4], attention=[], max_groups=2)
+    assert m.name == "unet-ddpm" and m.ops.name == "numpy"
+    assert {k: m.config[k] for k in ("in_channels", "blocks", "heads", "dropout", "num_classes", "emb_mult",
+                                     "time_scale", "zero_init")} == dict(in_channels=1, blocks=1, heads=1, dropout=0.1,
+                                                                         num_classes=0, emb_mult=4, time_scale=1000.0,
+                                                                         zero_init=True)
+    assert UNetDDPM(image_size=8, channels=[4], attention=[]).config["max_groups"] == 8
+    assert _same_params(m, UNetDDPM(image_size=8, channels=[4], attention=[], max_groups=2, seed=0))
+    with pytest.raises(ValueError, match="time_scale"):
+        UNetDDPM(image_size=8, channels=[4], attention=[], time_scale=0.0)
+    pytest.importorskip("numba")
+    assert UNetDDPM(image_size=8, channels=[4], attention=[], max_groups=2, backend="numba").ops.name == "numba"
+
+
+@pytest.mark.parametrize("kw, ok", [
+    (dict(channels=[4, 8], attention=[0], image_size=8), True),            # attention at level 0 is allowed
+    (dict(channels=[4, 8, 8], attention=[], image_size=12), True),         # 12 = 3 x 2^2
+    (dict(channels=[4, 8, 8], attention=[], image_size=6), r"image_size 6 must be divisible by 2\^2 = 4"),
+    (dict(channels=[4, 8, 6], attention=[], image_size=8, heads=4), r"heads=4 must divide the 6 channels of the middle"),
+    (dict(channels=[4, 6], attention=[1], image_size=8, heads=4), "heads=4 must divide the 6 channels of attention level 1"),
+    (dict(channels=[6, 8], attention=[0], image_size=8, heads=4), "heads=4 must divide the 6 channels of attention level 0"),
+    (dict(channels=[], attention=[], image_size=8), "channels must be a non-empty list of positive ints"),
+])
+def test_unet_ddpm_config_checks(kw, ok):
+    from refdiff.nn.unet_ddpm import UNetDDPM
+    kw = dict(max_groups=2, **kw)
+    if ok is True:
+        UNetDDPM(**kw)
+    else:
+        with pytest.raises(ValueError, match=ok):
+            UNetDDPM(**kw)
+
+
+def test_load_state_checks_every_key_and_dtype_before_copying():
+    from refdiff.nn import make_model, model_from_spec
+    m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
+    state = {k: v.copy() for k, v in m.state().items()}
+    k0 = sorted(state)[0]
+    for bad, match in ((dict(state, extra=np.zeros(1)), r"unexpected \['extra'\]"),
+                       ({k: v for k, v in state.items() if k != k0}, rf"missing \['{k0}'\]"),
+                       (dict(state, **{k0: state[k0].astype(np.int64)}), "the state has dtype int64")):
+        with pytest.raises(ValueError, match=match):
+            m.load_state(bad)
+    new = {k: v + 1.0 for k, v in state.items()}
+    m.load_state(new)
+    assert _same_params(m, types.SimpleNamespace(params=new))
+    m32 = make_model("mlp", dim=2, widths=[3])
+    m32.load_state(new)
+    assert all(v.dtype == np.float32 for v in m32.params.values())
+    pytest.importorskip("numba")
+    assert model_from_spec(m.spec(), backend="numba").ops.name == "numba"

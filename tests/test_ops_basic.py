@@ -140,3 +140,10 @@ def test_leaky_relu_at_zero_takes_the_negative_slope():
     y, cache = F.leaky_relu_forward(x, 0.1)
     np.testing.assert_array_equal(y, [-0.1, 0.0, 2.0])
     np.testing.assert_array_equal(F.leaky_relu_backward(np.ones(3), cache), [0.1, 0.1, 1.0])
+
+
+def test_relu_at_zero_passes_no_gradient():
+    """x > 0 is the active side (PyTorch's convention): at exactly 0 the gradient is 0."""
+    y, cache = F.relu_forward(np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(y, [0.0, 0.0, 2.0])
+    np.testing.assert_array_equal(F.relu_backward(np.ones(3), cache), [0.0, 0.0, 1.0])

@@ -85,3 +85,56 @@ def test_vr_variants_are_the_variance_reduced_losses(vr, plain):
     assert got != plain(model3, sde, x0, np.random.default_rng(5), variance_reduced=True)   # options matter
     model4 = ScoreMLP(dim=2, widths=(8,), dtype=np.float64, seed=1)
     assert got != plain(model4, sde, x0, np.random.default_rng(5), **kw)                    # VR matters
+
+
+class LinearJVP(Linear):
+    """Linear with forward mode: J_eps nu = A nu; records the cotangents it is given."""
+
+    def forward_jvp(self, x, t, v):
+        flat, vf = x.reshape(x.shape[0], -1), v.reshape(v.shape[0], -1)
+        return (flat @ self.A.T + t[:, None] * self.b).reshape(x.shape), (vf @ self.A.T).reshape(x.shape)
+
+    def backward_jvp(self, de, dedot):
+        self.de, self.dedot = de.copy(), dedot.copy()
+
+
+@pytest.mark.parametrize("variance_reduced, weighting", [(False, "likelihood"), (True, "none")])
+def test_ssm_against_the_hand_computation(variance_reduced, weighting):
+    sde, P = VP(0.1, 20.0, T=2.0), 2
+    x0 = np.random.default_rng(1).uniform(-1, 1, (3, 4))
+    net = LinearJVP(4)
+    kw = dict(projection="gaussian", n_projections=P, t_min=1e-3, weighting=weighting)
+    loss = losses.ssm(net, sde, x0, np.random.default_rng(7), variance_reduced=variance_reduced, **kw)
+    xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(7), "gaussian", P, 1e-3, weighting)
+    R = xt.shape[0]
+    eps = xt @ net.A.T + t[:, None] * net.b
+    proj = np.sum(nu * eps, axis=1)
+    first = np.sum(eps * eps, axis=1) if variance_reduced else proj ** 2
+    c = sde.T * w / R
+    assert loss == pytest.approx(float(np.sum(c * (first - 2 * std * np.einsum("rd,de,re->r", nu, net.A, nu)))),
+                                 rel=1e-10)
+    np.testing.assert_allclose(net.de, 2 * c[:, None] * (eps if variance_reduced else proj[:, None] * nu), rtol=1e-10)
+    np.testing.assert_allclose(net.dedot, -2 * (c * std)[:, None] * nu, rtol=1e-10)
+
+
+@pytest.mark.parametrize("projection", ["rademacher", "gaussian"])
+def test_ssm_batch_replays_its_draws(projection):
+    """x_t = mean + std z from the draws t, z, then the probes, each sample repeated per probe."""
+    sde, x0 = VP(), np.random.default_rng(2).uniform(-1, 1, (3, 2))
+    xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(4), projection, 2, 1e-3, "noise")
+    rng = np.random.default_rng(4)
+    t0 = losses.sample_time(sde, 3, rng, 1e-3)
+    z = rng.standard_normal(x0.shape)
+    mean, s = sde.marginal(x0, t0)
+    np.testing.assert_array_equal(xt, np.concatenate([mean + s * z] * 2))
+    np.testing.assert_array_equal(t, np.tile(t0, 2))
+    np.testing.assert_array_equal(nu, losses.sample_projections(xt.shape, rng, projection))
+
+
+def test_exact_ssm_needs_both_forward_modes():
+    sde, x0 = VP(), np.zeros((2, 4))
+    for missing in ("forward_jvp", "backward_jvp"):
+        net = LinearJVP(4)
+        setattr(net, missing, None)
+        with pytest.raises(ValueError, match="has no forward_jvp/backward_jvp"):
+            losses.ssm(net, sde, x0, np.random.default_rng(0))
