@@ -133,3 +133,14 @@ def test_load_state_checks_every_key_and_dtype_before_copying():
     assert all(v.dtype == np.float32 for v in m32.params.values())
     pytest.importorskip("numba")
     assert model_from_spec(m.spec(), backend="numba").ops.name == "numba"
+
+
+def test_unet_ddpm_checks_its_times():
+    from refdiff.nn.unet_ddpm import UNetDDPM
+    m = UNetDDPM(image_size=4, channels=[4], attention=[], max_groups=2, dtype=np.float64)
+    x = np.zeros((2, 1, 4, 4))
+    for t in (np.zeros(3), np.array([0.5, np.nan])):
+        with pytest.raises(ValueError, match=r"t of shape \(2,\)|t contains NaN"):
+            m.forward(x, t)
+        with pytest.raises(ValueError, match=r"t of shape \(2,\)|t contains NaN"):
+            m.predict(x, t)
