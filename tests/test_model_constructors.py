@@ -144,3 +144,21 @@ def test_unet_ddpm_checks_its_times():
             m.forward(x, t)
         with pytest.raises(ValueError, match=r"t of shape \(2,\)|t contains NaN"):
             m.predict(x, t)
+
+
+def test_seed_unet_defaults_and_middle_width():
+    from refdiff.nn.unet import UNet
+    c = UNet(channels=[4, 6], blocks=1).config
+    assert c["mid_channels"] == 3                       # half the last stage when not given
+    assert (c["emb_dim"], c["time_scale"], c["max_groups"], c["final_norm"]) == (100, 1000.0, 8, False)
+    assert UNet(channels=[2], blocks=1).config["mid_channels"] == 1
+    assert UNet(channels=[4, 6], blocks=1, mid_channels=5).config["mid_channels"] == 5
+    assert UNet(channels=[4], blocks=1, final_norm=True).config["final_norm"] is True
+    assert _same_params(UNet(channels=[4], blocks=1), UNet(channels=[4], blocks=1, seed=0))
+
+
+def test_mlp_forward_jvp_checks_its_times():
+    from refdiff.nn import make_model
+    m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
+    with pytest.raises(ValueError, match=r"t of shape \(2,\)"):
+        m.forward_jvp(np.zeros((2, 2)), np.zeros(3), np.zeros((2, 2)))

@@ -147,3 +147,18 @@ def test_relu_at_zero_passes_no_gradient():
     y, cache = F.relu_forward(np.array([-1.0, 0.0, 2.0]))
     np.testing.assert_array_equal(y, [0.0, 0.0, 2.0])
     np.testing.assert_array_equal(F.relu_backward(np.ones(3), cache), [0.0, 0.0, 1.0])
+
+
+def test_concat_backward_splits_three_parts():
+    xs = [np.full((2, c, 1), float(c)) for c in (1, 2, 3)]
+    y, cache = F.concat_forward(xs, axis=1)
+    for dx, x in zip(F.concat_backward(y, cache), xs):
+        np.testing.assert_array_equal(dx, x)
+
+
+def test_conv_transpose2d_without_bias_has_no_bias_gradient():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((3, 2, 3, 3))
+    y, cache = F.conv_transpose2d_forward(x, w, None, 2, 1)
+    dx, dw, db = F.conv_transpose2d_backward(rng.standard_normal(y.shape), cache)
+    assert db is None and dx.shape == x.shape and dw.shape == w.shape

@@ -138,3 +138,23 @@ def test_exact_ssm_needs_both_forward_modes():
         setattr(net, missing, None)
         with pytest.raises(ValueError, match="has no forward_jvp/backward_jvp"):
             losses.ssm(net, sde, x0, np.random.default_rng(0))
+
+
+def test_weights_per_weighting_in_closed_form():
+    """lambda / std^2: 1 for "noise" (lambda = std^2), g^2 / std^2 for "likelihood", 1 / std^2 for "none"."""
+    sde, t = VP(0.1, 20.0, T=2.0), np.array([0.1, 0.7, 1.9])
+    std = sde.marginal_coeffs(t)[1]
+    np.testing.assert_array_equal(losses._eps_weights(sde, t, "noise"), np.ones(3))
+    np.testing.assert_allclose(losses._eps_weights(sde, t, "likelihood"), sde.diffusion(t) ** 2 / std ** 2, rtol=1e-14)
+    np.testing.assert_allclose(losses._eps_weights(sde, t, "none"), 1 / std ** 2, rtol=1e-14)
+
+
+def test_batch_and_time_limits():
+    sde = VP(T=2.0)
+    for bad in (np.zeros((0, 3)), np.zeros(3)):
+        with pytest.raises(ValueError, match=r"x0 must have shape \(B, \.\.\.\) with B >= 1"):
+            losses.dsm(Linear(3), sde, bad, np.random.default_rng(0))
+    assert np.isfinite(losses.dsm(Linear(1), sde, np.zeros((2, 1)), np.random.default_rng(0)))   # D = 1 is data
+    with pytest.raises(ValueError, match="t_min"):
+        losses.sample_time(sde, 2, np.random.default_rng(0), 2.0)             # t_min = T: no interval left
+    assert np.all(losses.sample_time(sde, 5, np.random.default_rng(0), 1.9) >= 1.9)
