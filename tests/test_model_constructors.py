@@ -154,6 +154,8 @@ def test_seed_unet_defaults_and_middle_width():
     assert UNet(channels=[2], blocks=1).config["mid_channels"] == 1
     assert UNet(channels=[4, 6], blocks=1, mid_channels=5).config["mid_channels"] == 5
     assert UNet(channels=[4], blocks=1, final_norm=True).config["final_norm"] is True
+    with pytest.raises(ValueError, match=r"mid_channels must be >= 1 \(got 0\)"):
+        UNet(channels=[4], blocks=1, mid_channels=0)
     assert _same_params(UNet(channels=[4], blocks=1), UNet(channels=[4], blocks=1, seed=0))
 
 
