@@ -338,3 +338,55 @@ def test_sample_from_checkpoint_reshapes_to_the_image_shape():
     x = ddpm.sample_from_checkpoint(model, {"image_shape": [1, 4, 4]}, 3, np.random.default_rng(0),
                                     sampler="ddim", steps=3)
     assert x.shape == (3, 1, 4, 4) and np.all(np.isfinite(x))
+
+
+class Const:
+    """eps_theta = c everywhere (float64, on the reference)."""
+
+    kind, name, dtype, ops, config = "eps", "const", np.dtype(np.float64), REFERENCE, {"dim": 6}
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, x, t):
+        return np.full(x.shape, self.c)
+
+
+@pytest.mark.parametrize("c, edge", [(-500.0, 1.0), (500.0, -1.0)])
+def test_ancestral_clip_clips_x0_hat_to_the_data_range(c, edge):
+    """At i = 0 the clipped route returns x0_hat itself (abar_{-1} = 1: the posterior mean's
+    x0 coefficient is 1 and x's is 0); a noise prediction of +-500 puts x0_hat far outside
+    [-1, 1], so every entry is the clip's edge."""
+    s4 = DDPMSchedule(num_steps=4, beta_start=0.1, beta_end=0.5)
+    x = ddpm.ancestral(Const(c), s4, (3, 6), np.random.default_rng(0), clip=True)
+    np.testing.assert_allclose(x, np.full((3, 6), edge), rtol=0, atol=1e-12)
+
+
+def test_score_coeffs_of_the_discrete_chain():
+    """score_std="discrete": (sqrt(abar_i), sqrt(1 - abar_i)) at i = round(t N) - 1 of the
+    schedule given, or of VP's own 1000-step chain (DDPMSchedule's default) without one."""
+    s10 = DDPMSchedule(num_steps=10, kind="cosine")
+    f = ddpm._score_coeffs(VP(), "discrete", s10)
+    assert f(0.3) == (np.sqrt(s10.alpha_bars[2]), np.sqrt(1 - s10.alpha_bars[2]))
+    assert f(1.0) == (np.sqrt(s10.alpha_bars[9]), np.sqrt(1 - s10.alpha_bars[9]))
+    g = ddpm._score_coeffs(VP(), "discrete", None)
+    np.testing.assert_allclose(g(0.5), (np.sqrt(SCHED.alpha_bars[499]), np.sqrt(1 - SCHED.alpha_bars[499])),
+                               rtol=1e-12)
+    kw = dict(steps=3, score_std="discrete")
+    a = ddpm.em_vp(Const(0.3), (2, 6), np.random.default_rng(1), schedule=s10, **kw)
+    b = ddpm.em_vp(Const(0.3), (2, 6), np.random.default_rng(1), **kw)
+    assert not np.allclose(a, b)                        # the schedule given is the one used
+
+
+def test_em_vp_trajectory_keeps_every_state_and_the_denoised_one():
+    x, traj = ddpm.em_vp(Const(0.3), (2, 6), np.random.default_rng(2), steps=3, return_trajectory=True)
+    assert traj.shape == (5, 2, 6)                   # the prior draw, 3 steps, the denoised sample
+    np.testing.assert_allclose(traj[-1], x, rtol=1e-6)
+    gamma, std = VP().marginal_coeffs(np.float64(1e-3))
+    np.testing.assert_allclose(traj[-1], (traj[-2].astype(np.float64) - std * 0.3) / gamma, rtol=1e-5)
+
+
+def test_more_frames_than_states_keeps_them_all():
+    s4 = DDPMSchedule(num_steps=4, beta_start=0.1, beta_end=0.5)
+    _, traj = ddpm.ancestral(Const(0.1), s4, (2, 6), np.random.default_rng(3), return_trajectory=True, frames=10)
+    assert traj.shape == (5, 2, 6)
