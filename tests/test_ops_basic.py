@@ -162,3 +162,18 @@ def test_conv_transpose2d_without_bias_has_no_bias_gradient():
     y, cache = F.conv_transpose2d_forward(x, w, None, 2, 1)
     dx, dw, db = F.conv_transpose2d_backward(rng.standard_normal(y.shape), cache)
     assert db is None and dx.shape == x.shape and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("groups", [True, 2.0, 0, 3])
+def test_group_norm_refuses_groups_that_are_not_a_positive_integer_divisor(groups):
+    x, p = np.zeros((2, 4, 3, 3)), np.ones(4)
+    with pytest.raises(ValueError, match="num_groups must be a positive divisor of C = 4"):
+        F.group_norm_forward(x, groups, p, p)
+
+
+def test_group_norm_names_the_parameter_of_the_wrong_shape():
+    x, p = np.zeros((2, 4, 3, 3)), np.ones(4)
+    with pytest.raises(ValueError, match=r"^group_norm: gamma must have shape \(4,\)"):
+        F.group_norm_forward(x, 2, np.ones(3), p)
+    with pytest.raises(ValueError, match=r"^group_norm: beta must have shape \(4,\)"):
+        F.group_norm_forward(x, 2, p, np.ones(3))
