@@ -131,3 +131,17 @@ def test_likelihood_to_dir_limits(tmp_path, tiny, three_images):
     for bad in (dict(n=0), dict(batch=0)):
         with pytest.raises(ValueError, match=list(bad)[0]):
             L.likelihood_to_dir(L.LikelihoodConfig(checkpoint=tiny, **bad), str(tmp_path / "bad"))
+
+
+def test_dequantize_takes_exactly_the_integers_0_to_255():
+    y = L.dequantize(np.array([0, 255]), np.random.default_rng(0))
+    assert -1.0 <= y[0] < -1.0 + 2 / 256 and 1.0 - 2 / 256 <= y[1] < 1.0
+    for bad in ([-1], [256], [1.5], [np.nan]):
+        with pytest.raises(ValueError, match=r"pixels must be integers in 0\.\.255"):
+            L.dequantize(np.array(bad), np.random.default_rng(0))
+
+
+def test_only_a_noise_predictor_has_a_likelihood_here():
+    model = types.SimpleNamespace(name="no-kind")
+    with pytest.raises(ValueError, match="'no-kind' is not a noise predictor"):
+        L.image_bits_per_dim(model, {}, np.zeros((1, 4), np.int64), np.random.default_rng(0))

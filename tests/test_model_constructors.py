@@ -164,3 +164,22 @@ def test_mlp_forward_jvp_checks_its_times():
     m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
     with pytest.raises(ValueError, match=r"t of shape \(2,\)"):
         m.forward_jvp(np.zeros((2, 2)), np.zeros(3), np.zeros((2, 2)))
+
+
+def test_transposed_conv_weights_are_cin_by_cout():
+    from refdiff.nn.base import Model
+    m = Model("m", {}, np.float64)
+    m.add_conv("t", 2, 3, 4, transpose=True)
+    m.add_conv("c", 2, 3, 4)
+    assert m.params["t.weight"].shape == (2, 3, 4, 4) and m.params["c.weight"].shape == (3, 2, 4, 4)
+
+
+def test_ema_decay_bounds_are_closed():
+    from refdiff.nn import make_model
+    from refdiff.optim import EMA
+    m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
+    for d in (0.0, 1.0):
+        assert EMA(m, decay=d).decay == d
+    for d in (-0.1, 1.0001):
+        with pytest.raises(ValueError, match="ema decay"):
+            EMA(m, decay=d)

@@ -177,3 +177,25 @@ def test_group_norm_names_the_parameter_of_the_wrong_shape():
         F.group_norm_forward(x, 2, np.ones(3), p)
     with pytest.raises(ValueError, match=r"^group_norm: beta must have shape \(4,\)"):
         F.group_norm_forward(x, 2, p, np.ones(3))
+
+
+def test_conv2d_without_bias_has_no_bias_gradient():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3))
+    y, cache = F.conv2d_forward(x, w, None, 1, 1)
+    assert F.conv2d_backward(rng.standard_normal(y.shape), cache)[2] is None
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), (2, 1)])
+def test_conv2d_input_gradient_of_a_non_square_kernel(stride, padding):
+    """A 3 x 2 kernel: the stride-1 route (dx as a convolution with the flipped kernel) is for
+    square kernels only; every case must equal the adjoint, <dy, conv(x)> = <dx, x>."""
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 2))
+    y, cache = F.conv2d_forward(x, w, None, stride, padding)
+    dy = rng.standard_normal(y.shape)
+    dx = F.conv2d_backward(dy, cache)[0]
+    assert dx.shape == x.shape
+    v = rng.standard_normal(x.shape)                 # linear in x: <dy, conv(v)> = <dx, v>
+    assert float(np.sum(dy * F.conv2d_forward(v, w, None, stride, padding)[0])) == pytest.approx(
+        float(np.sum(dx * v)), rel=1e-10)
