@@ -1,6 +1,6 @@
-"""Values the other tests leave unchecked: Euler-Maruyama's trajectory, and where its (and
-the predictor-corrector's and Heun's) final-state check says the divergence happened (Adam's open upper bounds are with the other
-bad settings in test_bad_input.py)."""
+"""Values the other tests leave unchecked: Euler-Maruyama's trajectory, and where its (and the
+predictor-corrector's and Heun's) final-state check says the divergence happened (Adam's open
+upper bounds are with the other bad settings in test_bad_input.py)."""
 import numpy as np
 import pytest
 
@@ -32,7 +32,6 @@ def test_euler_maruyama_names_where_the_state_diverged():
     with pytest.raises(FloatingPointError) as e, np.errstate(over="ignore", invalid="ignore"):
         samplers.euler_maruyama(sde, score, (3, 2), steps, np.random.default_rng(0), t_min=1e-3)
     assert str(e.value).startswith(f"the state contains NaN or Inf at step {steps} (t = 0.001)")
-
 
 
 def test_predictor_corrector_names_where_the_state_diverged():

@@ -118,10 +118,10 @@ def _model(name, backend, dtype, **overrides):
 MODELS = [("unet-seed", {}), ("unet-seed-skip", {}), ("unet-ddpm", {}),
           ("unet-ddpm", dict(num_classes=3, channels=(16, 32), attention=(1,), heads=2)),
           ("unet-ddpm", dict(channels=(4, 8), attention=(), max_groups=8))]     # 4 and 8 groups: stages differ
+MODEL_IDS = ["unet-seed", "unet-seed-skip", "unet-ddpm", "unet-ddpm-cond", "unet-ddpm-4-8"]
 
 
-@pytest.mark.parametrize("name, overrides", MODELS, ids=["unet-seed", "unet-seed-skip", "unet-ddpm", "unet-ddpm-cond",
-                                                         "unet-ddpm-4-8"])
+@pytest.mark.parametrize("name, overrides", MODELS, ids=MODEL_IDS)
 def test_predict_is_forward_on_the_reference(name, overrides):
     m = _model(name, None, np.float32, **overrides)
     rng = np.random.default_rng(1)
@@ -130,8 +130,7 @@ def test_predict_is_forward_on_the_reference(name, overrides):
     np.testing.assert_array_equal(m.predict(x, t, **kw), m.forward(x, t, **kw))
 
 
-@pytest.mark.parametrize("name, overrides", MODELS, ids=["unet-seed", "unet-seed-skip", "unet-ddpm", "unet-ddpm-cond",
-                                                         "unet-ddpm-4-8"])
+@pytest.mark.parametrize("name, overrides", MODELS, ids=MODEL_IDS)
 def test_predict_is_forward_on_numba(name, overrides):
     rng = np.random.default_rng(2)
     x, t = rng.standard_normal((3, 1, 28, 28)), rng.uniform(0.01, 1.0, 3)

@@ -1,14 +1,21 @@
-"""The classifier's and the GAN's constructors: every size at its lower bound (1) is a model and
-0 is refused naming the argument; the config records what was built (checkpoints rebuild from
-it); seed and backend reach the parameters and the ops; the defaults are the documented ones;
-the discriminator's leaky slope is the configured one (against a hand-written forward)."""
+"""The models' constructors and factories (classifier, GAN, the seed UNet, unet-ddpm, the MLP):
+every size at its lower bound is a model and one below is refused naming the argument; the
+config records what was built (checkpoints rebuild from it); seed, dtype and backend reach the
+parameters and the ops; the defaults are the documented ones; the discriminator's leaky slope
+is the configured one (against a hand-written forward). Also load_state's checks, the
+transposed-conv weight layout and EMA's decay bounds."""
 import types
 
 import numpy as np
 import pytest
 
+from refdiff.nn import make_model, model_from_spec, unet, unet_ddpm
+from refdiff.nn.base import Model
 from refdiff.nn.classifier import Classifier
 from refdiff.nn.gan import GAN
+from refdiff.nn.unet import UNet
+from refdiff.nn.unet_ddpm import UNetDDPM
+from refdiff.optim import EMA
 
 
 def _same_params(a, b):
@@ -69,7 +76,6 @@ def test_discriminator_uses_its_slope(slope):
 
 @pytest.mark.parametrize("name", ["unet_seed", "unet_seed_fixed", "unet_seed_skip", "unet_ddpm"])
 def test_unet_factories_pass_dtype_seed_and_backend(name):
-    from refdiff.nn import unet, unet_ddpm
     small = dict(channels=[4], attention=[], image_size=4, max_groups=2) if name == "unet_ddpm" else {}
     factory = lambda **kw: getattr(unet_ddpm if name == "unet_ddpm" else unet, name)(**small, **kw)  # noqa: E731
     m = factory()
@@ -81,7 +87,6 @@ def test_unet_factories_pass_dtype_seed_and_backend(name):
 
 
 def test_unet_ddpm_defaults_and_config():
-    from refdiff.nn.unet_ddpm import UNetDDPM
     m = UNetDDPM(image_size=8, channels=[4], attention=[], max_groups=2)
     assert m.name == "unet-ddpm" and m.ops.name == "numpy"
     assert {k: m.config[k] for k in ("in_channels", "blocks", "heads", "dropout", "num_classes", "emb_mult",
@@ -106,7 +111,6 @@ def test_unet_ddpm_defaults_and_config():
     (dict(channels=[], attention=[], image_size=8), "channels must be a non-empty list of positive ints"),
 ])
 def test_unet_ddpm_config_checks(kw, ok):
-    from refdiff.nn.unet_ddpm import UNetDDPM
     kw = dict(max_groups=2, **kw)
     if ok is True:
         UNetDDPM(**kw)
@@ -116,7 +120,6 @@ def test_unet_ddpm_config_checks(kw, ok):
 
 
 def test_load_state_checks_every_key_and_dtype_before_copying():
-    from refdiff.nn import make_model, model_from_spec
     m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
     state = {k: v.copy() for k, v in m.state().items()}
     k0 = sorted(state)[0]
@@ -136,7 +139,6 @@ def test_load_state_checks_every_key_and_dtype_before_copying():
 
 
 def test_unet_ddpm_checks_its_times():
-    from refdiff.nn.unet_ddpm import UNetDDPM
     m = UNetDDPM(image_size=4, channels=[4], attention=[], max_groups=2, dtype=np.float64)
     x = np.zeros((2, 1, 4, 4))
     for t in (np.zeros(3), np.array([0.5, np.nan])):
@@ -147,7 +149,6 @@ def test_unet_ddpm_checks_its_times():
 
 
 def test_seed_unet_defaults_and_middle_width():
-    from refdiff.nn.unet import UNet
     c = UNet(channels=[4, 6], blocks=1).config
     assert c["mid_channels"] == 3                       # half the last stage when not given
     assert (c["emb_dim"], c["time_scale"], c["max_groups"], c["final_norm"]) == (100, 1000.0, 8, False)
@@ -160,14 +161,12 @@ def test_seed_unet_defaults_and_middle_width():
 
 
 def test_mlp_forward_jvp_checks_its_times():
-    from refdiff.nn import make_model
     m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
     with pytest.raises(ValueError, match=r"t of shape \(2,\)"):
         m.forward_jvp(np.zeros((2, 2)), np.zeros(3), np.zeros((2, 2)))
 
 
 def test_transposed_conv_weights_are_cin_by_cout():
-    from refdiff.nn.base import Model
     m = Model("m", {}, np.float64)
     m.add_conv("t", 2, 3, 4, transpose=True)
     m.add_conv("c", 2, 3, 4)
@@ -175,8 +174,6 @@ def test_transposed_conv_weights_are_cin_by_cout():
 
 
 def test_ema_decay_bounds_are_closed():
-    from refdiff.nn import make_model
-    from refdiff.optim import EMA
     m = make_model("mlp", dtype=np.float64, dim=2, widths=[3])
     for d in (0.0, 1.0):
         assert EMA(m, decay=d).decay == d

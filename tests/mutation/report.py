@@ -59,7 +59,7 @@ def forget(workdir, status):
     """Erase, in each .meta file, the result of every mutant whose status is `status`."""
     n = 0
     for meta in sorted(Path(workdir, "mutants").rglob("*.py.meta")):
-        data = json.loads(meta.read_text())
+        data = _read_meta(meta)
         codes = data["exit_code_by_key"]
         names = [k for k, code in codes.items() if STATUS.get(code, "suspicious") == status]
         for k in names:
@@ -90,12 +90,13 @@ def main(argv=None):
     ap.add_argument("--forget", metavar="STATUS",
                     help="erase the results of the mutants with this status (the next run redoes them)")
     args = ap.parse_args(argv)
+    workdirs = args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]
     if args.forget:
-        for w in args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]:
+        for w in workdirs:
             print(w, forget(w, args.forget), "results erased")
         return 0
     res = {}
-    for w in args.workdir or [os.path.join(base, "core"), os.path.join(base, "kernels")]:
+    for w in workdirs:
         if os.path.isdir(os.path.join(w, "mutants")):
             res.update(results(w))
     if args.list:
