@@ -33,6 +33,18 @@ class Linear:
         self.dy = dy.copy()
 
 
+def _by_hand(net, sde, xt, t, std, w, nu, variance_reduced):
+    """The rows' terms of a network linear in x, eps = A x + t b, flattened: -> (eps, nu, nu^T eps,
+    c = T w / R, loss = sum_r c_r (first_r - 2 std_r nu_r^T A nu_r))."""
+    R = xt.shape[0]
+    eps = xt.reshape(R, -1) @ net.A.T + t[:, None] * net.b
+    n = nu.reshape(R, -1)
+    proj = np.sum(n * eps, axis=1)
+    first = np.sum(eps * eps, axis=1) if variance_reduced else proj ** 2
+    c = sde.T * w / R
+    return eps, n, proj, c, float(np.sum(c * (first - 2 * std * np.einsum("rd,de,re->r", n, net.A, n))))
+
+
 @pytest.mark.parametrize("shape", [(3, 4), (2, 1, 2, 3)])
 @pytest.mark.parametrize("projection", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("variance_reduced, weighting", [(False, "noise"), (True, "likelihood"), (False, "none")])
@@ -45,18 +57,11 @@ def test_ssm_fd_against_the_hand_computation(shape, projection, variance_reduced
     loss = losses.ssm_fd(net, sde, x0, np.random.default_rng(7), variance_reduced=variance_reduced,
                          fd_step=fd_step, **kw)
     xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(7), projection, P, 1e-3, weighting)
-    R = xt.shape[0]
     h = fd_step * std / math.sqrt(D)
     step = h.reshape((-1,) + (1,) * (xt.ndim - 1)) * nu
     np.testing.assert_allclose(net.x, np.concatenate([xt + step, xt - step]), rtol=1e-13, atol=1e-15)
-    f = lambda x: x.reshape(R, -1)               # noqa: E731
-    eps = f(xt) @ net.A.T + t[:, None] * net.b
-    n = f(nu)
-    proj = np.sum(n * eps, axis=1)
-    first = np.sum(eps * eps, axis=1) if variance_reduced else proj ** 2
-    trace = std * np.einsum("rd,de,re->r", n, net.A, n)
-    c = sde.T * w / R
-    assert loss == pytest.approx(float(np.sum(c * (first - 2 * trace))), rel=1e-10)
+    eps, n, proj, c, want_loss = _by_hand(net, sde, xt, t, std, w, nu, variance_reduced)
+    assert loss == pytest.approx(want_loss, rel=1e-10)
     # d loss / d eps(x +- h nu): each of the two rows carries half of d first / d eps, -+ the trace's
     g_first = c[:, None] * (eps if variance_reduced else proj[:, None] * n)
     g_trace = c[:, None] * (std / h)[:, None] * n
@@ -106,13 +111,8 @@ def test_ssm_against_the_hand_computation(variance_reduced, weighting):
     kw = dict(projection="gaussian", n_projections=P, t_min=1e-3, weighting=weighting)
     loss = losses.ssm(net, sde, x0, np.random.default_rng(7), variance_reduced=variance_reduced, **kw)
     xt, t, std, w, nu = losses._ssm_batch(sde, x0, np.random.default_rng(7), "gaussian", P, 1e-3, weighting)
-    R = xt.shape[0]
-    eps = xt @ net.A.T + t[:, None] * net.b
-    proj = np.sum(nu * eps, axis=1)
-    first = np.sum(eps * eps, axis=1) if variance_reduced else proj ** 2
-    c = sde.T * w / R
-    assert loss == pytest.approx(float(np.sum(c * (first - 2 * std * np.einsum("rd,de,re->r", nu, net.A, nu)))),
-                                 rel=1e-10)
+    eps, nu, proj, c, want_loss = _by_hand(net, sde, xt, t, std, w, nu, variance_reduced)
+    assert loss == pytest.approx(want_loss, rel=1e-10)
     np.testing.assert_allclose(net.de, 2 * c[:, None] * (eps if variance_reduced else proj[:, None] * nu), rtol=1e-10)
     np.testing.assert_allclose(net.dedot, -2 * (c * std)[:, None] * nu, rtol=1e-10)
 
