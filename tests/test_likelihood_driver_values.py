@@ -49,15 +49,25 @@ def test_image_bits_per_dim_is_the_loop_over_batches(kw):
     assert logs[-1] == f"likelihood 5/5 images: bits/dim {bpd.mean():.4f} (NFE {nfe[-1]})"
 
 
-def test_image_bits_per_dim_defaults():
-    """Defaults: 100 images per solve, Hutchinson with one Rademacher probe, RK45 at 1e-5, t_min 1e-5."""
+def test_image_bits_per_dim_defaults(monkeypatch):
+    """Defaults: 100 images per solve, Hutchinson with one Rademacher probe, RK45 at 1e-5, t_min 1e-5,
+    the VJP route: the options each solve (log_likelihood, recorded here) is given."""
     model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64, seed=3)
     pixels = np.random.default_rng(2).integers(0, 256, size=(101, 4))
+    calls = []
+
+    def record(sde, sf, x, rng, **kw):
+        calls.append((x, kw))
+        return -x.sum(axis=1), 10 + len(calls)
+    monkeypatch.setattr(L, "log_likelihood", record)
     res = L.image_bits_per_dim(model, {}, pixels, np.random.default_rng(4))
-    bpd, nfe = _by_hand(model, {}, pixels, 4, 100, divergence="hutchinson", probes=1, probe="rademacher",
-                        rtol=1e-5, atol=1e-5, t_min=1e-5, route="vjp")
-    np.testing.assert_array_equal(res["bpd"], bpd)
-    assert res["nfe"] == nfe and len(nfe) == 2 and res["route"] == "vjp"
+    x = L.dequantize(pixels, np.random.default_rng(4))
+    defaults = dict(divergence="hutchinson", probes=1, probe="rademacher", rtol=1e-5, atol=1e-5, t_min=1e-5,
+                    route="vjp")
+    assert [len(c[0]) for c in calls] == [100, 1] and all(c[1] == defaults for c in calls)
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in calls]), x)
+    np.testing.assert_array_equal(res["bpd"], L.bits_per_dim(-x.sum(axis=1), 4))
+    assert res["nfe"] == [11, 12] and res["route"] == "vjp"
 
 
 @pytest.fixture(scope="module")

@@ -103,11 +103,11 @@ def test_auto_route_and_what_it_leaves_behind():
 
 def test_log_likelihood_same_by_either_route():
     # The whole ODE solve: the products differ by float64 rounding only, far below RK45's
-    # tolerance, so the step sequence and the result agree to that tolerance's scale.
+    # tolerance (1e-4), so the step sequence is the same and the results agree within 1e-6.
     sde, rng = VP(), np.random.default_rng(5)
     sf = L.model_score(_mlp(np.float64), sde)
     x = rng.standard_normal((4, 6))
-    a, na = L.log_likelihood(sde, sf, x, np.random.default_rng(6), rtol=1e-6, atol=1e-6, route="jvp")
-    b, nb = L.log_likelihood(sde, sf, x, np.random.default_rng(6), rtol=1e-6, atol=1e-6, route="vjp")
+    a, na = L.log_likelihood(sde, sf, x, np.random.default_rng(6), rtol=1e-4, atol=1e-4, route="jvp")
+    b, nb = L.log_likelihood(sde, sf, x, np.random.default_rng(6), rtol=1e-4, atol=1e-4, route="vjp")
     assert na == nb
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
