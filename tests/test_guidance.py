@@ -19,7 +19,7 @@ from refdiff.backend import REFERENCE
 from refdiff.generate import generate
 from refdiff.sde import DDPMSchedule
 
-SCHED = DDPMSchedule()
+SCHED = DDPMSchedule(num_steps=100, beta_end=0.2)      # 100 steps to the same noise level as 1000
 K = 3
 IMG = np.random.default_rng(5).uniform(-0.5, 0.5, (K + 1, 1, 4, 4))     # IMG[K]: the null label's image
 META = {"ddpm_schedule": SCHED.config(), "image_shape": [1, 4, 4]}

@@ -34,7 +34,7 @@ def _by_hand(model, meta, pixels, seed, batch, **kw):
     return np.concatenate(bpd), nfe
 
 
-@pytest.mark.parametrize("kw", [OPTIONS, dict(divergence="exact", rtol=1e-4, atol=1e-4, t_min=1e-2)],
+@pytest.mark.parametrize("kw", [OPTIONS, dict(divergence="exact", rtol=2e-3, atol=2e-3, t_min=1e-2)],
                          ids=["hutchinson", "exact"])
 def test_image_bits_per_dim_is_the_loop_over_batches(kw):
     model = ScoreMLP(dim=4, widths=(8,), dtype=np.float64, seed=3)
