@@ -2,10 +2,12 @@
 
     python benchmarks/op_profile.py [--model unet-ddpm] [--batch 64] [--backend numba]
                                     [--versions "{'conv2d': 5}"] [--steps 5] [--clock cpu|wall]
+                                    [--predict]
 
 The model is built on a copy of the backend whose op functions are wrapped by a timer (the
 model cannot tell: it only calls `ops.<name>`), then takes `--steps` training steps (eps-
-prediction MSE, Adam, dropout on where the model has it) after two untimed ones. Printed: the
+prediction MSE, Adam, dropout on where the model has it) after two untimed ones; with
+`--predict`, the inference forward the samplers call (model.predict, its fused ops) instead. Printed: the
 step time, then each op's share, grouped by kind; a conv is keyed by its kernel, stride,
 channels and input size, and its backward by its forward's key. `--clock cpu`
 (time.process_time, the default) is this process's CPU time, which on a machine shared with
@@ -42,6 +44,9 @@ def profiled(backend, clock):
             k = f"k{w.shape[2]} s{stride} {x.shape[1]}->{w.shape[0]} @{x.shape[2]}"
             conv_keys[id(result[1])] = k
             return "conv2d fwd " + k
+        if name in ("conv2d_silu_forward", "group_norm_conv2d_forward"):     # the inference forward's fused ops
+            x, w = args[0], args[1 if name == "conv2d_silu_forward" else 4]
+            return f"{name[:-8]} k{w.shape[2]} {x.shape[1]}->{w.shape[0]} @{x.shape[2]}"
         if name == "conv2d_backward":
             return "conv2d bwd " + conv_keys.pop(id(args[1]), "?")
         return name.replace("_forward", "").replace("_backward", "")
@@ -71,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--versions", default=None, help="get_backend's versions, e.g. 1 or \"{'conv2d': 5}\"")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--predict", action="store_true", help="the inference forward (model.predict) instead")
     a = ap.parse_args(argv)
     if a.batch < 1 or a.steps < 1:
         ap.error("--batch and --steps must be >= 1")
@@ -88,7 +94,12 @@ def main(argv=None):
     eps = rng.standard_normal((a.batch, 1, 28, 28)).astype(np.float32)
     t = (rng.integers(0, 1000, a.batch) + 1) / 1000.0
     from train_step import refdiff_step        # the benchmark's own step (forward, mse, backward, Adam)
-    _, step = refdiff_step(ops, x, t, eps, a.model)
+    model, step = refdiff_step(ops, x, t, eps, a.model)
+    if a.predict:
+        xd = model.ops.asarray(x)
+
+        def step():
+            return model.predict(xd, t)
     for _ in range(2):
         step()
     totals.clear()
@@ -98,11 +109,12 @@ def main(argv=None):
         step()
     total = (clock() - t0) / a.steps
     ops_sum = sum(totals.values()) / a.steps
+    what = "inference forward (predict)" if a.predict else "step"
     print(f"{a.model} batch {a.batch} on {a.backend} (versions {a.versions or 'newest'}), {a.clock} clock: "
-          f"{total * 1e3:.0f} ms per step, {ops_sum / total:.0%} of it in ops")
+          f"{total * 1e3:.0f} ms per {what}, {ops_sum / total:.0%} of it in ops")
     groups = collections.defaultdict(float)
     for k, v in totals.items():
-        groups[" ".join(k.split()[:4]) if k.startswith("conv2d") else k] += v      # conv2d fwd k3 s1
+        groups[" ".join(k.split()[:4]) if k.startswith("conv2d ") else " ".join(k.split()[:2])] += v   # conv2d fwd k3 s1
     print("\nby kind:")
     for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {v / a.steps / total:6.1%}  {v / a.steps * 1e3:8.2f} ms  {k}")
