@@ -94,12 +94,15 @@ def main(argv=None):
     eps = rng.standard_normal((a.batch, 1, 28, 28)).astype(np.float32)
     t = (rng.integers(0, 1000, a.batch) + 1) / 1000.0
     from train_step import refdiff_step        # the benchmark's own step (forward, mse, backward, Adam)
-    model, step = refdiff_step(ops, x, t, eps, a.model)
-    if a.predict:
+    if a.predict:                              # the inference forward alone: no loss, backward or optimizer
+        from refdiff.nn import make_model
+        model = make_model(a.model, backend=ops)
         xd = model.ops.asarray(x)
 
         def step():
             return model.predict(xd, t)
+    else:
+        _, step = refdiff_step(ops, x, t, eps, a.model)
     for _ in range(2):
         step()
     totals.clear()
