@@ -28,8 +28,8 @@ def test_cache_dir(environ, want):
 
 def _dispatchers():
     from numba.core.registry import CPUDispatcher
-    from refdiff_cuda.numba_cpu import _blas, conv, conv_v4, conv_v5, convt_v3, functional, norm, silu_v3
-    for mod in (_blas, conv, conv_v4, conv_v5, convt_v3, functional, norm):
+    from refdiff_cuda.numba_cpu import _blas, conv, conv_v4, conv_v5, convt_v3, functional, fused, fused_v3, norm, silu_v3
+    for mod in (_blas, conv, conv_v4, conv_v5, convt_v3, functional, fused, fused_v3, norm):
         for name, f in vars(mod).items():
             if isinstance(f, CPUDispatcher):
                 yield f"{mod.__name__}.{name}", f
@@ -37,6 +37,7 @@ def _dispatchers():
     yield "conv_v5._forward_loop", conv_v5._forward_loop(dt)
     yield "conv_v5._dw_loop", conv_v5._dw_loop(dt)
     yield "silu_v3._loop", silu_v3._loop()
+    yield "fused_v3._loop", fused_v3._loop()
 
 
 def test_every_kernel_is_cached_outside_the_package():
@@ -89,3 +90,37 @@ def test_a_second_process_loads_the_simd_loops_from_the_cache():
     proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+_FAULTS = r"""
+import resource, numpy as np
+import refdiff_cuda
+from refdiff.nn import make_model
+m = make_model("unet-seed", backend="numba", dtype=np.float32)
+x, t = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32), np.full(64, 0.5)
+for _ in range(2):
+    m.predict(x, t)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    m.predict(x, t)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_building_the_backend_keeps_freed_activations_in_the_heap():
+    """configure_memory: with glibc's defaults a batch-64 unet-seed forward faults its fresh
+    activations in again on every call (thousands of pages); once make_backend has set
+    mallopt, a forward reuses the heap's freed blocks (REFDIFF_KEEP_MALLOC=1 leaves glibc's
+    defaults, the control)."""
+    from refdiff_cuda.numba_cpu import MALLOC_SETTINGS, configure_memory
+    assert configure_memory({"REFDIFF_KEEP_MALLOC": "1"}) == {}
+    assert configure_memory({}) == {name: value for name, (_, value) in MALLOC_SETTINGS.items()}
+    faults = {}
+    for keep in ("0", "1"):
+        env = dict(os.environ, REFDIFF_KEEP_MALLOC=keep, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", _FAULTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        faults[keep] = float(proc.stdout.split()[-1])
+    assert faults["1"] > 1000 and faults["0"] < 10, faults

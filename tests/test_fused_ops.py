@@ -61,7 +61,7 @@ def gn_conv_case(draw):
     return [x, G, gamma, beta, w, b, shift], dict(kw, **flags)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_conv2d_silu_agrees(fused_registered, version):
     be = rc.get_backend("numba", versions={"conv2d_silu": version})
 
@@ -73,7 +73,7 @@ def test_conv2d_silu_agrees(fused_registered, version):
     run()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_group_norm_conv2d_agrees(fused_registered, version):
     be = rc.get_backend("numba", versions={"group_norm_conv2d": version})
 
@@ -85,15 +85,16 @@ def test_group_norm_conv2d_agrees(fused_registered, version):
     run()
 
 
-# the networks' own layers, which version 2's kernel takes (hypothesis' small images mostly do not):
+# the networks' own layers, which versions 2 and 3's kernel takes (hypothesis' small images mostly do not):
 # (B, Cin, Cout, size, groups); 12 channels and more run as several blocks of the micro-kernel
 LAYERS = [(3, 1, 10, 28, 1), (2, 10, 10, 28, 5), (2, 20, 10, 28, 5), (2, 40, 20, 14, 8), (2, 32, 64, 14, 8),
           (2, 80, 80, 7, 8), (2, 64, 3, 28, 8)]
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("B, cin, cout, size, groups", LAYERS)
-def test_fused_pairs_at_network_shapes(fused_registered, B, cin, cout, size, groups):
-    be = rc.get_backend("numba")
+def test_fused_pairs_at_network_shapes(fused_registered, B, cin, cout, size, groups, version):
+    be = rc.get_backend("numba", versions={"conv2d_silu": version, "group_norm_conv2d": version})
     rng = np.random.default_rng([cin, cout, size])
     x = rng.standard_normal((B, cin, size, size)) + 1.0
     w = rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)

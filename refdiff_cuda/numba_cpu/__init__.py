@@ -17,6 +17,8 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     norm.py        group_norm 1,2  group_norm_silu 1,2
     fused.py       conv2d_silu 1,2  group_norm_conv2d 1,2 (refdiff/nn/fused.py's pairs, for the
                    models' inference forward: the norm, the conv, bias and SiLU in one kernel)
+    fused_v3.py    conv2d_silu 3  group_norm_conv2d 3 (version 2's arithmetic one sample at a time,
+                   in the core's caches)
     attention.py   spatial_attention 1,2  upsample_nearest2x 1,2  dropout 1,2 (mask drawn on the host)
     _blas.py       matrix products: single-threaded BLAS calls on numba's threads
 
@@ -47,8 +49,8 @@ from .. import _ops
 from ._cache import caching_into
 
 with caching_into():      # every cached kernel of these modules goes to the user cache directory
-    from . import (_blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, convt_v4, functional, fused, norm,
-                   silu_v3)
+    from . import (_blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, convt_v4, functional, fused,
+                   fused_v3, norm, silu_v3)
 
 
 def configure_threads():
@@ -71,6 +73,36 @@ def configure_threads():
     _blas.pin_scipy_blas_to_one_thread()
 
 
+# glibc's mallopt parameters (malloc.h) and the values configure_memory sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 32 << 20),   # glibc's largest allowed value
+                   "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 1 << 30)}
+
+
+def configure_memory(environ=os.environ):
+    """glibc's malloc keeps freed activations for reuse instead of returning them to the kernel.
+
+    By default glibc serves a large block (from 128 KB, a threshold it raises as blocks are
+    freed) by a fresh mmap, and gives the top of the heap back once 2x that is free; the next
+    array of that size then faults in every page again, zero-filled by the kernel. A unet-seed
+    inference forward at batch 64 took ~2,500 such page faults (10 MB) and 5 ms of system
+    time, ~9 % of its wall time on 2 cores (docs/performance.md). Here blocks up to 32 MB come
+    from the heap, which is trimmed only past 1 GB free: the process keeps its peak heap.
+    Process-wide, so it is made where the backend is built (make_backend), and skipped when
+    REFDIFF_KEEP_MALLOC=1 is set, or where the C library has no mallopt (not glibc).
+    Returns {setting: value} for what was set, {} when nothing was."""
+    import ctypes
+    if environ.get("REFDIFF_KEEP_MALLOC") == "1":
+        return {}
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+        ctypes.CDLL(None).gnu_get_libc_version      # glibc's own; other C libraries' mallopt differ
+    except (OSError, AttributeError):     # pragma: no cover - not glibc
+        return {}
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return {name: value for name, (param, value) in MALLOC_SETTINGS.items() if mallopt(param, value) == 1}
+
+
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS, **attention.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
                      5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5),
@@ -79,14 +111,16 @@ KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
                                3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3),
                                4: (convt_v4.conv_transpose2d_forward_v4, convt_v4.conv_transpose2d_backward_v4)}
 KERNELS["silu"] = {**functional.KERNELS["silu"], 3: (silu_v3.silu_forward_v3, silu_v3.silu_backward_v3)}
+FUSED = {op: {**fused.KERNELS[op], **fused_v3.KERNELS[op]} for op in fused.KERNELS}   # not in refdiff_cuda.PAIRS
 
 
 def make_backend(versions=None):
     configure_threads()
+    configure_memory()
     fused_versions = versions
     if isinstance(versions, dict):     # the fused pairs are not in refdiff_cuda.PAIRS: chosen here
-        fused_versions = {k: v for k, v in versions.items() if k in fused.KERNELS}
-        versions = {k: v for k, v in versions.items() if k not in fused.KERNELS}
+        fused_versions = {k: v for k, v in versions.items() if k in FUSED}
+        versions = {k: v for k, v in versions.items() if k not in FUSED}
     ns = _ops.build("numba", KERNELS, versions, np,
                     asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
                     to_numpy=lambda a: np.asarray(a))
@@ -99,11 +133,11 @@ def _add_fused(ns, versions):
     (the newest), an int k (the newest <= k) or {op: version}, as for every other op."""
     from refdiff.nn.fused import FUSED_PAIRS
     if isinstance(versions, dict):
-        chosen = _ops.normalise_versions(versions, fused.KERNELS, "numba")
+        chosen = _ops.normalise_versions(versions, FUSED, "numba")
     else:
-        chosen = {op: max(v for v in vs if versions is None or v <= versions) for op, vs in fused.KERNELS.items()}
+        chosen = {op: max(v for v in vs if versions is None or v <= versions) for op, vs in FUSED.items()}
     for op, ver in chosen.items():
-        for name, f in zip(FUSED_PAIRS[op], fused.KERNELS[op][ver]):
+        for name, f in zip(FUSED_PAIRS[op], FUSED[op][ver]):
             setattr(ns, name, f)
     ns.versions.update(chosen)
-    ns.available_versions.update({op: sorted(v) for op, v in fused.KERNELS.items()})
+    ns.available_versions.update({op: sorted(v) for op, v in FUSED.items()})

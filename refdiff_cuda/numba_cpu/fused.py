@@ -109,24 +109,30 @@ def _plane_sqdev(x, c, b, sh, has_shift, mu):
     return acc
 
 
+@njit(cache=True)
+def group_stats(x, shift, has_shift, b, g, G, eps, one, mean, rstd):
+    """mean[b, g], rstd[b, g] of sample b, group g of x (C, B, H, W) [+ shift (B, C)], as
+    group_norm v2 computes them (also version 3's, refdiff_cuda/numba_cpu/fused_v3.py)."""
+    Cg = x.shape[0] // G
+    n = Cg * x.shape[2] * x.shape[3]
+    acc = 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        acc += _plane_sum(x, c, b, shift[b, c], has_shift)
+    mean[b, g] = acc / n                                # stored: rounded to the dtype
+    mu = mean[b, g]
+    acc = 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        acc += _plane_sqdev(x, c, b, shift[b, c], has_shift, mu)
+    rstd[b, g] = acc / n                                # var, rounded to the dtype
+    rstd[b, g] = one / math.sqrt(rstd[b, g] + eps)
+
+
 @njit(parallel=True, cache=True)
 def _gn_stats(x, shift, has_shift, G, eps, one, mean, rstd):
     """mean, rstd (B, G) of x (C, B, H, W) [+ shift (B, C)], as group_norm v2 computes them."""
-    C, B = x.shape[:2]
-    Cg = C // G
-    n = Cg * x.shape[2] * x.shape[3]
+    B = x.shape[1]
     for task in prange(B * G):
-        b, g = task // G, task % G
-        acc = 0.0
-        for c in range(g * Cg, (g + 1) * Cg):
-            acc += _plane_sum(x, c, b, shift[b, c], has_shift)
-        mean[b, g] = acc / n                                # stored: rounded to the dtype
-        mu = mean[b, g]
-        acc = 0.0
-        for c in range(g * Cg, (g + 1) * Cg):
-            acc += _plane_sqdev(x, c, b, shift[b, c], has_shift, mu)
-        rstd[b, g] = acc / n                                # var, rounded to the dtype
-        rstd[b, g] = one / math.sqrt(rstd[b, g] + eps)
+        group_stats(x, shift, has_shift, task // G, task % G, G, eps, one, mean, rstd)
 
 
 @functools.lru_cache(maxsize=None)
