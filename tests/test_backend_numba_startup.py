@@ -37,7 +37,8 @@ def _dispatchers():
     yield "conv_v5._forward_loop", conv_v5._forward_loop(dt)
     yield "conv_v5._dw_loop", conv_v5._dw_loop(dt)
     yield "silu_v3._loop", silu_v3._loop()
-    yield "fused_v3._loop", fused_v3._loop()
+    yield "fused_v3._loop", fused_v3._loop()[0]
+    yield "fused_v3._loop dense", fused_v3._loop()[1]
 
 
 def test_every_kernel_is_cached_outside_the_package():
@@ -97,22 +98,29 @@ import resource, numpy as np
 import refdiff_cuda
 from refdiff.nn import make_model
 m = make_model("unet-seed", backend="numba", dtype=np.float32)
-x, t = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32), np.full(64, 0.5)
+x, t = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32), np.full(32, 0.5)
+
+
+def step():
+    y = m.forward(x, t)
+    m.backward(np.ones_like(y))
+
+
 for _ in range(2):
-    m.predict(x, t)
+    step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
-    m.predict(x, t)
+    step()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_building_the_backend_keeps_freed_activations_in_the_heap():
-    """configure_memory: with glibc's defaults a batch-64 unet-seed forward faults its fresh
-    activations in again on every call (thousands of pages); once make_backend has set
-    mallopt, a forward reuses the heap's freed blocks (REFDIFF_KEEP_MALLOC=1 leaves glibc's
-    defaults, the control)."""
+    """configure_memory: with glibc's defaults a batch-32 unet-seed forward and backward faults
+    its fresh activations and gradients in again on every step (~13,000 pages measured); once
+    make_backend has set mallopt, a step reuses the heap's freed blocks (REFDIFF_KEEP_MALLOC=1
+    leaves glibc's defaults, the control)."""
     from refdiff_cuda.numba_cpu import MALLOC_SETTINGS, configure_memory
     assert configure_memory({"REFDIFF_KEEP_MALLOC": "1"}) == {}
     assert configure_memory({}) == {name: value for name, (_, value) in MALLOC_SETTINGS.items()}
