@@ -88,7 +88,8 @@ def test_group_norm_conv2d_agrees(fused_registered, version):
 # the networks' own layers, which versions 2 and 3's kernel takes (hypothesis' small images mostly do not):
 # (B, Cin, Cout, size, groups); 12 channels and more run as several blocks of the micro-kernel
 LAYERS = [(3, 1, 10, 28, 1), (2, 10, 10, 28, 5), (2, 20, 10, 28, 5), (2, 40, 20, 14, 8), (2, 32, 64, 14, 8),
-          (2, 80, 80, 7, 8), (2, 64, 3, 28, 8)]
+          (2, 80, 80, 7, 8), (2, 64, 3, 28, 8),
+          (3, 80, 80, 3, 8), (2, 160, 80, 3, 8), (2, 40, 80, 1, 8)]      # version 3's dense product
 
 
 @pytest.mark.parametrize("version", [2, 3])
@@ -173,3 +174,34 @@ def test_conv_transpose2d_v4_agrees():
     for cin, size in ((10, 14), (20, 7), (40, 3), (80, 1)):          # unet-seed's 4 x 4 stride-2 upsamples
         x, w, b = rng.standard_normal((2, cin, size, size)), rng.standard_normal((cin, cin, 4, 4)), rng.standard_normal(cin)
         check_op("conv_transpose2d", be, [x, w, b], np.float32, dict(stride=2, padding=1))
+
+
+def test_dense_matrices_follow_the_weights_in_place(monkeypatch):
+    """Version 3 keeps the dense matrix of a tiny-image convolution per weight array
+    (fused_v3._dense_matrix); an optimizer changes weights in place, and the next call must
+    use the new values. The cache stays within its byte budget."""
+    from refdiff_cuda.numba_cpu import fused_v3
+    be = rc.get_backend("numba", versions={"conv2d_silu": 3, "group_norm_conv2d": 3})
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 8, 3, 3)).astype(np.float32)
+    w, b = rng.standard_normal((6, 8, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    monkeypatch.setattr(fused_v3, "_DENSE", {})
+    y1 = be.conv2d_silu_forward(x, w, b, 1, 1)[0]
+    assert len(fused_v3._DENSE) == 1                      # the dense path ran and kept its matrix
+    w[2, 3, 1, 0] += 1.0                                  # in place: the same array object
+    y2 = be.conv2d_silu_forward(x, w, b, 1, 1)[0]
+    np.testing.assert_array_equal(y2, be.conv2d_silu_forward(x, w.copy(), b, 1, 1)[0])
+    assert not np.array_equal(y1, y2)
+    g, be_ = np.ones(8, np.float32), np.zeros(8, np.float32)
+    z1 = be.group_norm_conv2d_forward(x, 2, g, be_, w, b, None, 1, 1, True, True)[0]
+    w[0, 0, 0, 0] -= 2.0
+    z2 = be.group_norm_conv2d_forward(x, 2, g, be_, w, b, None, 1, 1, True, True)[0]
+    np.testing.assert_array_equal(z2, be.group_norm_conv2d_forward(x, 2, g, be_, w.copy(), b, None, 1, 1, True,
+                                                                   True)[0])
+    assert not np.array_equal(z1, z2)
+    monkeypatch.setattr(fused_v3, "_DENSE_BYTES", 3 * 54 * 72 * 4)   # room for three 6 x 8 matrices at 3 x 3
+    ws = [rng.standard_normal((6, 8, 3, 3)).astype(np.float32) for _ in range(5)]
+    for wi in ws:
+        be.conv2d_silu_forward(x, wi, b, 1, 1)
+    assert sum(v[1].nbytes for v in fused_v3._DENSE.values()) <= fused_v3._DENSE_BYTES
+    assert [k[0] for k in fused_v3._DENSE][-1] == id(ws[-1])             # the newest kept
