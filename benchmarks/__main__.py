@@ -84,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="threads of each worker's library")
     ap.add_argument("--quick", action="store_true", help="a smoke test of the pipeline (batch 8, few steps)")
     ap.add_argument("--out", default=None, help="JSON path (default: results/bench_<train>_<sample>.json)")
+    ap.add_argument("--malloc", default="same", choices=["same", "default"],
+                    help="glibc malloc settings of every worker (train_step.py --malloc)")
     a = ap.parse_args(argv)
     for flag in ("train_batch", "sample_batch", "threads"):
         if getattr(a, flag) < 1:
@@ -96,7 +98,7 @@ def main(argv=None):
         if why != "ok":
             print(f"skipping {k}: {why}", file=sys.stderr)
     torch = importlib.util.find_spec("torch") is not None        # found, not imported: this process stays clean
-    common = ["--threads", str(a.threads)] + ([] if torch else ["--no-torch"])
+    common = ["--threads", str(a.threads), "--malloc", a.malloc] + ([] if torch else ["--no-torch"])
     train_args = ["--batch", str(a.train_batch)] + (["--rounds", "1", "--block", "1", "--ref-rounds", "1"]
                                                     if a.quick else [])
     sample_args = ["--batch", str(a.sample_batch)] + (["--timed-steps", "2"] if a.quick else [])
@@ -117,7 +119,7 @@ def main(argv=None):
     print(table(rows))
     out = a.out or os.path.join(HERE, "results", f"bench_{a.train_batch}_{a.sample_batch}.json")
     write_json(out, dict(benchmark="unet-seed: training step (forward + backward + Adam) and DDPM sampling, float32",
-                         quick=a.quick, backends_skipped={k: v for k, v in status.items() if v != "ok"},
+                         quick=a.quick, malloc=a.malloc, backends_skipped={k: v for k, v in status.items() if v != "ok"},
                          summary=rows, train_step=results["train_step"], sampling=results["sampling"],
                          environment=environment()))
     env = results["train_step"].get("environment", {})

@@ -38,6 +38,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import train_step  # noqa: E402  (worker environments, malloc settings)
+
 N = 1000    # steps of the chain
 
 
@@ -162,7 +164,9 @@ def main(argv=None):
                     help="smoke test: run every worker, report the libraries each holds, exit 1 if one holds "
                          "another's; no timing claims; JSON only with --out")
     ap.add_argument("--out", default=None, help="JSON path (default: results/sampling_<model>_b<batch>.json)")
+    ap.add_argument("--malloc", default="same", choices=["same", "default"], help=train_step.MALLOC_HELP)
     a = ap.parse_args(argv)
+    train_step.MALLOC = a.malloc
     for flag in ("batch", "timed_steps", "threads"):
         if not 1 <= getattr(a, flag) <= (N if flag == "timed_steps" else 10 ** 6):
             ap.error(f"--{flag.replace('_', '-')} out of range")
@@ -201,7 +205,8 @@ def main(argv=None):
     out = dict(benchmark=f"DDPM ancestral sampling, {a.model}, float32", batch=a.batch,
                timed_steps=a.timed_steps, total_steps=N, scaled=a.timed_steps < N, threads=a.threads,
                worker_libraries=libraries, isolation_violations=bad, max_abs_diff_of_final_x_vs_first=diff,
-               notes=notes, environment=environment())
+               notes=notes, malloc=dict(setting=a.malloc, worker_environment=train_step._worker_env("torch", a.threads)),
+               environment=environment())
     if "torch" in results:
         out["torch_vs_refdiff_max_abs_output_diff"] = results["torch"]["torch_vs_refdiff_max_abs_output_diff"]
     if a.check:

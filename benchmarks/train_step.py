@@ -162,14 +162,28 @@ def _data(B):
     return x, t, eps
 
 
-def _worker_env(name, threads):
-    """Environment variables for a worker's process: each library's own thread setting."""
+# glibc's malloc settings of every worker (--malloc): "same" gives every process the values the
+# numba backend sets itself (refdiff_cuda.numba_cpu.MALLOC_SETTINGS, through glibc's environment
+# variables, read at the process's start), so that no worker pays page faults the others do not
+# (PyTorch's no_grad forward of unet-seed at batch 64 took ~7,000 per call with glibc's defaults);
+# "default" leaves glibc's defaults in every worker, numba's included (REFDIFF_KEEP_MALLOC=1).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+MALLOC = "same"
+MALLOC_HELP = ("glibc malloc settings of every worker: 'same' = the numba backend's own (MALLOC_ENV), "
+               "'default' = glibc's defaults everywhere")
+
+
+def _worker_env(name, threads, malloc=None):
+    """Environment variables for a worker's process: each library's own thread setting, and
+    glibc's malloc settings (MALLOC, or `malloc`: "same" or "default")."""
     n = str(threads)
+    malloc = MALLOC if malloc is None else malloc
+    mem = dict(MALLOC_ENV) if malloc == "same" else {"REFDIFF_KEEP_MALLOC": "1"} if name not in ("numpy", "torch") else {}
     if name == "numpy":
-        return dict(OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+        return dict(OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, **mem)
     if name == "torch":
-        return {}                                # torch.set_num_threads inside the worker
-    return dict(NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
+        return mem                               # torch.set_num_threads inside the worker
+    return dict(NUMBA_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, **mem)
 
 
 @contextlib.contextmanager
@@ -375,7 +389,10 @@ def main(argv=None):
                          "holds and exit 1 if one holds another's; no timing claims; JSON only with --out")
     ap.add_argument("--steps", type=int, default=1, help="steps per worker with --check")
     ap.add_argument("--out", default=None, help="JSON path (default: results/train_step_<model>_b<batch>.json)")
+    ap.add_argument("--malloc", default="same", choices=["same", "default"], help=MALLOC_HELP)
     a = ap.parse_args(argv)
+    global MALLOC
+    MALLOC = a.malloc
     if a.batch is None:
         a.batch = DEFAULT_BATCH[a.model]
     for flag in ("batch", "rounds", "block", "threads", "steps"):
@@ -415,7 +432,8 @@ def main(argv=None):
               f"threadpoolctl; first loss {losses[k]:.6f}")
     out = dict(benchmark=f"{a.model} training step (forward + backward + Adam), float32", batch=B,
                threads=a.threads, worker_libraries=libraries, isolation_violations=bad,
-               first_loss=losses, first_loss_rel_diff_vs_reference=loss_rel, workers=infos, notes=notes, environment=environment())
+               first_loss=losses, first_loss_rel_diff_vs_reference=loss_rel, workers=infos, notes=notes,
+               malloc=dict(setting=MALLOC, worker_environment=_worker_env("torch", a.threads)), environment=environment())
     if a.check:
         out.update(check=True, steps=a.steps)
         print("isolation and first losses:", "ok" if not bad else f"VIOLATED {bad}", "(check mode: no timings reported)")

@@ -9,6 +9,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import _common  # noqa: E402
@@ -25,9 +27,25 @@ def test_isolation_flags_a_foreign_library_in_each_kind_of_worker():
 
 
 def test_each_worker_sets_only_its_own_librarys_threads():
-    assert set(train_step._worker_env("numpy", 2)) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
-    assert train_step._worker_env("torch", 2) == {}          # torch.set_num_threads inside the worker
+    mem = set(train_step.MALLOC_ENV)
+    assert set(train_step._worker_env("numpy", 2)) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"} | mem
+    assert set(train_step._worker_env("torch", 2)) == mem     # torch.set_num_threads inside the worker
     assert train_step._worker_env("numba", 3)["NUMBA_NUM_THREADS"] == "3"
+    assert train_step._worker_env("torch", 2, "default") == {}
+    assert set(train_step._worker_env("numpy", 2, "default")) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                                   "MKL_NUM_THREADS"}
+    assert train_step._worker_env("numba", 2, "default")["REFDIFF_KEEP_MALLOC"] == "1"
+
+
+def test_every_worker_gets_the_numba_backends_own_malloc_settings():
+    """--malloc same: glibc's environment variables carry the very values configure_memory sets."""
+    numba_cpu = pytest.importorskip("refdiff_cuda.numba_cpu")
+    settings = {name: value for name, (_, value) in numba_cpu.MALLOC_SETTINGS.items()}
+    assert {k: int(v) for k, v in train_step.MALLOC_ENV.items()} == {
+        "MALLOC_MMAP_THRESHOLD_": settings["M_MMAP_THRESHOLD"], "MALLOC_TRIM_THRESHOLD_": settings["M_TRIM_THRESHOLD"]}
+    for name in ("numpy", "torch", "numba"):
+        env = train_step._worker_env(name, 2)
+        assert {k: env[k] for k in train_step.MALLOC_ENV} == train_step.MALLOC_ENV
 
 
 def test_environ_is_restored(monkeypatch):
