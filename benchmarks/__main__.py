@@ -101,7 +101,7 @@ def main(argv=None):
     common = ["--threads", str(a.threads), "--malloc", a.malloc] + ([] if torch else ["--no-torch"])
     train_args = ["--batch", str(a.train_batch)] + (["--rounds", "1", "--block", "1", "--ref-rounds", "1"]
                                                     if a.quick else [])
-    sample_args = ["--batch", str(a.sample_batch)] + (["--timed-steps", "2"] if a.quick else [])
+    sample_args = ["--batch", str(a.sample_batch)] + (["--timed-steps", "2", "--rounds", "1"] if a.quick else [])
     from _common import environment, write_json
     with tempfile.TemporaryDirectory() as tmp:
         results = {}

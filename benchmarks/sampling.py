@@ -1,13 +1,16 @@
 """Images per second of 1000-step DDPM ancestral sampling: reference vs numba vs PyTorch.
 
     python benchmarks/sampling.py [--model unet-seed|unet-ddpm] [--batch 64] [--timed-steps 20]
-                                  [--backends numpy,numba] [--no-torch] [--threads 2] [--out FILE]
+                                  [--rounds 3] [--backends numpy,numba] [--no-torch] [--threads 2]
+                                  [--malloc same|default] [--out FILE]
     python benchmarks/sampling.py --check [--timed-steps 2] [--batch 8]   # smoke test, no timing
 
 A full run is 1000 network evaluations plus 1000 ancestral updates (Ho et al. 2020,
 Alg. 2, sigma_t^2 = beta_t). Every step costs the same (same shapes), so only
 `--timed-steps` steps (the last ones of the chain, t = timed-steps .. 1) are timed, one
-implementation after the other (after an untimed warm-up forward each), and images/s =
+implementation after the other (after an untimed warm-up forward each), in `--rounds` rounds
+(each round a fresh process per implementation, taken in turn, so that a change in the
+machine's load during the run falls on every implementation alike); images/s =
 batch / (median step time x 1000): a scaled figure, reported as such (`--timed-steps 1000`
 times a whole chain).
 
@@ -157,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--model", default="unet-seed", choices=("unet-seed", "unet-ddpm"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timed-steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="each worker runs its timed steps once per round, in a fresh process, in turn")
     ap.add_argument("--backends", default="numpy,numba", help="comma-separated refdiff backends, first = baseline")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="threads of each worker's library (numba, BLAS, torch)")
@@ -167,7 +172,7 @@ def main(argv=None):
     ap.add_argument("--malloc", default="same", choices=["same", "default"], help=train_step.MALLOC_HELP)
     a = ap.parse_args(argv)
     train_step.MALLOC = a.malloc
-    for flag in ("batch", "timed_steps", "threads"):
+    for flag in ("batch", "timed_steps", "threads", "rounds"):
         if not 1 <= getattr(a, flag) <= (N if flag == "timed_steps" else 10 ** 6):
             ap.error(f"--{flag.replace('_', '-')} out of range")
     import importlib.util
@@ -178,24 +183,30 @@ def main(argv=None):
     names = a.backends.split(",")
     if not a.no_torch:
         names.append("torch")
-    ctx, results, notes = mp.get_context("spawn"), {}, {}
+    ctx, results, notes, plans = mp.get_context("spawn"), {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in names:        # one at a time: a thread pool left spinning must not slow another's steps
-            plan = weights = None
-            if n == "torch":
-                if importlib.util.find_spec("torch") is None:
-                    notes[n] = "skipped: No module named 'torch'"
+        for r in range(1 if a.check else a.rounds):
+            for n in names:    # one at a time: a thread pool left spinning must not slow another's steps
+                if n in notes:
                     continue
-                weights = os.path.join(tmp, "weights.npz")
-                plan = _save_for_torch(weights, a.model, _noise(a.batch, 28, a.timed_steps)[0], a.timed_steps)
-            kind, value = one_shot_worker(ctx, n, a.threads, _worker,
-                                          (n, a.model, a.batch, a.timed_steps, a.threads, plan, weights))
-            if kind == "skipped":
-                notes[n] = f"skipped: {value}"
-            elif kind != "done":
-                raise RuntimeError(f"{n} worker failed: {value}")
-            else:
-                results[n] = value
+                if n == "torch" and n not in plans:
+                    if importlib.util.find_spec("torch") is None:
+                        notes[n] = "skipped: No module named 'torch'"
+                        continue
+                    weights = os.path.join(tmp, "weights.npz")
+                    plans[n] = (_save_for_torch(weights, a.model, _noise(a.batch, 28, a.timed_steps)[0],
+                                                a.timed_steps), weights)
+                plan, weights = plans.get(n, (None, None))
+                kind, value = one_shot_worker(ctx, n, a.threads, _worker,
+                                              (n, a.model, a.batch, a.timed_steps, a.threads, plan, weights))
+                if kind == "skipped":
+                    notes[n] = f"skipped: {value}"
+                elif kind != "done":
+                    raise RuntimeError(f"{n} worker failed: {value}")
+                elif n in results:     # a later round: the same chain again in a fresh process
+                    results[n]["times"] += value["times"]
+                else:
+                    results[n] = value
     done = list(results)
     libraries = {n: r["libraries"] for n, r in results.items()}
     bad = _isolation(libraries)
@@ -203,7 +214,7 @@ def main(argv=None):
     for n in done:
         print(f"{n:>8} worker holds {', '.join(libraries[n]) or 'none'}; final x {diff[n]:.2e} from {done[0]}'s")
     out = dict(benchmark=f"DDPM ancestral sampling, {a.model}, float32", batch=a.batch,
-               timed_steps=a.timed_steps, total_steps=N, scaled=a.timed_steps < N, threads=a.threads,
+               timed_steps=a.timed_steps, rounds=1 if a.check else a.rounds, total_steps=N, scaled=a.timed_steps < N, threads=a.threads,
                worker_libraries=libraries, isolation_violations=bad, max_abs_diff_of_final_x_vs_first=diff,
                notes=notes, malloc=dict(setting=a.malloc, worker_environment=train_step._worker_env("torch", a.threads)),
                environment=environment())
