@@ -91,20 +91,34 @@ _SUM = dict(cache=True, fastmath={"reassoc", "nsz", "arcp", "contract"})   # sum
 
 @njit(**_SUM)
 def _plane_sum(x, c, b, sh, has_shift):
+    """sum of x[c, b] (+ sh), float64, x C-contiguous: one flat loop over the plane, the
+    shift's branch outside it (so that it vectorises; row by row with the branch inside, the
+    statistics cost as much as the convolution's input pass and SiLU together)."""
+    n = x.shape[2] * x.shape[3]
+    xf = x.reshape(-1)[(c * x.shape[1] + b) * n:]
     acc = 0.0
-    for r in range(x.shape[2]):
-        for q in range(x.shape[3]):
-            acc += (x[c, b, r, q] + sh) if has_shift else x[c, b, r, q]
+    if has_shift:
+        for k in range(n):
+            acc += xf[k] + sh
+    else:
+        for k in range(n):
+            acc += xf[k]
     return acc
 
 
 @njit(**_SUM)
 def _plane_sqdev(x, c, b, sh, has_shift, mu):
+    """sum of (x[c, b] (+ sh) - mu)^2, float64, as _plane_sum."""
+    n = x.shape[2] * x.shape[3]
+    xf = x.reshape(-1)[(c * x.shape[1] + b) * n:]
     acc = 0.0
-    for r in range(x.shape[2]):
-        for q in range(x.shape[3]):
-            t = (x[c, b, r, q] + sh) if has_shift else x[c, b, r, q]
-            d = np.float64(t - mu)
+    if has_shift:
+        for k in range(n):
+            d = np.float64((xf[k] + sh) - mu)
+            acc += d * d
+    else:
+        for k in range(n):
+            d = np.float64(xf[k] - mu)
             acc += d * d
     return acc
 

@@ -67,13 +67,15 @@ def _fill_norm(x, b, shift, has_shift, mean, rstd, gamma, beta, G, ph, pw, xp):
 
 @njit(cache=True)
 def _fill_copy(x, b, ph, pw, xp):
-    """xp[c, (r + ph) Wp + q + pw] = x[c, b, r, q]."""
+    """xp[c, (r + ph) Wp + q + pw] = x[c, b, r, q]. Element by element: a row slice copy
+    (xp[c, o:o + W] = x[c, b, i]) builds two array views per row, and cost 4x as much."""
     C, _, H, W = x.shape
     Wp = W + 2 * pw
     for c in range(C):
         for i in range(H):
             o = (i + ph) * Wp + pw
-            xp[c, o:o + W] = x[c, b, i]
+            for q in range(W):
+                xp[c, o + q] = x[c, b, i, q]
 
 
 @functools.lru_cache(maxsize=None)
