@@ -89,7 +89,8 @@ def test_group_norm_conv2d_agrees(fused_registered, version):
 # (B, Cin, Cout, size, groups); 12 channels and more run as several blocks of the micro-kernel
 LAYERS = [(3, 1, 10, 28, 1), (2, 10, 10, 28, 5), (2, 20, 10, 28, 5), (2, 40, 20, 14, 8), (2, 32, 64, 14, 8),
           (2, 80, 80, 7, 8), (2, 64, 3, 28, 8),
-          (3, 80, 80, 3, 8), (2, 160, 80, 3, 8), (2, 40, 80, 1, 8)]      # version 3's dense product
+          (3, 80, 80, 3, 8), (2, 160, 80, 3, 8), (2, 40, 80, 1, 8),       # version 3's dense product
+          (40, 16, 24, 3, 4)]                                              # ... with a batch past 32 (two vectors)
 
 
 @pytest.mark.parametrize("version", [2, 3])
@@ -199,9 +200,52 @@ def test_dense_matrices_follow_the_weights_in_place(monkeypatch):
     np.testing.assert_array_equal(z2, be.group_norm_conv2d_forward(x, 2, g, be_, w.copy(), b, None, 1, 1, True,
                                                                    True)[0])
     assert not np.array_equal(z1, z2)
-    monkeypatch.setattr(fused_v3, "_DENSE_BYTES", 3 * 54 * 72 * 4)   # room for three 6 x 8 matrices at 3 x 3
+    kept = fused_v3._dense_matrix(w, 3, 3, 3, 3, 1, 1)
+    assert fused_v3._dense_matrix(w, 3, 3, 3, 3, 1, 1) is kept              # unchanged weights: not rebuilt
+    monkeypatch.setattr(fused_v3, "_DENSE_BYTES", 3 * (54 * 72 + 432) * 4)   # three 6 x 8 matrices at 3 x 3, copies
     ws = [rng.standard_normal((6, 8, 3, 3)).astype(np.float32) for _ in range(5)]
     for wi in ws:
         be.conv2d_silu_forward(x, wi, b, 1, 1)
-    assert sum(v[1].nbytes for v in fused_v3._DENSE.values()) <= fused_v3._DENSE_BYTES
-    assert [k[0] for k in fused_v3._DENSE][-1] == id(ws[-1])             # the newest kept
+    assert sum(v[0].nbytes + v[1].nbytes for v in fused_v3._DENSE.values()) <= fused_v3._DENSE_BYTES
+    assert len(fused_v3._DENSE) == 3 and [k[0] for k in fused_v3._DENSE][-1] == id(ws[-1])   # the newest kept
+
+
+def test_version_3_is_version_2_on_its_frame_with_buffers_reused():
+    """On version 2's frame (stride 1, images larger than the kernel) version 3 computes the same
+    terms in the same order, one sample at a time: bit for bit version 2's output. One thread and 5
+    samples, so each thread's padded planes and output rows are reused (padding must stay 0)."""
+    import numba
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((5, 16, 9, 12)) + 1.0).astype(np.float32)
+    w, b = (rng.standard_normal((13, 16, 3, 3)) / 12).astype(np.float32), rng.standard_normal(13).astype(np.float32)
+    g, be_, sh = (1 + 0.5 * rng.standard_normal(16)).astype(np.float32), rng.standard_normal(16).astype(np.float32), \
+        rng.standard_normal((5, 16)).astype(np.float32)
+    v2 = rc.get_backend("numba", versions={"conv2d_silu": 2, "group_norm_conv2d": 2})
+    v3 = rc.get_backend("numba", versions={"conv2d_silu": 3, "group_norm_conv2d": 3})
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        for pad in (1, 2):
+            np.testing.assert_array_equal(v3.conv2d_silu_forward(x, w, b, 1, pad)[0],
+                                          v2.conv2d_silu_forward(x, w, b, 1, pad)[0])
+            for silu_out, shift in ((True, sh), (False, None)):       # silu_in on: its whole-vector run at n % 16 = 0
+                args = (x, 4, g, be_, w, b, shift, 1, pad, True, silu_out)
+                np.testing.assert_array_equal(v3.group_norm_conv2d_forward(*args)[0],
+                                              v2.group_norm_conv2d_forward(*args)[0])
+    finally:
+        numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 2, 2), (2, 3, 2, 40)], ids=["tiny", "wide"])
+def test_a_kernel_larger_than_the_padded_input_is_the_references_error(version, shape):
+    """A 3 x 3 kernel over 2 rows with no padding: the reference's ValueError, not a frame
+    with no output rows (which would let the micro-kernel write past its buffer)."""
+    be = rc.get_backend("numba", versions={"conv2d_silu": version, "group_norm_conv2d": version})
+    x, w = np.ones(shape, np.float32), np.ones((4, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="kernel 3 larger than the padded input 2"):
+        ref_fused.conv2d_silu_forward(x, w, None, 1, 0)
+    with pytest.raises(ValueError, match="kernel 3 larger than the padded input 2"):
+        be.conv2d_silu_forward(x, w, None, 1, 0)
+    with pytest.raises(ValueError, match="kernel 3 larger than the padded input 2"):
+        be.group_norm_conv2d_forward(x, 3, np.ones(3, np.float32), np.zeros(3, np.float32), w, None, None, 1, 0)

@@ -28,6 +28,8 @@ is never called by versions >= 2. make_backend makes these settings (configure_t
 not the import. Results of reductions split across threads (weight gradients) depend on the
 thread count in the last bits; they agree with the reference within refdiff_cuda.testing.TOL.
 Not thread-safe: do not call the backend from several Python threads at once.
+Memory: make_backend also sets glibc's malloc to keep freed activations in the heap
+(configure_memory; REFDIFF_KEEP_MALLOC=1 to leave glibc's defaults).
 
 Falls back to the reference (same arrays, no copy): sigmoid, tanh, leaky_relu, the loss
 ops of refdiff/nn/lossfn.py and the naive twins of conv and attention (`backend.fallback` lists them).
@@ -99,7 +101,7 @@ def configure_memory(environ=os.environ):
     try:
         mallopt = ctypes.CDLL(None).mallopt
         ctypes.CDLL(None).gnu_get_libc_version      # glibc's own; other C libraries' mallopt differ
-    except (OSError, AttributeError):     # pragma: no cover - not glibc
+    except (OSError, AttributeError, TypeError):    # pragma: no cover - not glibc (Windows: TypeError)
         return {}
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return {name: value for name, (param, value) in MALLOC_SETTINGS.items() if mallopt(param, value) == 1}

@@ -7,8 +7,8 @@ literal ports (every op at version 1): the same code, other ops, no copy of it.
 Version 2 does the whole fused op in conv2d version 5's implicit-GEMM frame (float32):
 
     input pass   GroupNorm's statistics per (sample, group) as group_norm version 2 takes
-                 them (float64 sums, mean and variance rounded to the dtype, two passes, the
-                 shift added first in the dtype); then ONE pass writes
+                 them (float64 sums, mean and variance rounded to the dtype, two passes; the
+                 sums may regroup the shift with the mean, see group_stats); then ONE pass writes
                  ((x + shift - mu) rstd) gamma + beta  into the zero-padded planes the
                  convolution reads, and SiLU (silu_in) runs in place over each padded plane
                  (_simd bsilu32; silu(0) = 0 keeps the padding 0). The normalised activation
@@ -125,8 +125,10 @@ def _plane_sqdev(x, c, b, sh, has_shift, mu):
 
 @njit(cache=True)
 def group_stats(x, shift, has_shift, b, g, G, eps, one, mean, rstd):
-    """mean[b, g], rstd[b, g] of sample b, group g of x (C, B, H, W) [+ shift (B, C)], as
-    group_norm v2 computes them (also version 3's, refdiff_cuda/numba_cpu/fused_v3.py)."""
+    """mean[b, g], rstd[b, g] of sample b, group g of x (C, B, H, W) [+ shift (B, C)]: group_norm
+    v2's two-pass float64 sums (also version 3's, refdiff_cuda/numba_cpu/fused_v3.py). With a
+    shift, the reassociating sums may take x + (shift - mu) for (x + shift) - mu: group_norm v2
+    on x + shift can differ in the last bits of rstd, within TOL."""
     Cg = x.shape[0] // G
     n = Cg * x.shape[2] * x.shape[3]
     acc = 0.0
@@ -259,12 +261,20 @@ def _fused_conv(xp, shape, w, b, padding, silu_out):
     return nchw(Y)
 
 
+def _check_fits(x, w, stride, padding):
+    """The reference's error for a kernel larger than the padded input, before any frame is
+    sized (a frame with no output rows would let the micro-kernel write past its buffer)."""
+    for n, k in zip(np.shape(x)[2:], np.shape(w)[2:]):
+        _conv_out("conv2d", n, k, stride, padding)
+
+
 def _slack(w):
     return w.shape[3] - 1 + _simd.LANES[np.dtype(np.float32)] * NV     # the kernel reads whole vectors
 
 
 def conv2d_silu_forward_v2(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    _check_fits(x, w, stride, padding)
     x = native(x)
     if not _fast_applies(x, w, stride, padding):
         y, cache = ref_fused.conv2d_silu_forward_with(NEWEST, x, w, b, stride, padding)
@@ -285,6 +295,7 @@ def group_norm_conv2d_forward_v2(x, num_groups, gamma, beta, w, b, shift=None, s
                                  silu_in=False, silu_out=False, eps=1e-5):
     args = (x, num_groups, gamma, beta, w, b, shift, stride, padding, silu_in, silu_out, eps)
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    _check_fits(x, w, stride, padding)
     _check_norm(x, num_groups, gamma, beta)
     x = native(x)
     if not _fast_applies(x, w, stride, padding):

@@ -1,5 +1,6 @@
 """The fused pairs conv2d_silu and group_norm_conv2d, version 3 (numba, CPU): version 2's
-arithmetic (fused.py), done one sample at a time. Twins of refdiff.nn.fused.
+arithmetic (fused.py) done one sample at a time, and tiny images as one dense product.
+Twins of refdiff.nn.fused.
 
 Version 2 makes three passes over the whole batch: GroupNorm's statistics, then the
 normalised, padded planes of every sample (a new buffer as large as the input, plus its
@@ -16,17 +17,20 @@ thread:
     input pass   ((x + shift - mu) rstd) gamma + beta [-> SiLU], or x itself for
                  conv2d_silu, into the thread's own padded planes (C x (Hp Wp + slack) floats:
                  36 KB for 10 channels at 28 x 28; the padding is zeroed once per call and
-                 never written after);
+                 stays 0: only SiLU, with silu(0) = 0, runs over it);
     GEMM         the SIMD micro-kernel on those planes, in blocks of up to 12 output channels
                  (fused.MR, as version 2);
     epilogue     bias and SiLU on the wide output rows, then their valid columns into y.
 
-Everything between reading x and writing y stays in the core's caches. The arithmetic is
-version 2's, term for term (the same kernels, the same order), except that SiLU on the
-input runs on whole vectors of each plane where version 2 ran its last n % 16 entries
-through silu_v3's scalar formula. Convolutions the frame does not take (strides, images no
-larger than the kernel, 1x1 convs, float64) run version 2's composition of the newest ops;
-the backward is version 2's (it reruns that composition with its caches).
+Everything between reading x and writing y stays in the core's caches. On this frame the
+arithmetic is version 2's, term for term (the same kernels, the same order), except that
+SiLU on the input runs on whole vectors of each plane where version 2 ran its last n % 16
+entries through silu_v3's scalar formula. Images no larger than the kernel (any stride)
+are not version 2's: one product with the dense matrix (_dense_run), where version 2 ran
+the composition of the newest ops (group_norm v2, silu v3, conv2d's dense path through
+BLAS); the sums run in another order, within refdiff_cuda.testing.TOL of the reference as
+every version. Other convolutions the frame does not take (strides, 1x1 convs, float64) run
+that composition; the backward is version 2's (it reruns the composition with its caches).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import numpy as np
 from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn import fused as ref_fused
-from refdiff.nn.conv import _check_conv
+from refdiff.nn.conv import _check_conv, _conv_out
 from refdiff.nn.norm import _check as _check_norm
 
 from . import _simd, conv_v4, conv_v5, fused
@@ -192,7 +196,9 @@ def _loop():
 
 # Dense matrices of the tiny-image convolutions (see _dense_run), by weight array:
 # (id(w), shape, H, W, stride, padding) -> (a copy of w, the matrix); used only while w still
-# holds those very bits (compared on every call), oldest dropped past _DENSE_BYTES.
+# holds those very bits (compared on every call), the oldest dropped once copies and matrices
+# pass _DENSE_BYTES (an entry outlives its weight array until then: a recycled id finds other
+# bits and rebuilds).
 _DENSE = {}
 _DENSE_BYTES = 256 << 20
 
@@ -205,7 +211,8 @@ def _dense_matrix(w, H, W, Ho, Wo, stride, padding):
     hit = _DENSE.pop(key, None)
     if hit is None or not np.array_equal(hit[0].view(np.uint32), w32.view(np.uint32)):
         hit = (w32.copy(), np.ascontiguousarray(conv_v4._dense_weight(w32, H, W, Ho, Wo, stride, padding).T))
-        while _DENSE and sum(v[1].nbytes for v in _DENSE.values()) + hit[1].nbytes > _DENSE_BYTES:
+        while _DENSE and sum(v[0].nbytes + v[1].nbytes for v in _DENSE.values()) + hit[0].nbytes + \
+                hit[1].nbytes > _DENSE_BYTES:
             del _DENSE[next(iter(_DENSE))]
     _DENSE[key] = hit                                    # the newest last
     return hit[1]
@@ -278,8 +285,15 @@ def _dense_fast(x, w):
     return x.dtype == np.float32 and conv_v4._dense_applies(x.shape[2], x.shape[3], w.shape[2], w.shape[3])
 
 
+def _check_fits(x, w, stride, padding):
+    """The reference's error for a kernel larger than the padded input (before any frame is sized)."""
+    for n, k in zip(np.shape(x)[2:], np.shape(w)[2:]):
+        _conv_out("conv2d", n, k, stride, padding)
+
+
 def conv2d_silu_forward_v3(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    _check_fits(x, w, stride, padding)
     x = native(x)
     if _dense_fast(x, w):
         y = _dense_run(cm(x), w, b, stride, padding, True)
@@ -295,6 +309,7 @@ def group_norm_conv2d_forward_v3(x, num_groups, gamma, beta, w, b, shift=None, s
                                  silu_in=False, silu_out=False, eps=1e-5):
     args = (x, num_groups, gamma, beta, w, b, shift, stride, padding, silu_in, silu_out, eps)
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
+    _check_fits(x, w, stride, padding)
     _check_norm(x, num_groups, gamma, beta)
     x = native(x)
     norm = (shift, num_groups, eps, gamma, beta, silu_in)
