@@ -87,10 +87,9 @@ def configure_memory(environ=os.environ):
     By default glibc serves a large block (from 128 KB, a threshold it raises as blocks are
     freed) by a fresh mmap, and gives the top of the heap back once 2x that is free; the next
     array of that size then faults in every page again, zero-filled by the kernel. Measured
-    with glibc's defaults on 2 cores: a unet-seed training step (forward and backward, batch
-    128) took ~46,000 such page faults (180 MB) and 92 ms of system time per step, of ~300 ms;
-    a unet-ddpm inference forward at batch 64 ~7,300 and 31 ms. With these settings, none
-    (docs/performance.md). Here blocks up to 32 MB come
+    with glibc's defaults on 2 cores (benchmarks/page_faults.py): a unet-seed forward and
+    backward at batch 128 took ~46,000 such page faults (180 MB) and 90-180 ms of system time
+    per step; with these settings, 1 and ~5 ms. Here blocks up to 32 MB come
     from the heap, which is trimmed only past 1 GB free: the process keeps its peak heap.
     Process-wide, so it is made where the backend is built (make_backend), and skipped when
     REFDIFF_KEEP_MALLOC=1 is set, or where the C library has no mallopt (not glibc).
