@@ -175,10 +175,13 @@ MALLOC_HELP = ("glibc malloc settings of every worker: 'same' = the numba backen
 
 def _worker_env(name, threads, malloc=None):
     """Environment variables for a worker's process: each library's own thread setting, and
-    glibc's malloc settings (MALLOC, or `malloc`: "same" or "default")."""
+    glibc's malloc settings (MALLOC, or `malloc`: "same" or "default"); a value None unsets."""
     n = str(threads)
     malloc = MALLOC if malloc is None else malloc
-    mem = dict(MALLOC_ENV) if malloc == "same" else {"REFDIFF_KEEP_MALLOC": "1"} if name not in ("numpy", "torch") else {}
+    if malloc == "same":
+        mem = dict(MALLOC_ENV)
+    else:          # glibc's defaults: none of its variables inherited from the caller, numba's own settings off
+        mem = dict({k: None for k in MALLOC_ENV}, **({} if name in ("numpy", "torch") else {"REFDIFF_KEEP_MALLOC": "1"}))
     if name == "numpy":
         return dict(OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, **mem)
     if name == "torch":
@@ -188,9 +191,14 @@ def _worker_env(name, threads, malloc=None):
 
 @contextlib.contextmanager
 def _environ(extra):
-    """os.environ with `extra` set, restored on exit (a spawned process inherits it at start)."""
+    """os.environ with `extra` set (a value None: unset), restored on exit (a spawned process
+    inherits it at start)."""
     old = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
+    for k, v in extra.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:

@@ -31,10 +31,12 @@ def test_each_worker_sets_only_its_own_librarys_threads():
     assert set(train_step._worker_env("numpy", 2)) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"} | mem
     assert set(train_step._worker_env("torch", 2)) == mem     # torch.set_num_threads inside the worker
     assert train_step._worker_env("numba", 3)["NUMBA_NUM_THREADS"] == "3"
-    assert train_step._worker_env("torch", 2, "default") == {}
-    assert set(train_step._worker_env("numpy", 2, "default")) == {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                                   "MKL_NUM_THREADS"}
-    assert train_step._worker_env("numba", 2, "default")["REFDIFF_KEEP_MALLOC"] == "1"
+    unset = {k: None for k in train_step.MALLOC_ENV}             # glibc's defaults: inherited settings removed
+    assert train_step._worker_env("torch", 2, "default") == unset
+    assert train_step._worker_env("numpy", 2, "default") == dict(OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2",
+                                                                 MKL_NUM_THREADS="2", **unset)
+    assert train_step._worker_env("numba", 2, "default") == dict(NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2",
+                                                                 REFDIFF_KEEP_MALLOC="1", **unset)
 
 
 def test_every_worker_gets_the_numba_backends_own_malloc_settings():
@@ -54,6 +56,10 @@ def test_environ_is_restored(monkeypatch):
     with train_step._environ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}):
         assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "5")
+    with train_step._environ({"MALLOC_TRIM_THRESHOLD_": None}):           # None: unset for the worker
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "5"
 
 
 def test_held_libraries_reads_sys_modules(monkeypatch):
