@@ -205,6 +205,8 @@ def main(argv=None):
                     raise RuntimeError(f"{n} worker failed: {value}")
                 elif n in results:     # a later round: the same chain again in a fresh process
                     results[n]["times"] += value["times"]
+                    results[n]["libraries"] = sorted(set(results[n]["libraries"]) | set(value["libraries"]))
+                    results[n]["final"] = value["final"]      # every round's worker is checked, the last compared
                 else:
                     results[n] = value
     done = list(results)
