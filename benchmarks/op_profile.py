@@ -2,7 +2,7 @@
 
     python benchmarks/op_profile.py [--model unet-ddpm] [--batch 64] [--backend numba]
                                     [--versions "{'conv2d': 5}"] [--steps 5] [--clock cpu|wall]
-                                    [--predict]
+                                    [--predict] [--malloc same|default]
 
 The model is built on a copy of the backend whose op functions are wrapped by a timer (the
 model cannot tell: it only calls `ops.<name>`), then takes `--steps` training steps (eps-
@@ -14,7 +14,9 @@ channels and input size, and its backward by its forward's key. `--clock cpu`
 other jobs moves far less than wall time; it adds up all threads, so run with
 NUMBA_NUM_THREADS=1 (OPENBLAS_NUM_THREADS=1 for `--backend numpy`, the reference) for shares
 that mean time on one core. Ratios only: this is a profile, not a benchmark (train_step.py
-is that).
+is that). Every backend runs under the benchmarks' glibc malloc settings (`--malloc same`, the
+numba backend's own; the process restarts itself with them in its environment), or glibc's
+defaults (`--malloc default`).
 """
 from __future__ import annotations
 
@@ -68,6 +70,24 @@ def profiled(backend, clock):
     return ops, totals, counts
 
 
+def _malloc_settings(malloc, argv):
+    """Run under the benchmarks' malloc settings (train_step._worker_env): glibc reads them from
+    the environment when a process starts, so this process starts itself again with them where
+    they differ (the reference's backend cannot set them, and page faults would otherwise land
+    on whichever op first allocates after memory was given back)."""
+    from train_step import _worker_env
+    want = _worker_env("numba", 1, malloc)
+    want = {k: v for k, v in want.items() if k.startswith("MALLOC_") or k == "REFDIFF_KEEP_MALLOC"}
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in want}
+    env.update({k: v for k, v in want.items() if v is not None})
+    if malloc == "same":
+        env.pop("REFDIFF_KEEP_MALLOC", None)
+    args = sys.argv[1:] if argv is None else list(argv)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args], env)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="unet-ddpm")
@@ -77,9 +97,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--predict", action="store_true", help="the inference forward (model.predict) instead")
+    ap.add_argument("--malloc", default="same", choices=["same", "default"],
+                    help="glibc malloc settings, as the benchmarks' --malloc (same: the numba backend's own)")
     a = ap.parse_args(argv)
     if a.batch < 1 or a.steps < 1:
         ap.error("--batch and --steps must be >= 1")
+    _malloc_settings(a.malloc, argv)
     from refdiff.backend import get_ops
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     versions = None if a.versions is None else ast.literal_eval(a.versions)

@@ -81,3 +81,26 @@ def test_reference_worker_holds_no_other_library():
             proc.join(timeout=30)
     assert held == [] and notes == {}
     assert infos["numpy"]["first_loss"] > 0
+
+
+def test_op_profile_restarts_itself_under_the_benchmarks_malloc_settings(monkeypatch):
+    """benchmarks/op_profile.py: glibc reads its malloc settings when a process starts, so the
+    profile starts itself again with them in its environment when they are missing, and not
+    when they are there (no loop)."""
+    import op_profile
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((args, env)))
+    for k in train_step.MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    op_profile._malloc_settings("same", ["--backend", "numpy"])
+    (args, env), = calls
+    assert args[-2:] == ["--backend", "numpy"] and args[1].endswith("op_profile.py")
+    assert {k: env[k] for k in train_step.MALLOC_ENV} == train_step.MALLOC_ENV
+    calls.clear()
+    for k, v in train_step.MALLOC_ENV.items():
+        monkeypatch.setenv(k, v)
+    op_profile._malloc_settings("same", [])
+    assert calls == []
+    op_profile._malloc_settings("default", [])                  # glibc's defaults: the settings removed
+    (args, env), = calls
+    assert not set(train_step.MALLOC_ENV) & set(env) and env["REFDIFF_KEEP_MALLOC"] == "1"
