@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -35,13 +34,10 @@ PADDING = 1
 
 
 def _median_ms(f, repeats=9):
+    """Median ms of f over `repeats` calls, after an untimed one."""
+    from _common import median_time
     f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+    return median_time(f, repeats)[0] * 1e3
 
 
 def _inputs(i, B):

@@ -18,43 +18,40 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # _common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # refdiff, uninstalled
+
+from _common import median_time  # noqa: E402
 
 
 def _best(f, repeats):
+    """(fastest, median) seconds of f over `repeats` calls, after an untimed one."""
     f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), float(np.median(ts))
+    median, times = median_time(f, repeats)
+    return min(times), median
 
 
 def _parts(x, w, b, G, shift, repeats):
     """{part: (fastest, median) seconds over the batch} of version 3's per-sample frame."""
     from numba import njit
 
-    from refdiff_cuda.numba_cpu import _simd, conv_v5
+    from refdiff_cuda.numba_cpu import _simd
     from refdiff_cuda.numba_cpu.conv_v4 import _narrow
-    from refdiff_cuda.numba_cpu.fused import NV, _slack, group_stats
-    from refdiff_cuda.numba_cpu.fused_v3 import _fill_copy, _fill_norm
+    from refdiff_cuda.numba_cpu.fused import _blocks, group_stats
+    from refdiff_cuda.numba_cpu.fused_v3 import _fill_copy, _fill_norm, _frame
     F32 = np.float32
     C, B, H, W = x.shape
     Cout = w.shape[0]
-    Wp, L = W + 2, _simd.LANES[np.dtype(F32)]
-    ldx = -(-((H + 2) * Wp + _slack(w)) // L) * L
-    ldy = -(-(H * Wp) // (L * NV)) * (L * NV)
-    xp, yw, Y = np.zeros((C, ldx), F32), np.zeros((Cout, ldy), F32), np.empty((Cout, B, H, W), F32)
+    Wp, Ho, ldx, ldy, off = _frame(x.shape, w, 1)
+    xp, yw, Y = np.zeros((C, ldx), F32), np.zeros((Cout, ldy), F32), np.empty((Cout, B, Ho, W), F32)
     mean, rstd = np.zeros((B, G), F32), np.zeros((B, G), F32)
     gamma, beta, bias = np.ones(C, F32), np.zeros(C, F32), np.asarray(b, F32)
-    off, w2 = conv_v5._taps(C, 3, 3, ldx, Wp), np.ascontiguousarray(w.reshape(Cout, -1))
+    w2 = np.ascontiguousarray(w.reshape(Cout, -1))
     bsilu = _simd.bias_silu_function()
-    kernel = _simd._SIG(_simd.kernel(min(Cout, 12), NV, np.dtype(F32)))
+    gemm = _blocks()[1]
 
     @njit
     def stats(x, shift, mean, rstd):
@@ -83,20 +80,17 @@ def _parts(x, w, b, G, shift, repeats):
         for s in range(Y.shape[1]):
             _narrow(yw, s, 1, Wp, yw.shape[1], bias, True, Y)
 
-    K, m = C * 9, min(Cout, 12)
-    blocks = -(-Cout // m)
-
-    def gemm():
-        for _ in range(B):
-            for _ in range(blocks):     # the op's blocks are balanced; the same count of rows per call here
-                kernel(xp.ctypes.data, off.ctypes.data, K, w2.ctypes.data, K, yw.ctypes.data, ldy, H * Wp)
+    @njit
+    def kernel(xp, w2, yw):
+        for _ in range(B):             # the op's own blocks of the micro-kernel (fused._blocks)
+            gemm(xp.reshape(-1), off, w2.reshape(-1), Cout, w2.shape[1], yw.reshape(-1), ldy, Ho * Wp)
 
     zero = np.zeros(1, F32)
     return {"GroupNorm statistics": _best(lambda: stats(x, shift, mean, rstd), repeats),
             "normalising input pass": _best(lambda: fill(x, shift, mean, rstd, gamma, beta, xp), repeats),
             "plain input copy": _best(lambda: copy(x, xp), repeats),
             "SiLU over the input planes": _best(lambda: silu(xp, B, zero), repeats),
-            "micro-kernel": _best(gemm, repeats),
+            "micro-kernel": _best(lambda: kernel(xp, w2, yw), repeats),
             "bias + SiLU over the output rows": _best(lambda: silu(yw, B, bias), repeats),
             "valid columns out": _best(lambda: narrow(yw, Y, bias), repeats)}
 
@@ -134,7 +128,8 @@ def main(argv=None):
                         ("group_norm_conv2d", lambda: be.group_norm_conv2d_forward(x, a.groups, g, beta, w, b, shift,
                                                                                    1, 1, True, True))):
             best, med = _best(f, a.repeats)
-            print(f"  version {v} {name:18s} {best * 1e3:8.3f} ms (median {med * 1e3:.3f}) {flop / best / 1e9:6.1f} GFLOP/s")
+            print(f"  version {v} {name:18s} {best * 1e3:8.3f} ms (median {med * 1e3:.3f}) "
+                  f"{flop / best / 1e9:6.1f} GFLOP/s")
     if H * H <= 9:
         print("(an image no larger than the kernel: version 3 runs its dense product, not the per-sample frame)")
         return 0

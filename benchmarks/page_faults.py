@@ -101,12 +101,11 @@ def main(argv=None):
             print(f"numba  {name:9s} {mode:7s} b{B:<4d} {setting:16s} {r['faults']:9.0f} faults "
                   f"{r['system_s'] * 1e3:7.1f} ms system {r['wall_s'] * 1e3:8.1f} ms wall", flush=True)
     if importlib.util.find_spec("torch") is not None:
-        from refdiff.nn import make_model
         from sampling import model_for
         from torch_unet import plan_of, plan_of_ddpm
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("unet-seed", "unet-ddpm"):
-                ref = model_for(name) if name == "unet-ddpm" else make_model(name)
+                ref = model_for(name)
                 plan = (plan_of_ddpm if name == "unet-ddpm" else plan_of)(ref)
                 emb_dim = ref.config["channels"][0] if name == "unet-ddpm" else ref.config["emb_dim"]
                 path = os.path.join(tmp, f"{name}.pkl")

@@ -151,11 +151,69 @@ def _gn_stats(x, shift, has_shift, G, eps, one, mean, rstd):
         group_stats(x, shift, has_shift, task // G, task % G, G, eps, one, mean, rstd)
 
 
+@njit(cache=True)
+def _norm_plane(x, c, b, sh, has_shift, mu, r, ga, be, ph, pw, out, base):
+    """out[base + (i + ph) Wp + q + pw] = ((x[c, b, i, q] + sh - mu) r) ga + be: one channel of one
+    sample, normalised, into its zero-padded plane (versions 2 and 3's input pass)."""
+    H, W = x.shape[2], x.shape[3]
+    Wp = W + 2 * pw
+    for i in range(H):
+        o = base + (i + ph) * Wp + pw
+        for q in range(W):
+            t = (x[c, b, i, q] + sh) if has_shift else x[c, b, i, q]
+            out[o + q] = ((t - mu) * r) * ga + be
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks():
+    """(block, gemm) for float32, with the SIMD kernels for 1..MR rows bound in: the micro-kernel
+    calls of versions 2 and 3 (and version 3's dense product)."""
+    k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12 = [_simd.kernel_function(m, NV, np.dtype(np.float32))
+                                                          for m in range(1, MR + 1)]
+
+    @cached_njit()
+    def block(m, xf, off, K, wp, yp, ldy, nw):
+        """yp[r ldy + n] = sum_k wp[r K + k] xf[off[k] + n] for r < m <= MR (one kernel call)."""
+        if m == 12:
+            k12(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 11:
+            k11(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 10:
+            k10(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 9:
+            k9(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 8:
+            k8(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 7:
+            k7(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 6:
+            k6(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 5:
+            k5(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 4:
+            k4(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 3:
+            k3(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        elif m == 2:
+            k2(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+        else:
+            k1(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+
+    @cached_njit()
+    def gemm(xf, off, wf, Cout, K, ywf, ldy, nw):
+        """ywf[co ldy + n] = sum_k wf[co K + k] xf[off[k] + n], in balanced blocks of <= MR channels."""
+        nblk = (Cout + MR - 1) // MR                     # balanced blocks: 20 = 10 + 10, not 12 + 8
+        for blk in range(nblk):
+            c0 = blk * (Cout // nblk) + min(blk, Cout % nblk)
+            m = Cout // nblk + (1 if blk < Cout % nblk else 0)
+            block(m, xf, off, K, wf[c0 * K:], ywf[c0 * ldy:], ldy, nw)
+    return block, gemm
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """(pad_norm, conv_loop) for float32, with the SIMD kernels bound in."""
-    k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12 = [_simd.kernel_function(m, NV, np.dtype(np.float32))
-                                                          for m in range(1, MR + 1)]
+    gemm = _blocks()[1]
     bsilu = _simd.bias_silu_function()
 
     @cached_njit()
@@ -179,13 +237,9 @@ def _kernels():
         for task in prange(C * B):
             c, b = task // B, task % B
             g = c // Cg
-            mu, r, ga, be, sh = mean[b, g], rstd[b, g], gamma[c], beta[c], shift[b, c]
             base = b * Hp * Wp
-            for i in range(H):
-                o = base + (i + ph) * Wp + pw
-                for q in range(W):
-                    t = (x[c, b, i, q] + sh) if has_shift else x[c, b, i, q]
-                    xp[c, o + q] = ((t - mu) * r) * ga + be
+            _norm_plane(x, c, b, shift[b, c], has_shift, mean[b, g], rstd[b, g], gamma[c], beta[c], ph, pw, xp[c],
+                        base)
             if silu_in:
                 silu_run(xp[c, base:base + Hp * Wp], Hp * Wp)
 
@@ -195,39 +249,10 @@ def _kernels():
         B, Ho = Y.shape[1], Y.shape[2]
         nw = Ho * Wp
         xf, wf = xp.reshape(-1), w2.reshape(-1)
-        nblk = (Cout + MR - 1) // MR                     # balanced blocks: 20 = 10 + 10, not 12 + 8
         for b in prange(B):
             yw = yw_s[get_thread_id()]
             ywf = yw.reshape(-1)
-            xb = xf[b * HpWp:]
-            for blk in range(nblk):
-                c0 = blk * (Cout // nblk) + min(blk, Cout % nblk)
-                m = Cout // nblk + (1 if blk < Cout % nblk else 0)
-                wp, yp = wf[c0 * K:], ywf[c0 * ldy:]
-                if m == 12:
-                    k12(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 11:
-                    k11(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 10:
-                    k10(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 9:
-                    k9(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 8:
-                    k8(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 7:
-                    k7(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 6:
-                    k6(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 5:
-                    k5(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 4:
-                    k4(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 3:
-                    k3(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                elif m == 2:
-                    k2(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-                else:
-                    k1(xb.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
+            gemm(xf[b * HpWp:], off, wf, Cout, K, ywf, ldy, nw)
             if silu_out:                                  # bias + SiLU on the wide rows, in cache
                 for co in range(Cout):
                     bsilu(ywf[co * ldy:].ctypes, ldy, bias[co] if has_b else np.float32(0.0))

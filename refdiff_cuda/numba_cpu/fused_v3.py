@@ -47,8 +47,8 @@ from . import _simd, conv_v4, conv_v5, fused
 from ._cache import cached_njit
 from ._layout import cm, native, nchw
 from .conv_v4 import _narrow
-from .fused import (MR, NEWEST, NV, _fast_applies, _slack, conv2d_silu_backward_v2, group_norm_conv2d_backward_v2,
-                    group_stats)
+from .fused import (MR, NEWEST, NV, _check_fits, _fast_applies, _norm_plane, _slack, conv2d_silu_backward_v2,
+                    group_norm_conv2d_backward_v2, group_stats)
 
 F32 = np.float32
 
@@ -56,17 +56,10 @@ F32 = np.float32
 @njit(cache=True)
 def _fill_norm(x, b, shift, has_shift, mean, rstd, gamma, beta, G, ph, pw, xp):
     """xp[c, (r + ph) Wp + q + pw] = ((x[c, b, r, q] + shift[b, c] - mu) rstd) gamma[c] + beta[c]."""
-    C, _, H, W = x.shape
-    Cg = C // G
-    Wp = W + 2 * pw
-    for c in range(C):
+    Cg = x.shape[0] // G
+    for c in range(x.shape[0]):
         g = c // Cg
-        mu, r, ga, be, sh = mean[b, g], rstd[b, g], gamma[c], beta[c], shift[b, c]
-        for i in range(H):
-            o = (i + ph) * Wp + pw
-            for q in range(W):
-                t = (x[c, b, i, q] + sh) if has_shift else x[c, b, i, q]
-                xp[c, o + q] = ((t - mu) * r) * ga + be
+        _norm_plane(x, c, b, shift[b, c], has_shift, mean[b, g], rstd[b, g], gamma[c], beta[c], ph, pw, xp[c], 0)
 
 
 @njit(cache=True)
@@ -85,46 +78,8 @@ def _fill_copy(x, b, ph, pw, xp):
 @functools.lru_cache(maxsize=None)
 def _loop():
     """The per-sample loop (float32), with the SIMD kernels bound in."""
-    k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12 = [_simd.kernel_function(m, NV, np.dtype(F32))
-                                                          for m in range(1, MR + 1)]
+    block, gemm = fused._blocks()
     bsilu = _simd.bias_silu_function()
-
-    @cached_njit()
-    def block(m, xf, off, K, wp, yp, ldy, nw):
-        """yp[r ldy + n] = sum_k wp[r K + k] xf[off[k] + n] for r < m <= MR (one kernel call)."""
-        if m == 12:
-            k12(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 11:
-            k11(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 10:
-            k10(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 9:
-            k9(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 8:
-            k8(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 7:
-            k7(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 6:
-            k6(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 5:
-            k5(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 4:
-            k4(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 3:
-            k3(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        elif m == 2:
-            k2(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-        else:
-            k1(xf.ctypes, off.ctypes, K, wp.ctypes, K, yp.ctypes, ldy, nw)
-
-    @cached_njit()
-    def gemm(xf, off, wf, Cout, K, ywf, ldy, nw):
-        """ywf[co ldy + n] = sum_k wf[co K + k] xf[off[k] + n], in balanced blocks of <= MR channels."""
-        nblk = (Cout + MR - 1) // MR                     # balanced blocks: 20 = 10 + 10, not 12 + 8
-        for blk in range(nblk):
-            c0 = blk * (Cout // nblk) + min(blk, Cout % nblk)
-            m = Cout // nblk + (1 if blk < Cout % nblk else 0)
-            block(m, xf, off, K, wf[c0 * K:], ywf[c0 * ldy:], ldy, nw)
 
     @cached_njit(parallel=True)
     def loop(x, norm, shift, has_shift, G, eps, mean, rstd, gamma, beta, silu_in, pad, off, w2, bias, has_b,
@@ -242,7 +197,7 @@ def _dense_run(xc, w, b, stride, padding, silu_out, norm=None):
     per weight array (_dense_matrix) instead of on every call (0.3-0.5 ms for 80 -> 80, B = 64)."""
     C, B, H, W = xc.shape
     Cout, _, kH, kW = w.shape
-    Ho, Wo = (H + 2 * padding - kH) // stride + 1, (W + 2 * padding - kW) // stride + 1
+    Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
     wdt = _dense_matrix(w, H, W, Ho, Wo, stride, padding)
     args = _norm_args(xc, norm)
     if args[0]:
@@ -258,17 +213,26 @@ def _dense_run(xc, w, b, stride, padding, silu_out, norm=None):
     return Y
 
 
-def _run(xc, w, b, padding, silu_out, norm=None):
-    """Y (Cout, B, Ho, Wo) of the channel-major xc (C, B, H, W); norm = (shift or None, G, eps,
-    gamma, beta, silu_in) for group_norm_conv2d."""
-    C, B, H, W = xc.shape
-    Cout, _, kH, kW = w.shape
+def _frame(shape, w, padding):
+    """(Wp, Ho, ldx, ldy, off) of the per-sample frame of a (C, B, H, W) input: padded rows of Wp,
+    Ho output rows, ldx floats per channel's padded plane, ldy per output channel's wide rows,
+    and the taps' offsets into the planes."""
+    C, _, H, W = shape
+    kH, kW = w.shape[2:]
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho = Hp - kH + 1
     L = _simd.LANES[np.dtype(F32)]
     ldx = -(-(Hp * Wp + _slack(w)) // L) * L             # whole vectors: SiLU runs on the whole plane
     ldy = -(-(Ho * Wp) // (L * NV)) * (L * NV)
-    off = conv_v5._taps(C, kH, kW, ldx, Wp)
+    return Wp, Ho, ldx, ldy, conv_v5._taps(C, kH, kW, ldx, Wp)
+
+
+def _run(xc, w, b, padding, silu_out, norm=None):
+    """Y (Cout, B, Ho, Wo) of the channel-major xc (C, B, H, W); norm = (shift or None, G, eps,
+    gamma, beta, silu_in) for group_norm_conv2d."""
+    C, B = xc.shape[:2]
+    Cout, _, kH, kW = w.shape
+    Wp, Ho, ldx, ldy, off = _frame(xc.shape, w, padding)
     T = get_num_threads()
     xp_s = np.zeros((T, C, ldx), F32)                    # padding: zero for the whole call
     yw_s = np.empty((T, Cout, ldy), F32)
@@ -283,12 +247,6 @@ def _run(xc, w, b, padding, silu_out, norm=None):
 def _dense_fast(x, w):
     """_dense_run's case: float32, an image no larger than the kernel (conv2d v4's dense path)."""
     return x.dtype == np.float32 and conv_v4._dense_applies(x.shape[2], x.shape[3], w.shape[2], w.shape[3])
-
-
-def _check_fits(x, w, stride, padding):
-    """The reference's error for a kernel larger than the padded input (before any frame is sized)."""
-    for n, k in zip(np.shape(x)[2:], np.shape(w)[2:]):
-        _conv_out("conv2d", n, k, stride, padding)
 
 
 def conv2d_silu_forward_v3(x, w, b, stride=1, padding=0):
