@@ -1,10 +1,14 @@
-"""Per-layer conv2d timings (forward, backward) of unet-seed's shapes: numba versions vs PyTorch.
+"""Per-layer conv2d timings (forward, backward) of a UNet's shapes: numba versions vs PyTorch.
 
-    python benchmarks/conv_layers.py [--batch 128] [--versions 2,3,5] [--threads 2] [--no-torch]
-                                     [--out benchmarks/results/conv_layers.json]
+    python benchmarks/conv_layers.py [--model unet-seed] [--batch 128] [--versions 2,3,5] [--threads 2]
+                                     [--no-torch] [--out benchmarks/results/conv_layers.json]
+    python benchmarks/conv_layers.py --model unet-ddpm --batch 64 --versions 6
+                                     (-> benchmarks/results/conv_layers_unet-ddpm.json)
 
 For each (Cin -> Cout, image size) of unet-seed's 3 x 3 convs (stride 1, padding 1) and its
-4 x 4 stride-2 downsamples, times the numba backend's conv2d forward and backward per
+4 x 4 stride-2 downsamples (--model unet-ddpm: its 3 x 3 convs, its 3 x 3 stride-2
+downsamples and its 1 x 1 convs: ResBlock skips and attention's qkv; the first, the upsampling
+and the output convs included), times the numba backend's conv2d forward and backward per
 version (median of 9 after a warm-up; inputs channel-major, as the UNet hands them over)
 and torch.nn.functional.conv2d's when torch is importable (its backward time is that of
 forward + backward minus forward). GFLOP/s count 2 B Cin Cout kH kW Ho Wo per forward.
@@ -25,12 +29,22 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = [  # (Cin, Cout, H, k, stride)
-    (1, 10, 28, 3, 1), (10, 10, 28, 3, 1), (20, 10, 28, 3, 1), (10, 1, 28, 3, 1),
-    (20, 20, 14, 3, 1), (40, 40, 7, 3, 1), (80, 80, 3, 3, 1), (160, 80, 3, 3, 1),
-    (10, 10, 28, 4, 2), (20, 20, 14, 4, 2), (40, 40, 6, 4, 2),
-]
-PADDING = 1
+SHAPES = {  # model -> [(Cin, Cout, H, k, stride)]; padding (k - 1) // 2 + (stride - 1): 1, or 0 for 1 x 1
+    "unet-seed": [
+        (1, 10, 28, 3, 1), (10, 10, 28, 3, 1), (20, 10, 28, 3, 1), (10, 1, 28, 3, 1),
+        (20, 20, 14, 3, 1), (40, 40, 7, 3, 1), (80, 80, 3, 3, 1), (160, 80, 3, 3, 1),
+        (10, 10, 28, 4, 2), (20, 20, 14, 4, 2), (40, 40, 6, 4, 2)],
+    "unet-ddpm": [   # channels (32, 64, 64) at 28, 14, 7 (docs/unet-ddpm.md)
+        (1, 32, 28, 3, 1), (32, 32, 28, 3, 1), (64, 32, 28, 3, 1), (96, 32, 28, 3, 1), (64, 64, 28, 3, 1),
+        (32, 1, 28, 3, 1), (32, 64, 14, 3, 1), (64, 64, 14, 3, 1), (96, 64, 14, 3, 1), (128, 64, 14, 3, 1),
+        (64, 64, 7, 3, 1), (128, 64, 7, 3, 1),
+        (32, 32, 28, 3, 2), (64, 64, 14, 3, 2),
+        (96, 32, 28, 1, 1), (64, 32, 28, 1, 1), (32, 64, 14, 1, 1), (128, 64, 14, 1, 1), (64, 192, 7, 1, 1)],
+}
+
+
+def _padding(k):
+    return 0 if k == 1 else 1
 
 
 def _median_ms(f, repeats=9):
@@ -40,54 +54,56 @@ def _median_ms(f, repeats=9):
     return median_time(f, repeats)[0] * 1e3
 
 
-def _inputs(i, B):
+def _inputs(shapes, i, B):
     """Layer i's x (channel-major view of (B, Cin, H, H)), w, b and dy, the same in every process."""
-    ci, co, H, k, s = SHAPES[i]
+    ci, co, H, k, s = shapes[i]
     rng = np.random.default_rng([0, i])
     x = np.ascontiguousarray(rng.standard_normal((ci, B, H, H)).astype(np.float32)).swapaxes(0, 1)
     w = (rng.standard_normal((co, ci, k, k)) / np.sqrt(ci * k * k)).astype(np.float32)
-    ho = (H + 2 * PADDING - k) // s + 1
+    ho = (H + 2 * _padding(k) - k) // s + 1
     dy = np.ascontiguousarray(rng.standard_normal((co, B, ho, ho)).astype(np.float32)).swapaxes(0, 1)
     return x, w, np.zeros(co, np.float32), dy
 
 
-def _numba_times(B, versions, threads):
+def _numba_times(shapes, B, versions, threads):
     import numba
     import refdiff_cuda
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     rows = []
-    for i, (ci, co, H, k, s) in enumerate(SHAPES):
-        x, w, b, dy = _inputs(i, B)
+    for i, (ci, co, H, k, s) in enumerate(shapes):
+        x, w, b, dy = _inputs(shapes, i, B)
+        p = _padding(k)
         row = {}
         for v in versions:
             be = refdiff_cuda.get_backend("numba", versions={"conv2d": v})
-            _, cache = be.conv2d_forward(x, w, b, s, PADDING)
-            row[f"numba_v{v}_ms"] = dict(forward=_median_ms(lambda: be.conv2d_forward(x, w, b, s, PADDING)),
+            _, cache = be.conv2d_forward(x, w, b, s, p)
+            row[f"numba_v{v}_ms"] = dict(forward=_median_ms(lambda: be.conv2d_forward(x, w, b, s, p)),
                                          backward=_median_ms(lambda: be.conv2d_backward(dy, cache)))
         rows.append(row)
     return rows
 
 
-def _torch_times(B, threads):
+def _torch_times(shapes, B, threads):
     import torch
     torch.set_num_threads(threads)
     rows = []
-    for i, (ci, co, H, k, s) in enumerate(SHAPES):
-        x, w, b, dy = _inputs(i, B)
+    for i, (ci, co, H, k, s) in enumerate(shapes):
+        x, w, b, dy = _inputs(shapes, i, B)
+        p = _padding(k)
         xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
         wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
         dyt = torch.from_numpy(np.ascontiguousarray(dy))
-        fwd = lambda: torch.nn.functional.conv2d(xt, wt, bt, s, PADDING)   # noqa: E731
+        fwd = lambda: torch.nn.functional.conv2d(xt, wt, bt, s, p)   # noqa: E731
         f = _median_ms(fwd)
         both = _median_ms(lambda: fwd().backward(dyt))
         rows.append({"torch_ms": dict(forward=f, backward=both - f)})
     return rows
 
 
-def _worker(conn, name, B, versions, threads):
+def _worker(conn, name, shapes, B, versions, threads):
     try:
         from _common import held_libraries
-        rows = _torch_times(B, threads) if name == "torch" else _numba_times(B, versions, threads)
+        rows = _torch_times(shapes, B, threads) if name == "torch" else _numba_times(shapes, B, versions, threads)
         conn.send(("done", (rows, held_libraries())))
     except ImportError as exc:
         conn.send(("skipped", str(exc)))
@@ -97,23 +113,29 @@ def _worker(conn, name, B, versions, threads):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="unet-seed")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--versions", default="2,3,5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv_layers.json"))
+    ap.add_argument("--out", default=None, help="default: results/conv_layers.json (unet-seed), "
+                                                  "results/conv_layers_<model>.json (other models)")
     a = ap.parse_args(argv)
+    shapes = SHAPES[a.model]
+    if a.out is None:
+        a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                             "conv_layers.json" if a.model == "unet-seed" else f"conv_layers_{a.model}.json")
     import multiprocessing as mp
     from _common import environment, write_json
     from train_step import _isolation, one_shot_worker
     versions = [int(v) for v in a.versions.split(",")]
     B, ctx = a.batch, mp.get_context("spawn")
     rows = [dict(cin=ci, cout=co, size=H, kernel=k, stride=s,
-                 forward_gflop=2 * B * ci * co * k * k * ((H + 2 * PADDING - k) // s + 1) ** 2 / 1e9)
-            for ci, co, H, k, s in SHAPES]
+                 forward_gflop=2 * B * ci * co * k * k * ((H + 2 * _padding(k) - k) // s + 1) ** 2 / 1e9)
+            for ci, co, H, k, s in shapes]
     libraries, notes = {}, {}
     for name in ["numba"] + ([] if a.no_torch else ["torch"]):
-        kind, value = one_shot_worker(ctx, name, a.threads, _worker, (name, B, versions, a.threads))
+        kind, value = one_shot_worker(ctx, name, a.threads, _worker, (name, shapes, B, versions, a.threads))
         if kind == "skipped":
             notes[name] = f"skipped: {value}"
             continue
@@ -126,10 +148,11 @@ def main(argv=None):
                 row[key] = val
     for row in rows:
         print(f"{row['cin']:4d}->{row['cout']:3d} {row['size']:2d}x{row['size']:<2d} k{row['kernel']} s{row['stride']}: "
-              + "  ".join(f"{key.replace('_ms', '')} {val['forward']:.2f}/{val['backward']:.2f} ms"
+              + "  ".join(f"{key.replace('_ms', '')} {val['forward']:.2f}/{val['backward']:.2f} ms "
+                          f"({val['forward_gflops']:.0f} GFLOP/s)"
                           for key, val in row.items() if key.endswith("_ms")))
     bad = _isolation(libraries)
-    write_json(a.out, dict(benchmark="unet-seed conv2d layers, forward/backward ms, float32", batch=B,
+    write_json(a.out, dict(benchmark=f"{a.model} conv2d layers, forward/backward ms, float32", model=a.model, batch=B,
                            threads=a.threads, layers=rows, worker_libraries=libraries,
                            isolation_violations=bad, notes=notes, environment=environment()))
     return 1 if bad else 0

@@ -55,6 +55,7 @@ def test_check_op_catches_a_wrong_kernel():
     ((2, 3, 7, 7), (4, 3, 4, 4), 2, 1, "strided"),    # stride 2: v4 runs version 2, v5 the polyphase conv
     ((2, 3, 16, 15), (4, 3, 4, 4), 2, 1, "strided"),  # unet-seed's 28 -> 14 downsample, smaller
     ((2, 3, 11, 10), (4, 3, 3, 2), 3, 2, "v2"),       # stride 3 not dividing the kernel: version 2
+    ((2, 5, 14, 13), (6, 5, 3, 3), 2, 1, "v2"),       # unet-ddpm's 3 x 3 stride-2 downsample: version 2
     ((2, 3, 11, 13), (4, 3, 3, 6), 3, 2, "strided"),  # stride 3 dividing a non-square kernel, odd sizes
     ((2, 3, 5, 5), (2, 3, 2, 2), 1, 2, "v2"),         # padding > k - 1: version 2 in both
     ((2, 17, 5, 6), (19, 17, 3, 3), 1, 1, "wide"),    # v5: channel blocks of 8, 8, 3 and 8, 8, 1 (dx)
@@ -166,6 +167,9 @@ def _dy_inf(y):
     # strided: polyphase (4 x 4, stride 2) and version 2 (3 x 3, stride 2); inf in x, then in dy
     ("conv2d", _inf_at((2, 3, 16, 16), (0, 1, 5, 7)), np.ones((4, 3, 4, 4), np.float32), 2, 1, None),
     ("conv2d", _inf_at((1, 1, 4, 4), (0, 0, 1, 1)), np.ones((1, 1, 3, 3), np.float32), 2, 1, None),
+    # 3 x 3, stride 2 (version 2): inf in w, then in dy
+    ("conv2d", np.ones((2, 3, 9, 9), np.float32), _inf_at((4, 3, 3, 3), (1, 2, 0, 1)), 2, 1, None),
+    ("conv2d", np.ones((2, 3, 9, 9), np.float32), np.ones((4, 3, 3, 3), np.float32), 2, 1, _dy_inf),
     ("conv2d", np.ones((2, 3, 16, 16), np.float32), np.ones((4, 3, 4, 4), np.float32), 2, 1, _dy_inf),
     ("conv2d", np.ones((2, 3, 9, 9), np.float32), np.ones((4, 3, 3, 3), np.float32), 1, 1, _dy_inf),
     ("conv2d", _inf_at((2, 3, 9, 9), (1, 2, 4, 4)) * np.nan, np.ones((4, 3, 3, 3), np.float32), 1, 1, None),
@@ -228,3 +232,40 @@ def test_polyphase_map_is_the_slicing_and_its_adjoint():
         np.testing.assert_array_equal(xq, ref)
         y = rng.standard_normal(xq.shape)
         np.testing.assert_allclose((xq * y).sum(), (x * _from_phases(y, s, p, H, W)).sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, w_shape, stride, padding, kind", [
+    ((2, 5, 14, 13), (6, 5, 3, 3), 2, 1, "phases"),   # unet-ddpm's 3 x 3 stride-2 downsample, odd width
+    ((3, 4, 7, 7), (5, 4, 3, 3), 2, 1, "phases"),     # 7 -> 4
+    ((2, 3, 11, 10), (4, 3, 3, 2), 3, 2, "phases"),   # stride 3, non-square kernel not divisible by it
+    ((2, 3, 9, 9), (4, 3, 1, 1), 2, 0, "phases"),     # 1 x 1 at stride 2: three phases with no taps
+    ((1, 2, 5, 6), (3, 2, 2, 3), 3, 0, "phases"),     # kernel smaller than the stride in one direction
+    ((2, 3, 16, 15), (4, 3, 4, 4), 2, 1, "poly"),     # s divides k: version 5's backward
+    ((2, 3, 11, 13), (4, 3, 3, 6), 3, 2, "poly"),
+    ((2, 3, 9, 9), (4, 3, 3, 3), 1, 1, "v6"),         # stride 1: version 6
+    ((2, 3, 3, 3), (4, 3, 4, 4), 2, 1, "v6"),         # image no larger than the kernel: the dense path
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_v7_paths(shape, w_shape, stride, padding, kind, dtype):
+    """conv2d v7 takes strided convs through its one-pass polyphase frame (backward tap by tap
+    unless s divides k), everything else to version 6, and agrees with the reference."""
+    be = rc.get_backend("numba", versions={"conv2d": 7})
+    rng = np.random.default_rng(2)
+    x, w, b = rng.standard_normal(shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    _, cache = be.conv2d_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype), stride, padding)
+    assert cache[0] == kind
+    check_op("conv2d", be, [x, w, b], dtype, dict(stride=stride, padding=padding))
+    check_op("conv2d", be, [x, w, None], dtype, dict(stride=stride, padding=padding))
+
+
+@pytest.mark.parametrize("C, B, H, W, s, p, k", [(3, 2, 9, 8, 2, 1, 3), (2, 3, 28, 28, 2, 1, 4), (2, 2, 11, 10, 3, 2, 3),
+                                                 (1, 1, 5, 5, 2, 0, 1)])
+def test_phase_planes_are_version_5s_two_passes(C, B, H, W, s, p, k):
+    """conv2d v7's _phase_planes writes, in one pass, what v5's _to_phases then _pad_planes write
+    (every entry: the zeros of the padding and past the image's edge, and the slack)."""
+    from refdiff_cuda.numba_cpu import conv_v5, conv_v7
+    x = np.random.default_rng(3).standard_normal((C, B, H, W)).astype(np.float32)
+    kq = -(-k // s)
+    Hq, Wq = (H + 2 * p - k) // s + kq, (W + 2 * p - k) // s + kq
+    two = conv_v5._pad_planes(conv_v5._to_phases(x, s, p, Hq, Wq), 0, 0, 40)
+    np.testing.assert_array_equal(conv_v7._phase_planes(x, s, p, Hq, Wq, 40), two)

@@ -23,7 +23,7 @@ def test_unknown_backend():
 
 
 BAD_VERSIONS = [   # (backend, versions, exception, the message must name ...)
-    ("numba", 0, ValueError, r"versions=0 is not a kernel version; versions run from 1 .* to 6 \(per op: .*conv2d \[1, 2, 3, 4, 5, 6\]"),
+    ("numba", 0, ValueError, r"versions=0 is not a kernel version; versions run from 1 .* to 7 \(per op: .*conv2d \[1, 2, 3, 4, 5, 6, 7\]"),
     ("numba", -1, ValueError, r"versions=-1 is not a kernel version"),
     ("numba", 99, ValueError, r"versions=99 is not a kernel version; versions run from 1"),
     ("numba", True, TypeError, r"versions must be None, an int >= 1 or a dict .*got True"),
@@ -31,8 +31,8 @@ BAD_VERSIONS = [   # (backend, versions, exception, the message must name ...)
     ("numba", "fast", TypeError, r"versions must be .*got 'fast'"),
     ("numba", [1, 2], TypeError, r"versions must be .*got \[1, 2\]"),
     ("numba", {"softmax": 1}, ValueError, r"no kernels for op 'softmax'; ops: \["),
-    ("numba", {"conv2d_forward": 7}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5, 6\]; got 7"),
-    ("numba", {"conv2d": 0}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5, 6\]; got 0"),
+    ("numba", {"conv2d_forward": 8}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5, 6, 7\]; got 8"),
+    ("numba", {"conv2d": 0}, ValueError, r"'conv2d' has versions \[1, 2, 3, 4, 5, 6, 7\]; got 0"),
     ("numba", {"conv2d": True}, TypeError, r"versions must be .*got \{'conv2d': True\}"),
     ("numba", {"conv2d": 2.0}, TypeError, r"versions must be .*got \{'conv2d': 2\.0\}"),
     ("numba", {1: 2}, TypeError, r"versions must be .*got \{1: 2\}"),

@@ -11,6 +11,8 @@ reference, 2 = parallel, fused, channel-major; see each module's docstring):
     conv_v5.py     conv2d 5 (implicit GEMM by SIMD micro-kernels, _simd.py: LLVM IR compiled by
                    llvmlite; strided convs as polyphase stride-1 convs; tiny images: v4's dense path)
     conv_v6.py     conv2d 6 (version 5, with 1x1 convs as one GEMM on the channel-major buffer)
+    conv_v7.py     conv2d 7 (version 6, with strided convs in a polyphase frame built in one pass and
+                   read tap by tap: any kernel, no zero taps)
     convt_v3.py    conv_transpose2d 3 (conv2d v5 of the zero-upsampled input)
     convt_v4.py    conv_transpose2d 4 (strided: one conv2d of the input with s^2 Cout channels, polyphase)
     silu_v3.py     silu 3 (float32 forward by a SIMD exp/sigmoid kernel, _simd.py)
@@ -51,7 +53,7 @@ from .. import _ops
 from ._cache import caching_into
 
 with caching_into():      # every cached kernel of these modules goes to the user cache directory
-    from . import (_blas, attention, conv, conv_v4, conv_v5, conv_v6, convt_v3, convt_v4, functional, fused,
+    from . import (_blas, attention, conv, conv_v4, conv_v5, conv_v6, conv_v7, convt_v3, convt_v4, functional, fused,
                    fused_v3, norm, silu_v3)
 
 
@@ -109,7 +111,8 @@ def configure_memory(environ=os.environ):
 KERNELS = {**functional.KERNELS, **conv.KERNELS, **norm.KERNELS, **attention.KERNELS}
 KERNELS["conv2d"] = {**conv.KERNELS["conv2d"], 4: (conv_v4.conv2d_forward_v4, conv_v4.conv2d_backward_v4),
                      5: (conv_v5.conv2d_forward_v5, conv_v5.conv2d_backward_v5),
-                     6: (conv_v6.conv2d_forward_v6, conv_v6.conv2d_backward_v6)}
+                     6: (conv_v6.conv2d_forward_v6, conv_v6.conv2d_backward_v6),
+                     7: (conv_v7.conv2d_forward_v7, conv_v7.conv2d_backward_v7)}
 KERNELS["conv_transpose2d"] = {**conv.KERNELS["conv_transpose2d"],
                                3: (convt_v3.conv_transpose2d_forward_v3, convt_v3.conv_transpose2d_backward_v3),
                                4: (convt_v4.conv_transpose2d_forward_v4, convt_v4.conv_transpose2d_backward_v4)}

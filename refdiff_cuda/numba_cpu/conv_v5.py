@@ -243,8 +243,8 @@ def conv2d_backward_v5(dy, cache):
         return conv2d_backward_v4(dy, (kind, cache) if kind == "v1" else cache)
     if kind == "v2":
         cache, args = cache
-        if not np.isfinite(dy).all():
-            return _v1_redo(*args, dy)
+        if not (np.isfinite(dy).all() and np.isfinite(args[1]).all()):   # inf in w times a zero of
+            return _v1_redo(*args, dy)                                   # v2's frame: see _v1_redo
         return conv2d_backward_v2(dy, cache)
     if kind == "poly":
         inner, s, p, x, w, b = cache

@@ -1,0 +1,35 @@
+"""benchmarks/conv_layers.py: every model's layer list is well formed (output sizes, paddings,
+the FLOP count), and a run of unet-ddpm's layers at batch 1 writes a time for each of them."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import conv_layers  # noqa: E402
+
+
+@pytest.mark.parametrize("model", sorted(conv_layers.SHAPES))
+def test_layer_lists_are_convolutions_of_their_models_sizes(model):
+    for ci, co, H, k, s in conv_layers.SHAPES[model]:
+        p = conv_layers._padding(k)
+        assert p == (0 if k == 1 else 1)
+        assert (H + 2 * p - k) // s + 1 >= 1 and min(ci, co) >= 1
+        x, w, b, dy = conv_layers._inputs(conv_layers.SHAPES[model], 0, 2)
+        assert x.shape[0] == 2 and w.shape[1] == x.shape[1] and dy.shape[1] == w.shape[0]
+
+
+def test_unet_ddpm_run_times_every_layer(tmp_path):
+    pytest.importorskip("numba")
+    out = tmp_path / "layers.json"
+    assert conv_layers.main(["--model", "unet-ddpm", "--batch", "1", "--versions", "6", "--no-torch",
+                             "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["model"] == "unet-ddpm" and len(rec["layers"]) == len(conv_layers.SHAPES["unet-ddpm"])
+    for row, (ci, co, H, k, s) in zip(rec["layers"], conv_layers.SHAPES["unet-ddpm"]):
+        ho = (H + 2 * conv_layers._padding(k) - k) // s + 1
+        assert row["forward_gflop"] == pytest.approx(2 * ci * co * k * k * ho * ho / 1e9)
+        t = row["numba_v6_ms"]
+        assert 0 < t["forward"] < 1e4 and 0 < t["backward"] < 1e4
