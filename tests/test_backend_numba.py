@@ -262,10 +262,17 @@ def test_conv2d_v7_paths(shape, w_shape, stride, padding, kind, dtype):
                                                  (1, 1, 5, 5, 2, 0, 1)])
 def test_phase_planes_are_version_5s_two_passes(C, B, H, W, s, p, k):
     """conv2d v7's _phase_planes writes, in one pass, what v5's _to_phases then _pad_planes write
-    (every entry: the zeros of the padding and past the image's edge, and the slack)."""
+    (every entry: the zeros of the padding and past the image's edge, and the slack), and says
+    whether x is finite."""
     from refdiff_cuda.numba_cpu import conv_v5, conv_v7
     x = np.random.default_rng(3).standard_normal((C, B, H, W)).astype(np.float32)
     kq = -(-k // s)
     Hq, Wq = (H + 2 * p - k) // s + kq, (W + 2 * p - k) // s + kq
     two = conv_v5._pad_planes(conv_v5._to_phases(x, s, p, Hq, Wq), 0, 0, 40)
-    np.testing.assert_array_equal(conv_v7._phase_planes(x, s, p, Hq, Wq, 40), two)
+    xq, finite = conv_v7._phase_planes(x, s, p, Hq, Wq, 40)
+    np.testing.assert_array_equal(xq, two)
+    assert finite
+    for bad in (np.inf, -np.inf, np.nan):          # the finiteness taken in the same pass, any entry
+        y = x.copy()
+        y[-1, -1, -1, -1] = bad
+        assert not conv_v7._phase_planes(y, s, p, Hq, Wq, 40)[1]

@@ -53,12 +53,14 @@ from .conv_v6 import conv2d_backward_v6, conv2d_forward_v6
 
 @njit(parallel=True, cache=True)
 def _phase_planes(x, s, p, Hq, Wq, slack):
-    """x (C, B, H, W) -> xq (C s s, B Hq Wq + slack): xq[(c, py, px), b Hq Wq + R Wq + Q] =
-    x[c, b, R s + py - p, Q s + px - p], 0 outside x and in the slack. conv_v5's
-    _pad_planes(_to_phases(x, s, p, Hq, Wq), 0, 0, slack), in one pass."""
+    """x (C, B, H, W) -> (xq (C s s, B Hq Wq + slack), finite): xq[(c, py, px), b Hq Wq + R Wq + Q] =
+    x[c, b, R s + py - p, Q s + px - p], 0 outside x and in the slack; conv_v5's
+    _pad_planes(_to_phases(x, s, p, Hq, Wq), 0, 0, slack), in one pass. finite: whether every
+    entry of x is finite (taken in the same pass: a NumPy isfinite over x cost a serial pass)."""
     C, B, H, W = x.shape
     n = Hq * Wq
     xq = np.empty((C * s * s, B * n + slack), x.dtype)
+    bad = np.zeros(C * B, np.uint8)
     for task in prange(C * B):
         c, b = task // B, task % B
         for py in range(s):
@@ -78,7 +80,13 @@ def _phase_planes(x, s, p, Hq, Wq, slack):
                 if b == B - 1:
                     for k in range(B * n, B * n + slack):
                         row[k] = 0
-    return xq
+        nf = 0                                      # v - v is NaN for inf and NaN, else 0
+        for r in range(H):
+            for q in range(W):
+                v = x[c, b, r, q]
+                nf |= (v - v) != 0
+        bad[task] = nf
+    return xq, not bad.any()
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,13 +113,13 @@ def conv2d_forward_v7(x, w, b, stride=1, padding=0):
     Ho, Wo = _conv_out("conv2d", H, kH, stride, padding), _conv_out("conv2d", W, kW, stride, padding)
     dt = x.dtype
     w = np.asarray(w, dtype=dt)
-    if not (np.isfinite(x).all() and np.isfinite(w).all()):    # see the module docstring
-        return _v1_redo(x, w, b, stride, padding)
     s = stride
     kq, lq = -(-kH // s), -(-kW // s)
     Hq, Wq = Ho + kq - 1, Wo + lq - 1
     L = _simd.LANES[np.dtype(dt)] * NV
-    xq = _phase_planes(cm(x), s, padding, Hq, Wq, lq - 1 + L)   # slack: the kernel reads whole vectors
+    xq, finite = _phase_planes(cm(x), s, padding, Hq, Wq, lq - 1 + L)   # slack: the kernel reads whole vectors
+    if not (finite and np.isfinite(w).all()):                # see the module docstring
+        return _v1_redo(x, w, b, stride, padding)
     off = _phase_taps(Cin, kH, kW, s, xq.shape[1], Wq)
     w2 = np.ascontiguousarray(w.reshape(Cout, -1))
     ldy = -(-(Ho * Wq) // L) * L
