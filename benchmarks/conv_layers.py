@@ -1,7 +1,7 @@
 """Per-layer conv2d timings (forward, backward) of a UNet's shapes: numba versions vs PyTorch.
 
     python benchmarks/conv_layers.py [--model unet-seed] [--batch 128] [--versions 2,3,5] [--threads 2]
-                                     [--no-torch] [--out benchmarks/results/conv_layers.json]
+                                     [--rounds 3] [--no-torch] [--out benchmarks/results/conv_layers.json]
     python benchmarks/conv_layers.py --model unet-ddpm --batch 64 --versions 6
                                      (-> benchmarks/results/conv_layers_unet-ddpm.json)
 
@@ -10,12 +10,14 @@ For each (Cin -> Cout, image size) of unet-seed's 3 x 3 convs (stride 1, padding
 downsamples and its 1 x 1 convs: ResBlock skips and attention's qkv; the first, the upsampling
 and the output convs included), times the numba backend's conv2d forward and backward per
 version (median of 9 after a warm-up; inputs channel-major, as the UNet hands them over)
-and torch.nn.functional.conv2d's when torch is importable (its backward time is that of
-forward + backward minus forward). GFLOP/s count 2 B Cin Cout kH kW Ho Wo per forward.
+and torch.nn.functional.conv2d's when torch is importable (its backward timed alone, after
+an untimed forward). GFLOP/s count 2 B Cin Cout kH kW Ho Wo per forward.
 
-numba and PyTorch run in two processes, one after the other, each holding only its own
-library (the rule and the worker environments of train_step.py); both draw the same
-inputs from a per-layer seed. The JSON records which libraries each process held, the
+numba and PyTorch run in processes of their own, each holding only its own library (the
+rule and the worker environments of train_step.py), in --rounds rounds of one process each,
+in turn; every figure is the fastest round's median (each round's medians are kept in the
+JSON: load on a shared machine only ever adds time, and comes in bursts that one round can
+take whole). Both draw the same inputs from a per-layer seed. The JSON records which libraries each process held, the
 machine, the commit and the date.
 """
 from __future__ import annotations
@@ -52,6 +54,21 @@ def _median_ms(f, repeats=9):
     from _common import median_time
     f()
     return median_time(f, repeats)[0] * 1e3
+
+
+def _backward_ms(fwd, dyt, repeats=9):
+    """Median ms of PyTorch's backward alone: each timed call backpropagates a forward run
+    untimed just before it (forward + backward minus forward, two medians, went negative
+    when the machine's load moved between them)."""
+    import time
+    fwd().backward(dyt)
+    ts = []
+    for _ in range(repeats):
+        y = fwd()
+        t0 = time.perf_counter()
+        y.backward(dyt)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e3
 
 
 def _inputs(shapes, i, B):
@@ -94,9 +111,7 @@ def _torch_times(shapes, B, threads):
         wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
         dyt = torch.from_numpy(np.ascontiguousarray(dy))
         fwd = lambda: torch.nn.functional.conv2d(xt, wt, bt, s, p)   # noqa: E731
-        f = _median_ms(fwd)
-        both = _median_ms(lambda: fwd().backward(dyt))
-        rows.append({"torch_ms": dict(forward=f, backward=both - f)})
+        rows.append({"torch_ms": dict(forward=_median_ms(fwd), backward=_backward_ms(fwd, dyt))})
     return rows
 
 
@@ -118,9 +133,18 @@ def main(argv=None):
     ap.add_argument("--versions", default="2,3,5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of one numba and one PyTorch process each, "
+                                                           "in turn; each figure is the fastest round's median")
     ap.add_argument("--out", default=None, help="default: results/conv_layers.json (unet-seed), "
                                                   "results/conv_layers_<model>.json (other models)")
     a = ap.parse_args(argv)
+    for flag in ("batch", "threads", "rounds"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} must be >= 1; got {getattr(a, flag)}")
+    try:
+        versions = [int(v) for v in a.versions.split(",")]
+    except ValueError:
+        ap.error(f"--versions must be comma-separated integers; got {a.versions!r}")
     shapes = SHAPES[a.model]
     if a.out is None:
         a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -128,24 +152,36 @@ def main(argv=None):
     import multiprocessing as mp
     from _common import environment, write_json
     from train_step import _isolation, one_shot_worker
-    versions = [int(v) for v in a.versions.split(",")]
     B, ctx = a.batch, mp.get_context("spawn")
     rows = [dict(cin=ci, cout=co, size=H, kernel=k, stride=s,
                  forward_gflop=2 * B * ci * co * k * k * ((H + 2 * _padding(k) - k) // s + 1) ** 2 / 1e9)
             for ci, co, H, k, s in shapes]
-    libraries, notes = {}, {}
-    for name in ["numba"] + ([] if a.no_torch else ["torch"]):
-        kind, value = one_shot_worker(ctx, name, a.threads, _worker, (name, shapes, B, versions, a.threads))
-        if kind == "skipped":
-            notes[name] = f"skipped: {value}"
-            continue
-        if kind != "done":
-            raise RuntimeError(f"{name} worker failed: {value}")
-        times, libraries[name] = value
-        for row, t in zip(rows, times):
-            for key, val in t.items():
+    libraries, notes, rounds = {}, {}, []
+    for _ in range(a.rounds):          # in turn, so that a burst of load on the machine hits one round
+        this = {}
+        for name in ["numba"] + ([] if a.no_torch else ["torch"]):
+            if name in notes:
+                continue
+            kind, value = one_shot_worker(ctx, name, a.threads, _worker, (name, shapes, B, versions, a.threads))
+            if kind == "skipped":
+                notes[name] = f"skipped: {value}"
+                continue
+            if kind != "done":
+                raise RuntimeError(f"{name} worker failed: {value}")
+            this[name], held = value
+            libraries[name] = sorted(set(libraries.get(name, [])) | set(held))
+        rounds.append(this)
+    for i, row in enumerate(rows):
+        for this in rounds:
+            for times in this.values():
+                for key, val in times[i].items():
+                    best = row.setdefault(key, {"forward": np.inf, "backward": np.inf, "rounds": []})
+                    best["rounds"].append(val)
+                    best["forward"] = min(best["forward"], val["forward"])
+                    best["backward"] = min(best["backward"], val["backward"])
+        for key, val in row.items():
+            if key.endswith("_ms"):
                 val["forward_gflops"] = row["forward_gflop"] / val["forward"] * 1e3
-                row[key] = val
     for row in rows:
         print(f"{row['cin']:4d}->{row['cout']:3d} {row['size']:2d}x{row['size']:<2d} k{row['kernel']} s{row['stride']}: "
               + "  ".join(f"{key.replace('_ms', '')} {val['forward']:.2f}/{val['backward']:.2f} ms "
@@ -153,7 +189,7 @@ def main(argv=None):
                           for key, val in row.items() if key.endswith("_ms")))
     bad = _isolation(libraries)
     write_json(a.out, dict(benchmark=f"{a.model} conv2d layers, forward/backward ms, float32", model=a.model, batch=B,
-                           threads=a.threads, layers=rows, worker_libraries=libraries,
+                           threads=a.threads, rounds=a.rounds, layers=rows, worker_libraries=libraries,
                            isolation_violations=bad, notes=notes, environment=environment()))
     return 1 if bad else 0
 
