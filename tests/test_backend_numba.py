@@ -276,3 +276,17 @@ def test_phase_planes_are_version_5s_two_passes(C, B, H, W, s, p, k):
         y = x.copy()
         y[-1, -1, -1, -1] = bad
         assert not conv_v7._phase_planes(y, s, p, Hq, Wq, 40)[1]
+
+
+def test_conv2d_v7_leaves_other_dtypes_to_version_6():
+    """A dtype the SIMD kernels lack (float16) takes version 6's route, and its answer, on the
+    strided path too (it raised a KeyError from the kernels' table)."""
+    x, w = np.ones((2, 3, 8, 8), np.float16), np.ones((4, 3, 3, 3), np.float16)
+    outcomes = []
+    for v in (6, 7):
+        try:
+            y, _ = rc.get_backend("numba", versions={"conv2d": v}).conv2d_forward(x, w, None, 2, 1)
+            outcomes.append(("ok", y.dtype, y.shape))
+        except Exception as exc:                 # whatever version 6 does, version 7 does
+            outcomes.append((type(exc).__name__,))
+    assert outcomes[0] == outcomes[1]

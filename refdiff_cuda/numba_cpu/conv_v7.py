@@ -99,7 +99,9 @@ def _phase_taps(C, kH, kW, s, ldx, Wq):
 
 
 def _applies(x, w, stride):
-    return stride > 1 and not _dense_applies(x.shape[2], x.shape[3], w.shape[2], w.shape[3])
+    """Strided, larger than the kernel, and a dtype the SIMD kernels have (others: version 6's)."""
+    return (stride > 1 and np.dtype(x.dtype) in _simd.LANES
+            and not _dense_applies(x.shape[2], x.shape[3], w.shape[2], w.shape[3]))
 
 
 def conv2d_forward_v7(x, w, b, stride=1, padding=0):
