@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {  # model -> [(Cin, Cout, H, k, stride)]; padding (k - 1) // 2 + (stride - 1): 1, or 0 for 1 x 1
+SHAPES = {  # model -> [(Cin, Cout, H, k, stride)]; padding 1, or 0 for a 1 x 1 conv (_padding)
     "unet-seed": [
         (1, 10, 28, 3, 1), (10, 10, 28, 3, 1), (20, 10, 28, 3, 1), (10, 1, 28, 3, 1),
         (20, 20, 14, 3, 1), (40, 40, 7, 3, 1), (80, 80, 3, 3, 1), (160, 80, 3, 3, 1),
@@ -41,7 +41,8 @@ SHAPES = {  # model -> [(Cin, Cout, H, k, stride)]; padding (k - 1) // 2 + (stri
         (32, 1, 28, 3, 1), (32, 64, 14, 3, 1), (64, 64, 14, 3, 1), (96, 64, 14, 3, 1), (128, 64, 14, 3, 1),
         (64, 64, 7, 3, 1), (128, 64, 7, 3, 1),
         (32, 32, 28, 3, 2), (64, 64, 14, 3, 2),
-        (96, 32, 28, 1, 1), (64, 32, 28, 1, 1), (32, 64, 14, 1, 1), (128, 64, 14, 1, 1), (64, 192, 7, 1, 1)],
+        (96, 32, 28, 1, 1), (64, 32, 28, 1, 1), (32, 64, 14, 1, 1), (96, 64, 14, 1, 1), (128, 64, 14, 1, 1),
+        (64, 64, 7, 1, 1), (128, 64, 7, 1, 1), (64, 192, 7, 1, 1)],
 }
 
 
@@ -167,6 +168,8 @@ def main(argv=None):
                 notes[name] = f"skipped: {value}"
                 continue
             if kind != "done":
+                if "has versions" in str(value):        # the backend's own message: which versions exist
+                    ap.error(f"--versions {a.versions}: {value}")
                 raise RuntimeError(f"{name} worker failed: {value}")
             this[name], held = value
             libraries[name] = sorted(set(libraries.get(name, [])) | set(held))

@@ -14,12 +14,14 @@ import conv_layers  # noqa: E402
 
 @pytest.mark.parametrize("model", sorted(conv_layers.SHAPES))
 def test_layer_lists_are_convolutions_of_their_models_sizes(model):
-    for ci, co, H, k, s in conv_layers.SHAPES[model]:
-        p = conv_layers._padding(k)
-        assert p == (0 if k == 1 else 1)
-        assert (H + 2 * p - k) // s + 1 >= 1 and min(ci, co) >= 1
-        x, w, b, dy = conv_layers._inputs(conv_layers.SHAPES[model], 0, 2)
-        assert x.shape[0] == 2 and w.shape[1] == x.shape[1] and dy.shape[1] == w.shape[0]
+    """Each layer's inputs are shaped as its entry says, dy as the conv's output."""
+    shapes = conv_layers.SHAPES[model]
+    assert len(set(shapes)) == len(shapes)
+    for i, (ci, co, H, k, s) in enumerate(shapes):
+        x, w, b, dy = conv_layers._inputs(shapes, i, 2)
+        ho = (H + 2 * conv_layers._padding(k) - k) // s + 1
+        assert x.shape == (2, ci, H, H) and w.shape == (co, ci, k, k) and b.shape == (co,)
+        assert dy.shape == (2, co, ho, ho) and ho >= 1
 
 
 def test_unet_ddpm_run_times_every_layer(tmp_path):
@@ -41,7 +43,7 @@ def test_unet_ddpm_run_times_every_layer(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--rounds", "0"], ["--threads", "0"], ["--versions", "6,x"],
-                                  ["--model", "unet"]])
+                                  ["--model", "unet"], ["--versions", "99", "--no-torch", "--batch", "1"]])
 def test_bad_arguments_are_one_clear_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         conv_layers.main(argv)

@@ -18,8 +18,10 @@ dense path. A stride-s conv is a stride-1 conv of the s^2 polyphase components o
 input, with kernels of k/s taps a side (see _to_phases), when s divides k (else the phase
 kernels would hold zero taps, extra work that can also turn 0 x inf into NaN): unet-seed's
 4 x 4 stride-2 downsamples become 2 x 2 convs over 4 Cin channels, no extra multiply-adds.
-Other convs use version 2. NaN in a fast result (an inf among the inputs, multiplied by a
-zero the reference never multiplies) is recomputed by version 1, see conv_v4._v1_redo.
+Other convs use version 2. A strided conv whose x or w holds inf or NaN is version 1's from
+the start (the polyphase and version-2 frames multiply other zeros than the reference's),
+and NaN in any fast result (an inf among the inputs, multiplied by a zero the reference never
+multiplies) is recomputed by version 1, see conv_v4._v1_redo.
 """
 from __future__ import annotations
 
@@ -221,8 +223,8 @@ def conv2d_forward_v5(x, w, b, stride=1, padding=0):
         return y, ("v4", cache)
     dt = x.dtype
     w = np.asarray(w, dtype=dt)
-    if stride > 1 and not np.isfinite(x).all():          # strided paths sum other zeros than the reference
-        return _v1_redo(x, w, b, stride, padding)        # (see conv_v4._v1_redo); 3 such convs per UNet step
+    if stride > 1 and not (np.isfinite(x).all() and np.isfinite(w).all()):   # strided paths sum other zeros
+        return _v1_redo(x, w, b, stride, padding)        # than the reference (see conv_v4._v1_redo)
     if stride > 1 and kH % stride == 0 and kW % stride == 0:   # polyphase: a stride-1 conv (see the docstring)
         kq, lq = kH // stride, kW // stride
         xq = _to_phases(cm(x), stride, padding, Ho + kq - 1, Wo + lq - 1)
@@ -243,8 +245,8 @@ def conv2d_backward_v5(dy, cache):
         return conv2d_backward_v4(dy, (kind, cache) if kind == "v1" else cache)
     if kind == "v2":
         cache, args = cache
-        if not (np.isfinite(dy).all() and np.isfinite(args[1]).all()):   # inf in w times a zero of
-            return _v1_redo(*args, dy)                                   # v2's frame: see _v1_redo
+        if not np.isfinite(dy).all():
+            return _v1_redo(*args, dy)
         return conv2d_backward_v2(dy, cache)
     if kind == "poly":
         inner, s, p, x, w, b = cache

@@ -7,25 +7,24 @@ i = a s + py, j = b s + px that is phase plane (py, px) of the padded input,
     xq[(c, py, px), R, Q] = xpad[c, R s + py, Q s + px],    at (R, Q) = (ro + a, qo + b),
 
 so the conv is a stride-1 sum over the s^2 phase planes, every tap (c, i, j) one offset into
-them: off[(c, i, j)] = plane(c, i % s, j % s) + (i // s) Wq + (j // s). conv2d version 5
-already runs strided convs this way ("poly"), but builds the phase planes in two passes
-(the phases, then their padded copy), and reads them through a kernel padded to a multiple of
-s a side: a 3 x 3 kernel at stride 2 would become 2 x 2 over 4 phases, 16 taps for 9, so
-version 5 takes that case (unet-ddpm's downsamples) to version 2, im2col and BLAS, which ran
-them at 23-27 GFLOP/s where PyTorch ran 99-115 (`python benchmarks/conv_layers.py --model
-unet-ddpm --batch 64 --versions 6`). Here the SIMD
-micro-kernel (_simd.py, version 5's forward loop) reads exactly the kernel's taps through the
-offsets, whatever s and k, and the planes are written once (_phase_planes: every entry,
-zeros where the padding or the image's edge is).
+them: off[(c, i, j)] = plane(c, i % s, j % s) + (i // s) Wq + (j // s). The SIMD
+micro-kernel (_simd.py, version 5's forward loop) reads exactly the kernel's taps through
+these offsets, whatever s and k, and the planes are written in one pass (_phase_planes:
+every entry, zeros where the padding or the image's edge is, and x's finiteness on the way).
+Version 5's own polyphase path ("poly") writes the planes in two passes (the phases, then
+their padded copy) and reads them through the kernel padded to a multiple of s a side, so
+it takes only kernels that s divides; a 3 x 3 kernel at stride 2 (unet-ddpm's downsamples)
+would hold 16 taps for 9, and version 5 runs it as version 2 does, im2col and BLAS.
 
 Backward: when s divides k (unet-seed's 4 x 4 downsamples), the planes are version 5's own
 and so is the backward ("poly": one stride-1 conv for dx over all phases, no zero taps).
 Otherwise dw comes tap by tap too, by version 5's dw loop over the planes with these offsets
-(_dw), and dx as version 2 takes it, col2im(w^T dy) (one BLAS product, then the scatter-add;
-a correlation of dy per phase with that phase's taps, tried first, was slower on unet-ddpm's
-7 x 7 output, whose rows are short). The forward is faster than version 6's on the strided
-layers of both UNets, the backward not always: `python benchmarks/conv_layers.py --model
-unet-ddpm --batch 64 --versions 6,7`, quoted in docs/performance.md.
+(_dw), and dx as version 2 takes it, col2im(w^T dy): one BLAS product, then the scatter-add
+(a correlation of dy per phase, with that phase's taps, measured slower on unet-ddpm's 7 x 7
+output, whose rows are short). On unet-ddpm's 3 x 3 stride-2 layers the forward is faster
+than version 6's, the backward is not; on unet-seed's 4 x 4 ones both are within the
+machine's noise of version 6's: `python benchmarks/conv_layers.py --model unet-ddpm --batch
+64 --versions 6,7`, quoted in docs/performance.md.
 The sums run over the taps in (c, i, j) order, as the reference's im2col rows, but in another
 grouping (fused multiply-adds, lanes); within refdiff_cuda.testing.TOL as every version.
 
