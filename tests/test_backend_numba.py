@@ -294,3 +294,35 @@ def test_conv2d_v7_leaves_other_dtypes_to_version_6():
         except Exception as exc:                 # whatever version 6 does, version 7 does
             outcomes.append((type(exc).__name__,))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("s, p, Ho, Wo", [(2, 1, 28, 28), (2, 1, 6, 7), (2, 0, 5, 4), (3, 2, 7, 8), (3, 0, 6, 6)])
+def test_convt_v4_scatter_is_the_phase_slicing_and_gather_its_adjoint(s, p, Ho, Wo):
+    """conv_transpose2d v4's _scatter (the s^2 phases of Z into y) against its definition by slicing,
+    y[:, :, o0::s, q0::s] = Z[ry, rx, :, :, m0:, n0:] for each phase (u = o + p = s m + r), and
+    _gather as its adjoint, <scatter(Z), dy> = <Z, gather(dy)>; both flags (NaN in y, dy finite)."""
+    from refdiff_cuda.numba_cpu import convt_v4
+    rng = np.random.default_rng(5)
+    Zh, Zw = (Ho + p) // s + 2, (Wo + p) // s + 2
+    Zc = rng.standard_normal((s, s, 3, 2, Zh, Zw))
+    ref = np.empty((3, 2, Ho, Wo))
+    for ry in range(s):
+        for rx in range(s):
+            m0, n0 = -(-(p - ry) // s), -(-(p - rx) // s)        # first m with s m + ry - p >= 0
+            o0, q0 = s * m0 + ry - p, s * n0 + rx - p
+            n_o, n_q = len(range(o0, Ho, s)), len(range(q0, Wo, s))
+            ref[:, :, o0::s, q0::s] = Zc[ry, rx, :, :, m0:m0 + n_o, n0:n0 + n_q]
+    y = np.empty_like(ref)
+    assert not convt_v4._scatter(Zc, s, p, y)
+    np.testing.assert_array_equal(y, ref)
+    dy = rng.standard_normal(y.shape)
+    dZ = np.full_like(Zc, np.nan)
+    assert convt_v4._gather(dy, s, p, dZ)
+    assert np.isfinite(dZ).all()                             # every entry written, 0 where no output reads
+    np.testing.assert_allclose(np.sum(y * dy), np.sum(Zc * dZ), rtol=1e-12)
+    Zc[1, 1, 2, 1, 1, 1] = np.nan                            # read by an output pixel: flagged
+    assert convt_v4._scatter(Zc, s, p, y)
+    for bad in (np.inf, np.nan):
+        d = dy.copy()
+        d[2, 1, Ho - 1, Wo - 1] = bad
+        assert not convt_v4._gather(d, s, p, dZ)
