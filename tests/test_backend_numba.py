@@ -282,18 +282,19 @@ def test_phase_planes_are_version_5s_two_passes(C, B, H, W, s, p, k):
 
 
 def test_conv2d_v7_leaves_other_dtypes_to_version_6():
-    """A dtype the SIMD kernels lack (float16) takes version 6's route on the strided path too:
-    the same outcome (today numba's own NotImplementedError, as for version 6; not a KeyError
-    from the kernels' table)."""
+    """A dtype the SIMD kernels lack (float16) takes version 6's route on the strided path too: the
+    kernel functions themselves (the backend names the dtype over both) end the same way, not with
+    a KeyError from the SIMD kernels' table."""
+    from refdiff_cuda.numba_cpu import conv_v6, conv_v7
     x, w = np.ones((2, 3, 8, 8), np.float16), np.ones((4, 3, 3, 3), np.float16)
     outcomes = []
-    for v in (6, 7):
+    for f in (conv_v6.conv2d_forward_v6, conv_v7.conv2d_forward_v7):
         try:
-            y, _ = rc.get_backend("numba", versions={"conv2d": v}).conv2d_forward(x, w, None, 2, 1)
+            y, _ = f(x, w, None, 2, 1)
             outcomes.append(("ok", y.dtype, y.shape))
         except Exception as exc:                 # whatever version 6 does, version 7 does
             outcomes.append((type(exc).__name__,))
-    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == outcomes[1] and outcomes[0] != ("KeyError",)
 
 
 @pytest.mark.parametrize("s, p, Ho, Wo", [(2, 1, 28, 28), (2, 1, 6, 7), (2, 0, 5, 4), (3, 2, 7, 8), (3, 0, 6, 6)])
@@ -326,3 +327,28 @@ def test_convt_v4_scatter_is_the_phase_slicing_and_gather_its_adjoint(s, p, Ho, 
         d = dy.copy()
         d[2, 1, Ho - 1, Wo - 1] = bad
         assert not convt_v4._gather(d, s, p, dZ)
+
+
+@pytest.mark.parametrize("dtype", [np.float16])
+@pytest.mark.parametrize("op, args", [
+    ("conv2d_forward", lambda a: (a((2, 4, 8, 8)), a((4, 4, 3, 3)), None, 2, 1)),
+    ("conv2d_forward", lambda a: (a((2, 4, 8, 8)), a((4, 4, 3, 3)), None, 1, 1)),
+    ("silu_forward", lambda a: (a((2, 4, 8, 8)),)),
+    ("group_norm_forward", lambda a: (a((2, 4, 8, 8)), 2, a((4,)), a((4,)))),
+    ("conv2d_silu_forward", lambda a: (a((2, 4, 8, 8)), a((4, 4, 3, 3)), None, 1, 1)),
+])
+def test_a_dtype_the_kernels_lack_is_one_error_naming_it(op, args, dtype):
+    """float16 arrays, which the kernels are not compiled for, give one TypeError naming the op
+    and the dtype (the kernels' own errors named neither: a KeyError, numba's
+    NotImplementedError)."""
+    a = lambda shape: np.ones(shape, dtype)                   # noqa: E731
+    with pytest.raises(TypeError, match=rf"numba backend: {op} takes float32 or float64 arrays; got {np.dtype(dtype)}"):
+        getattr(BACKEND, op)(*args(a))
+
+
+def test_dtype_naming_leaves_other_errors_and_working_ops_alone():
+    """A float32 shape error is the op's own; an op that works on float16 (concat, a copy) still does."""
+    with pytest.raises(ValueError, match="x has 3 channels"):
+        BACKEND.conv2d_forward(np.ones((2, 3, 8, 8), np.float32), np.ones((4, 5, 3, 3), np.float32), None, 1, 1)
+    y, _ = BACKEND.concat_forward([np.ones((2, 3, 4, 4), np.float16)] * 2, axis=1)
+    assert y.dtype == np.float16 and y.shape == (2, 6, 4, 4)

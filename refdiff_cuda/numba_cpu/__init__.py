@@ -39,11 +39,14 @@ JIT cache: every @njit kernel is cached (cache=True) in _cache.cache_dir() (NUMB
 else $XDG_CACHE_HOME/refdiff/numba or ~/.cache/refdiff/numba), never in the package, so a
 second process loads them instead of compiling; only the SIMD kernels' LLVM IR (_simd.py,
 0.1-0.3 s) is compiled in every process.
+Dtypes: the kernels are compiled for float32 and float64; a call that fails on another floating
+dtype (float16) is one TypeError naming the op and the dtype (_naming_dtype).
 Non-finite inputs: conv results holding NaN are recomputed by version 1, so that NaN and inf
 land where the reference's do (conv_v4._v1_redo).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numba
@@ -131,7 +134,44 @@ def make_backend(versions=None):
                     asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
                     to_numpy=lambda a: np.asarray(a))
     _add_fused(ns, fused_versions)
+    from refdiff.nn.fused import FUSED_PAIRS
+    for names in list(_ops.PAIRS.values()) + list(FUSED_PAIRS.values()):
+        for name in names:
+            setattr(ns, name, _naming_dtype(name, getattr(ns, name)))
     return ns
+
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))     # the dtypes the kernels are compiled for
+
+
+def _unsupported_dtype(values):
+    """The first floating or complex array dtype among values (lists looked into, as concat takes)
+    that is not one of DTYPES, else None."""
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            bad = _unsupported_dtype(v)
+            if bad is not None:
+                return bad
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "fc" and v.dtype.newbyteorder("=") not in DTYPES:
+            return v.dtype
+    return None
+
+
+def _naming_dtype(name, f):
+    """f, where a failure on an array of a dtype the kernels lack (float16, complex, ...) becomes
+    one TypeError naming the op and the dtype: the kernels' own errors there (a KeyError from a
+    table of kernels, numba's NotImplementedError) named neither. Nothing is checked on the way
+    in: an op that works on such arrays still does, and a call that succeeds costs nothing more."""
+    @functools.wraps(f)
+    def op(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except Exception as exc:
+            bad = _unsupported_dtype(list(args) + list(kwargs.values()))
+            if bad is None:
+                raise
+            raise TypeError(f"numba backend: {name} takes float32 or float64 arrays; got {bad}") from exc
+    return op
 
 
 def _add_fused(ns, versions):
