@@ -212,6 +212,23 @@ def _phase_weight_grad(dwq, s, wshape):
     return dw
 
 
+def dw_by_taps(xp, HpWp, Wp, off, dyc, wshape):
+    """dw (wshape) of a conv over the padded planes xp (C, B HpWp + slack), tap k of w's flattened
+    (c, i, j) order read at off[k] (off padded to a multiple of DK; the padding's columns are
+    dropped): dw[co, k] = sum over samples and wide pixels n of dy_wide[co, n] xp[off[k] + n],
+    by the dw loop (_dw_loop), dyc (Cout, B, Ho, Wo) widened to rows of Wp."""
+    Cout, B, Ho, _ = dyc.shape
+    dt, T = xp.dtype, get_num_threads()
+    L = _simd.LANES[np.dtype(dt)]
+    ldy = -(-(Ho * Wp) // L) * L
+    cb = max(1, min(-(-B // T), _DW_PIXELS // ldy))   # samples per kernel call
+    Cp = -(-Cout // DR) * DR
+    dw_part = np.zeros((T, Cp, len(off)), dt)        # padded rows / taps: computed, then dropped
+    _dw_loop(dt)(xp, HpWp, Wp, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
+    K = int(np.prod(wshape[1:]))
+    return np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(wshape)
+
+
 def conv2d_forward_v5(x, w, b, stride=1, padding=0):
     stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
     x = native(x)
@@ -259,20 +276,10 @@ def conv2d_backward_v5(dy, cache):
         return dx, dw, db
     xp, w, (B, Cin, H, W), padding, b = cache
     has_b = b is not None
-    Cout, _, kH, kW = w.shape
-    dt = xp.dtype
-    dyc = cm(dy, dt)                                                     # (Cout, B, Ho, Wo)
-    Ho = dyc.shape[2]
+    kH, kW = w.shape[2:]
+    dyc = cm(dy, xp.dtype)                                               # (Cout, B, Ho, Wo)
     Hp, Wp = H + 2 * padding, W + 2 * padding
-    K, L, nw = Cin * kH * kW, _simd.LANES[np.dtype(dt)], Ho * Wp
-    T = get_num_threads()
-    off = _taps(Cin, kH, kW, xp.shape[1], Wp, DK)
-    ldy = -(-nw // L) * L
-    cb = max(1, min(-(-B // T), _DW_PIXELS // ldy))   # samples per kernel call
-    Cp = -(-Cout // DR) * DR
-    dw_part = np.zeros((T, Cp, len(off)), dt)        # padded rows / taps: computed, then dropped
-    _dw_loop(dt)(xp, Hp * Wp, Wp, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
-    dw = np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(w.shape)
+    dw = dw_by_taps(xp, Hp * Wp, Wp, _taps(Cin, kH, kW, xp.shape[1], Wp, DK), dyc, w.shape)
     if np.isnan(dw).any():               # garbage columns x 0 (see conv_v4._v1_redo); x from the padded planes
         x = nchw(xp[:, :B * Hp * Wp].reshape(Cin, B, Hp, Wp)[:, :, padding:padding + H, padding:padding + W])
         return _v1_redo(x, w, b, 1, padding, dy)

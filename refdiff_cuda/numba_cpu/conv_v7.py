@@ -19,7 +19,7 @@ would hold 16 taps for 9, and version 5 runs it as version 2 does, im2col and BL
 Backward: when s divides k (unet-seed's 4 x 4 downsamples), the planes are version 5's own
 and so is the backward ("poly": one stride-1 conv for dx over all phases, no zero taps).
 Otherwise dw comes tap by tap too, by version 5's dw loop over the planes with these offsets
-(_dw), and dx as version 2 takes it, col2im(w^T dy): one BLAS product, then the scatter-add
+(conv_v5.dw_by_taps), and dx as version 2 takes it, col2im(w^T dy): one BLAS product, then the scatter-add
 (a correlation of dy per phase, with that phase's taps, measured slower on unet-ddpm's 7 x 7
 output, whose rows are short). On unet-ddpm's 3 x 3 stride-2 layers the forward is faster
 than version 6's, the backward is not; on unet-seed's 4 x 4 ones both are within the
@@ -46,7 +46,7 @@ from ._layout import cm, native, nchw
 from ._blas import matmul
 from .conv import _col2im_cm
 from .conv_v4 import _dense_applies, _v1_redo
-from .conv_v5 import _DW_PIXELS, DK, DR, NV, _dw_loop, _forward_loop, _phase_weight, conv2d_backward_v5
+from .conv_v5 import DK, NV, _forward_loop, _phase_weight, conv2d_backward_v5, dw_by_taps
 from .conv_v6 import conv2d_backward_v6, conv2d_forward_v6
 
 
@@ -89,12 +89,12 @@ def _phase_planes(x, s, p, Hq, Wq, slack):
 
 
 @functools.lru_cache(maxsize=256)
-def _phase_taps(C, kH, kW, s, ldx, Wq):
-    """off[(c, i, j)] = ((c s + i % s) s + j % s) ldx + (i // s) Wq + j // s, in w's (c, i, j) order
-    (cached and never written, as conv_v5._taps)."""
+def _phase_taps(C, kH, kW, s, ldx, Wq, pad_to=1):
+    """off[(c, i, j)] = ((c s + i % s) s + j % s) ldx + (i // s) Wq + j // s, in w's (c, i, j) order,
+    then copies of off[0] up to a multiple of pad_to (cached and never written, as conv_v5._taps)."""
     c, i, j = np.meshgrid(np.arange(C), np.arange(kH), np.arange(kW), indexing="ij")
-    off = ((c * s + i % s) * s + j % s) * ldx + (i // s) * Wq + j // s
-    return off.reshape(-1).astype(np.int64)
+    off = (((c * s + i % s) * s + j % s) * ldx + (i // s) * Wq + j // s).reshape(-1).astype(np.int64)
+    return np.concatenate([off, np.full(-len(off) % pad_to, off[0], np.int64)])
 
 
 def _applies(x, w, stride):
@@ -134,23 +134,6 @@ def conv2d_forward_v7(x, w, b, stride=1, padding=0):
     return nchw(Y), ("phases", (xq, Hq, Wq, x, w, b, s, padding))
 
 
-def _dw(dyc, xq, Hq, Wq, w, s):
-    """dw (Cout, Cin, kH, kW): dw[co, (c, i, j)] = sum over samples and wide pixels of dy_wide[co, n]
-    xq[off[(c, i, j)] + n], version 5's dw loop (_dw_loop) on the phase planes, tap by tap."""
-    Cout, B, Ho, _ = dyc.shape
-    Cin, kH, kW = w.shape[1:]
-    dt, T = xq.dtype, get_num_threads()
-    off = _phase_taps(Cin, kH, kW, s, xq.shape[1], Wq)
-    K = len(off)
-    off = np.concatenate([off, np.full(-K % DK, off[0], np.int64)])   # whole groups of DK taps
-    ldy = -(-(Ho * Wq) // _simd.LANES[np.dtype(dt)]) * _simd.LANES[np.dtype(dt)]
-    cb = max(1, min(-(-B // T), _DW_PIXELS // ldy))                  # samples per kernel call
-    Cp = -(-Cout // DR) * DR
-    dw_part = np.zeros((T, Cp, len(off)), dt)
-    _dw_loop(dt)(xq, Hq * Wq, Wq, off, dyc, cb, dw_part, np.zeros((T, Cp, cb * ldy), dt), ldy)
-    return np.ascontiguousarray(dw_part.sum(axis=0)[:Cout, :K]).reshape(w.shape)
-
-
 def conv2d_backward_v7(dy, cache):
     kind, cache = cache
     if kind == "v6":
@@ -161,9 +144,9 @@ def conv2d_backward_v7(dy, cache):
     if not np.isfinite(dy).all():
         return _v1_redo(x, w, b, s, p, dy)
     dyc = cm(dy, w.dtype)
-    dw = _dw(dyc, xq, Hq, Wq, w, s)
     B, Cin, H, W = x.shape
     Cout, _, kH, kW = w.shape
+    dw = dw_by_taps(xq, Hq * Wq, Wq, _phase_taps(Cin, kH, kW, s, xq.shape[1], Wq, DK), dyc, w.shape)
     dcols = matmul(np.ascontiguousarray(w.reshape(Cout, -1).T), dyc.reshape(Cout, -1))    # (Cin kH kW, B Ho Wo)
     dx = nchw(_col2im_cm(dcols, Cin, B, H, W, kH, kW, s, p, dyc.shape[2], dyc.shape[3], w[0, 0, 0], False))
     if np.isnan(dw).any() or np.isnan(dx).any():                 # see conv_v4._v1_redo
