@@ -274,9 +274,7 @@ def conv2d_backward_v2(dy, cache):
     Cout, _, kH, kW = w.shape
     K = Cin * kH * kW
     dyc = cm(dy, w.dtype)                                   # (Cout, B, Ho, Wo)
-    Ho, Wo = dyc.shape[2:]
-    dY = dyc.reshape(Cout, -1)
-    dw2 = _gemm_nt(dY, cols)                                # (Cout, K[+1]); last column = db
+    dw2 = _gemm_nt(dyc.reshape(Cout, -1), cols)             # (Cout, K[+1]); last column = db
     dw = np.ascontiguousarray(dw2[:, :K]).reshape(w.shape)
     db = np.ascontiguousarray(dw2[:, K]) if has_b else None
     if stride == 1 and kH == kW and padding <= kH - 1:
@@ -285,9 +283,18 @@ def conv2d_backward_v2(dy, cache):
         dX = matmul(w_adj, _im2col_cm(dyc, kH, kW, 1, kH - 1 - padding, H, W, False))
         dx = nchw(dX.reshape(Cin, B, H, W))
     else:
-        dcols = matmul(w.reshape(Cout, -1).T, dY)                # (K, B Ho Wo)
-        dx = nchw(_col2im_cm(dcols, Cin, B, H, W, kH, kW, stride, padding, Ho, Wo, w[0, 0, 0], False))
+        dx = dx_col2im(dyc, w, (B, Cin, H, W), stride, padding)
     return dx, dw, db
+
+
+def dx_col2im(dyc, w, shape, stride, padding):
+    """The input gradient of any conv2d, col2im(w^T dy): dyc (Cout, B, Ho, Wo) channel-major,
+    w (Cout, Cin, kH, kW), shape the input's (B, Cin, H, W) -> dx (B, Cin, H, W) (a channel-major view)."""
+    B, Cin, H, W = shape
+    Cout, _, kH, kW = w.shape
+    dcols = matmul(w.reshape(Cout, -1).T, dyc.reshape(Cout, -1))    # (Cin kH kW, B Ho Wo)
+    return nchw(_col2im_cm(dcols, Cin, B, H, W, kH, kW, stride, padding, dyc.shape[2], dyc.shape[3], w[0, 0, 0],
+                           False))
 
 
 def conv_transpose2d_forward_v2(x, w, b, stride=1, padding=0):

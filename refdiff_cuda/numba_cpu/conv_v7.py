@@ -43,8 +43,7 @@ from refdiff.nn.conv import _check_conv, _conv_out
 
 from . import _simd
 from ._layout import cm, native, nchw
-from ._blas import matmul
-from .conv import _col2im_cm
+from .conv import dx_col2im
 from .conv_v4 import _dense_applies, _v1_redo
 from .conv_v5 import DK, NV, _forward_loop, _phase_weight, conv2d_backward_v5, dw_by_taps
 from .conv_v6 import conv2d_backward_v6, conv2d_forward_v6
@@ -144,11 +143,9 @@ def conv2d_backward_v7(dy, cache):
     if not np.isfinite(dy).all():
         return _v1_redo(x, w, b, s, p, dy)
     dyc = cm(dy, w.dtype)
-    B, Cin, H, W = x.shape
-    Cout, _, kH, kW = w.shape
+    _, Cin, kH, kW = w.shape
     dw = dw_by_taps(xq, Hq * Wq, Wq, _phase_taps(Cin, kH, kW, s, xq.shape[1], Wq, DK), dyc, w.shape)
-    dcols = matmul(np.ascontiguousarray(w.reshape(Cout, -1).T), dyc.reshape(Cout, -1))    # (Cin kH kW, B Ho Wo)
-    dx = nchw(_col2im_cm(dcols, Cin, B, H, W, kH, kW, s, p, dyc.shape[2], dyc.shape[3], w[0, 0, 0], False))
+    dx = dx_col2im(dyc, w, x.shape, s, p)
     if np.isnan(dw).any() or np.isnan(dx).any():                 # see conv_v4._v1_redo
         return _v1_redo(x, w, b, s, p, dy)
     return dx, dw, dyc.sum(axis=(1, 2, 3)) if b is not None else None
