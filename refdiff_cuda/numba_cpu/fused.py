@@ -286,11 +286,17 @@ def _fused_conv(xp, shape, w, b, padding, silu_out):
     return nchw(Y)
 
 
-def _check_fits(x, w, stride, padding):
-    """The reference's error for a kernel larger than the padded input, before any frame is
-    sized (a frame with no output rows would let the micro-kernel write past its buffer)."""
+def _checked(x, w, b, stride, padding, norm=None):
+    """The reference's checks of a fused pair's arguments, norm = (num_groups, gamma, beta) for
+    group_norm_conv2d -> (x in the machine's byte order, stride, padding). The kernel larger than
+    the padded input is refused before any frame is sized (a frame with no output rows would let
+    the micro-kernel write past its buffer)."""
+    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
     for n, k in zip(np.shape(x)[2:], np.shape(w)[2:]):
         _conv_out("conv2d", n, k, stride, padding)
+    if norm is not None:
+        _check_norm(x, *norm)
+    return native(x), stride, padding
 
 
 def _slack(w):
@@ -298,9 +304,7 @@ def _slack(w):
 
 
 def conv2d_silu_forward_v2(x, w, b, stride=1, padding=0):
-    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-    _check_fits(x, w, stride, padding)
-    x = native(x)
+    x, stride, padding = _checked(x, w, b, stride, padding)
     if not _fast_applies(x, w, stride, padding):
         y, cache = ref_fused.conv2d_silu_forward_with(NEWEST, x, w, b, stride, padding)
         return y, ("composed", cache)
@@ -319,10 +323,7 @@ def conv2d_silu_backward_v2(dy, cache):
 def group_norm_conv2d_forward_v2(x, num_groups, gamma, beta, w, b, shift=None, stride=1, padding=0,
                                  silu_in=False, silu_out=False, eps=1e-5):
     args = (x, num_groups, gamma, beta, w, b, shift, stride, padding, silu_in, silu_out, eps)
-    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-    _check_fits(x, w, stride, padding)
-    _check_norm(x, num_groups, gamma, beta)
-    x = native(x)
+    x, stride, padding = _checked(x, w, b, stride, padding, (num_groups, gamma, beta))
     if not _fast_applies(x, w, stride, padding):
         y, cache = ref_fused.group_norm_conv2d_forward_with(NEWEST, *args)
         return y, ("composed", cache)

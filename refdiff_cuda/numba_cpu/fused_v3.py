@@ -40,14 +40,13 @@ import numpy as np
 from numba import get_num_threads, get_thread_id, njit, prange
 
 from refdiff.nn import fused as ref_fused
-from refdiff.nn.conv import _check_conv, _conv_out
-from refdiff.nn.norm import _check as _check_norm
+from refdiff.nn.conv import _conv_out
 
 from . import _simd, conv_v4, conv_v5, fused
 from ._cache import cached_njit
-from ._layout import cm, native, nchw
+from ._layout import cm, nchw
 from .conv_v4 import _narrow
-from .fused import (MR, NEWEST, NV, _check_fits, _fast_applies, _norm_plane, _slack, conv2d_silu_backward_v2,
+from .fused import (MR, NEWEST, NV, _checked, _fast_applies, _norm_plane, _slack, conv2d_silu_backward_v2,
                     group_norm_conv2d_backward_v2, group_stats)
 
 F32 = np.float32
@@ -250,9 +249,7 @@ def _dense_fast(x, w):
 
 
 def conv2d_silu_forward_v3(x, w, b, stride=1, padding=0):
-    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-    _check_fits(x, w, stride, padding)
-    x = native(x)
+    x, stride, padding = _checked(x, w, b, stride, padding)
     if _dense_fast(x, w):
         y = _dense_run(cm(x), w, b, stride, padding, True)
         if not np.isnan(y).any():
@@ -266,10 +263,7 @@ def conv2d_silu_forward_v3(x, w, b, stride=1, padding=0):
 def group_norm_conv2d_forward_v3(x, num_groups, gamma, beta, w, b, shift=None, stride=1, padding=0,
                                  silu_in=False, silu_out=False, eps=1e-5):
     args = (x, num_groups, gamma, beta, w, b, shift, stride, padding, silu_in, silu_out, eps)
-    stride, padding = _check_conv("conv2d", x, w, b, stride, padding, cin_axis=1)
-    _check_fits(x, w, stride, padding)
-    _check_norm(x, num_groups, gamma, beta)
-    x = native(x)
+    x, stride, padding = _checked(x, w, b, stride, padding, (num_groups, gamma, beta))
     norm = (shift, num_groups, eps, gamma, beta, silu_in)
     if _dense_fast(x, w):
         y = _dense_run(cm(x), w, b, stride, padding, silu_out, norm)
